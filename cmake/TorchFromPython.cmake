@@ -1,0 +1,23 @@
+# Locate the torch that the build's Python has installed and decide whether the
+# CUDA implementations are built. The decision follows torch.version.cuda: a
+# CUDA torch gets CUDA kernels, a CPU torch never does, whatever nvcc is around.
+execute_process(
+  COMMAND "${Python_EXECUTABLE}" -c
+          "import torch; print(torch.utils.cmake_prefix_path); print(torch.version.cuda or '')"
+  OUTPUT_VARIABLE _torch_info
+  OUTPUT_STRIP_TRAILING_WHITESPACE
+  RESULT_VARIABLE _torch_rc)
+if(NOT _torch_rc EQUAL 0)
+  message(FATAL_ERROR
+    "kevlarflow is built against an installed torch, and '${Python_EXECUTABLE}' "
+    "cannot import torch. Install torch first, then build with "
+    "'pip install --no-build-isolation .'")
+endif()
+string(REPLACE "\n" ";" _torch_info "${_torch_info}")
+list(GET _torch_info 0 KEVLARFLOW_TORCH_CMAKE_PREFIX)
+list(LENGTH _torch_info _n)
+set(KEVLARFLOW_TORCH_CUDA "")
+if(_n GREATER 1)
+  list(GET _torch_info 1 KEVLARFLOW_TORCH_CUDA)
+endif()
+list(APPEND CMAKE_PREFIX_PATH "${KEVLARFLOW_TORCH_CMAKE_PREFIX}")

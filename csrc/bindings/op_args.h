@@ -1,0 +1,34 @@
+// The binding boundary: tensors in, checked kernel arguments out. Every
+// check that protects a kernel from a bad call lives here, shared by the CPU
+// and CUDA registrations, and fails with a message naming the argument.
+#pragma once
+#include <torch/library.h>
+
+#include <vector>
+
+#include "cache_ops.h"
+#include "paged_attention.h"
+
+namespace kevlarflow {
+
+PagedAttentionArgs paged_attention_args(const at::Tensor& out, const at::Tensor& query,
+                                        const at::Tensor& key_cache, const at::Tensor& value_cache,
+                                        const at::Tensor& block_tables, const at::Tensor& seq_lens,
+                                        const at::Tensor& query_start_loc, double scale,
+                                        int64_t sliding_window);
+
+ReshapeAndCacheArgs reshape_and_cache_args(const at::Tensor& key, const at::Tensor& value,
+                                           const at::Tensor& key_cache,
+                                           const at::Tensor& value_cache,
+                                           const at::Tensor& slot_mapping);
+
+// Checks a list of same-shaped caches and returns its bytes per block; the
+// pointer array is filled by the caller (host or device memory).
+int64_t check_block_caches(const std::vector<at::Tensor>& caches, const char* what);
+
+void check_block_mapping(const at::Tensor& block_mapping, const at::Tensor& first_cache);
+void check_block_ids(const at::Tensor& ids, const at::Tensor& first_cache, bool unique);
+void check_staging(const at::Tensor& staging, const std::vector<at::Tensor>& caches,
+                   const at::Tensor& ids);
+
+}  // namespace kevlarflow

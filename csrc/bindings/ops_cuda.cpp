@@ -1,0 +1,123 @@
+// CUDA implementations of torch.ops.kevlarflow.*. Built only when the
+// installed torch has CUDA. Checks are shared with the CPU path (op_args.h);
+// kernels run on the current stream of the tensors' device.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <stdexcept>
+
+#include "op_args.h"
+
+namespace kevlarflow {
+namespace {
+
+void* current_stream(const at::Tensor& t) {
+  return c10::cuda::getCurrentCUDAStream(t.device().index()).stream();
+}
+
+// Runs a launcher and turns its std::runtime_error into a Python exception.
+template <typename Fn>
+void launch(const char* op, Fn&& fn) {
+  try {
+    fn();
+  } catch (const std::exception& e) {
+    TORCH_CHECK(false, op, ": CUDA launch failed: ", e.what());
+  }
+}
+
+void check_cuda(const at::Tensor& t, const char* op) {
+  TORCH_CHECK(t.is_cuda(), op, ": expected CUDA tensors, got one on ", t.device());
+}
+
+// The kernels read the caches' base pointers from device memory.
+at::Tensor device_pointers(const std::vector<at::Tensor>& caches) {
+  at::Tensor ptrs = at::empty({int64_t(caches.size())}, at::kLong);
+  for (size_t i = 0; i < caches.size(); ++i)
+    ptrs.data_ptr<int64_t>()[i] = reinterpret_cast<int64_t>(caches[i].data_ptr());
+  return ptrs.to(caches[0].device());
+}
+
+at::Tensor paged_attention(const at::Tensor& query, const at::Tensor& key_cache,
+                           const at::Tensor& value_cache, const at::Tensor& block_tables,
+                           const at::Tensor& seq_lens, const at::Tensor& query_start_loc,
+                           double scale, int64_t sliding_window) {
+  check_cuda(query, "paged_attention");
+  const c10::cuda::CUDAGuard guard(query.device());
+  at::Tensor out = at::empty_like(query, at::MemoryFormat::Contiguous);
+  const PagedAttentionArgs args = paged_attention_args(
+      out, query, key_cache, value_cache, block_tables, seq_lens, query_start_loc, scale,
+      sliding_window);
+  launch("paged_attention", [&] { paged_attention_cuda(args, current_stream(query)); });
+  return out;
+}
+
+void reshape_and_cache(const at::Tensor& key, const at::Tensor& value, at::Tensor& key_cache,
+                       at::Tensor& value_cache, const at::Tensor& slot_mapping) {
+  check_cuda(key, "reshape_and_cache");
+  const c10::cuda::CUDAGuard guard(key.device());
+  const ReshapeAndCacheArgs args =
+      reshape_and_cache_args(key, value, key_cache, value_cache, slot_mapping);
+  launch("reshape_and_cache", [&] { reshape_and_cache_cuda(args, current_stream(key)); });
+}
+
+void copy_blocks(at::TensorList caches_in, const at::Tensor& block_mapping) {
+  const std::vector<at::Tensor> caches = caches_in.vec();
+  const int64_t block_bytes = check_block_caches(caches, "copy_blocks");
+  check_cuda(caches[0], "copy_blocks");
+  const c10::cuda::CUDAGuard guard(caches[0].device());
+  check_block_mapping(block_mapping, caches[0]);
+  const at::Tensor ptrs = device_pointers(caches);
+  const BlockCaches c{reinterpret_cast<void* const*>(ptrs.data_ptr<int64_t>()),
+                      int64_t(caches.size()), block_bytes};
+  launch("copy_blocks", [&] {
+    copy_blocks_cuda(c, block_mapping.data_ptr<int64_t>(), block_mapping.size(0),
+                     current_stream(caches[0]));
+  });
+}
+
+void pack_blocks(at::TensorList caches_in, const at::Tensor& block_ids, at::Tensor& staging) {
+  const std::vector<at::Tensor> caches = caches_in.vec();
+  const int64_t block_bytes = check_block_caches(caches, "pack_blocks");
+  check_cuda(caches[0], "pack_blocks");
+  const c10::cuda::CUDAGuard guard(caches[0].device());
+  check_block_ids(block_ids, caches[0], /*unique=*/false);
+  check_staging(staging, caches, block_ids);
+  const at::Tensor ptrs = device_pointers(caches);
+  const BlockCaches c{reinterpret_cast<void* const*>(ptrs.data_ptr<int64_t>()),
+                      int64_t(caches.size()), block_bytes};
+  launch("pack_blocks", [&] {
+    pack_blocks_cuda(c, block_ids.data_ptr<int64_t>(), block_ids.numel(), staging.data_ptr(),
+                     current_stream(caches[0]));
+  });
+}
+
+void unpack_blocks(const at::Tensor& staging, const at::Tensor& block_ids,
+                   at::TensorList caches_in) {
+  const std::vector<at::Tensor> caches = caches_in.vec();
+  const int64_t block_bytes = check_block_caches(caches, "unpack_blocks");
+  check_cuda(caches[0], "unpack_blocks");
+  const c10::cuda::CUDAGuard guard(caches[0].device());
+  check_block_ids(block_ids, caches[0], /*unique=*/true);
+  check_staging(staging, caches, block_ids);
+  const at::Tensor ptrs = device_pointers(caches);
+  const BlockCaches c{reinterpret_cast<void* const*>(ptrs.data_ptr<int64_t>()),
+                      int64_t(caches.size()), block_bytes};
+  launch("unpack_blocks", [&] {
+    unpack_blocks_cuda(c, block_ids.data_ptr<int64_t>(), block_ids.numel(), staging.data_ptr(),
+                       current_stream(caches[0]));
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(kevlarflow, CUDA, m) {
+  m.impl("paged_attention", &paged_attention);
+  m.impl("reshape_and_cache", &reshape_and_cache);
+  m.impl("copy_blocks", &copy_blocks);
+  m.impl("pack_blocks", &pack_blocks);
+  m.impl("unpack_blocks", &unpack_blocks);
+}
+
+}  // namespace kevlarflow

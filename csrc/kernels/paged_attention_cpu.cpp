@@ -1,0 +1,169 @@
+// CPU paged attention. Work is split into (sequence, query tile, kv head)
+// items; one item computes the rows of every query head that shares the kv
+// head, so each K/V row is read from memory once per item, not once per head.
+//
+// Per row the result depends only on that row's query and context: keys are
+// visited block by block in ascending order with a fixed reduction order, and
+// blocks fully masked for a row leave its state untouched. So a token gets the
+// same bits whether it is decoded alone, batched with others, or part of a
+// prefill chunk — which recovery relies on when it recomputes lost KV.
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#include "paged_attention.h"
+
+namespace kevlarflow {
+namespace {
+
+constexpr int64_t kRowsPerTile = 64;  // query rows (token x head) per work item
+constexpr int kLanes = 8;             // independent partial sums: lets the dot vectorize
+
+inline float dot(const float* a, const float* b, int64_t n) {
+  float part[kLanes] = {0.f};
+  int64_t d = 0;
+  for (; d + kLanes <= n; d += kLanes)
+    for (int u = 0; u < kLanes; ++u) part[u] += a[d + u] * b[d + u];
+  float sum = 0.f;
+  for (int u = 0; u < kLanes; ++u) sum += part[u];
+  for (; d < n; ++d) sum += a[d] * b[d];
+  return sum;
+}
+
+inline void axpy(float alpha, const float* x, float* y, int64_t n) {
+  for (int64_t d = 0; d < n; ++d) y[d] += alpha * x[d];
+}
+
+inline void scale_row(float alpha, float* y, int64_t n) {
+  for (int64_t d = 0; d < n; ++d) y[d] *= alpha;
+}
+
+template <typename T>
+void load_row(const T* src, float* dst, int64_t n) {
+  for (int64_t d = 0; d < n; ++d) dst[d] = to_float(src[d]);
+}
+
+// Rows of one kv head's cache block, as float: fp32 caches are read in place,
+// 16-bit caches are converted into a scratch buffer first.
+template <typename T>
+const float* block_rows(const T* cache, int64_t first, int64_t count, int64_t row_stride,
+                        int64_t head_dim, float* scratch) {
+  if constexpr (std::is_same_v<T, float>) {
+    (void)count; (void)scratch; (void)head_dim;
+    return cache + first * row_stride;  // caller steps by row_stride
+  } else {
+    for (int64_t j = 0; j < count; ++j)
+      load_row(cache + (first + j) * row_stride, scratch + j * head_dim, head_dim);
+    return scratch;
+  }
+}
+
+template <typename T>
+void attend_tile(const PagedAttentionArgs& a, int64_t seq, int64_t kv_head, int64_t tile) {
+  const int64_t group = a.num_heads / a.num_kv_heads;
+  const int64_t tokens_per_tile = std::max<int64_t>(1, kRowsPerTile / group);
+  const int64_t hd = a.head_dim, bs = a.block_size;
+  const int64_t q_begin = a.query_start_loc[seq];
+  const int64_t chunk = a.query_start_loc[seq + 1] - q_begin;
+  const int64_t ctx = a.seq_lens[seq];
+  const int64_t t_begin = tile * tokens_per_tile;
+  const int64_t t_end = std::min(chunk, t_begin + tokens_per_tile);
+  const int64_t rows = (t_end - t_begin) * group;
+  const int64_t first_pos = ctx - chunk + t_begin;  // position of the tile's first token
+  const int64_t last_pos = ctx - chunk + t_end - 1;
+  const int64_t window = a.sliding_window > 0 ? a.sliding_window : ctx + 1;
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+
+  // Row r is token t_begin + r / group, query head kv_head * group + r % group.
+  std::vector<float> q(rows * hd), acc(rows * hd, 0.f), m(rows, neg_inf), l(rows, 0.f);
+  std::vector<float> scores(rows * bs), k_buf(bs * hd), v_buf(bs * hd);
+  const T* query = static_cast<const T*>(a.query);
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t token = q_begin + t_begin + r / group;
+    const int64_t head = kv_head * group + r % group;
+    load_row(query + (token * a.num_heads + head) * hd, q.data() + r * hd, hd);
+  }
+
+  const T* k_cache = static_cast<const T*>(a.key_cache);
+  const T* v_cache = static_cast<const T*>(a.value_cache);
+  const int64_t row_stride = a.num_kv_heads * hd;  // between tokens of a block
+  const int32_t* table = a.block_tables + seq * a.max_blocks_per_seq;
+  const int64_t key_lo = std::max<int64_t>(0, first_pos - window + 1);
+  for (int64_t b = key_lo / bs; b * bs <= last_pos; ++b) {
+    const int64_t key0 = b * bs;
+    const int64_t count = std::min(bs, last_pos + 1 - key0);  // never past the context
+    const int64_t block_offset = int64_t(table[b]) * bs * row_stride + kv_head * hd;
+    const float* keys = block_rows(k_cache + block_offset, 0, count, row_stride, hd, k_buf.data());
+    const int64_t key_step = std::is_same_v<T, float> ? row_stride : hd;
+    const float* values = nullptr;  // converted lazily: only if some row uses the block
+
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t pos = first_pos + r / group;
+      const int64_t lo = std::max(key0, pos - window + 1), hi = std::min(key0 + count, pos + 1);
+      if (lo >= hi) continue;  // block fully masked for this row: state untouched
+      float* s = scores.data() + r * bs;
+      float block_max = neg_inf;
+      for (int64_t key = lo; key < hi; ++key) {
+        s[key - key0] = dot(q.data() + r * hd, keys + (key - key0) * key_step, hd) * a.scale;
+        block_max = std::max(block_max, s[key - key0]);
+      }
+      const float m_new = std::max(m[r], block_max);
+      const float alpha = std::exp(m[r] - m_new);  // 0 on the first visited block
+      float* o = acc.data() + r * hd;
+      scale_row(alpha, o, hd);
+      float sum = 0.f;
+      if (!values) values = block_rows(v_cache + block_offset, 0, count, row_stride, hd, v_buf.data());
+      for (int64_t key = lo; key < hi; ++key) {
+        const float p = std::exp(s[key - key0] - m_new);
+        sum += p;
+        axpy(p, values + (key - key0) * key_step, o, hd);
+      }
+      l[r] = l[r] * alpha + sum;
+      m[r] = m_new;
+    }
+  }
+
+  T* out = static_cast<T*>(a.out);
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t token = q_begin + t_begin + r / group;
+    const int64_t head = kv_head * group + r % group;
+    const float inv = 1.f / l[r];
+    T* dst = out + (token * a.num_heads + head) * hd;
+    for (int64_t d = 0; d < hd; ++d) dst[d] = from_float<T>(acc[r * hd + d] * inv);
+  }
+}
+
+template <typename T>
+void run(const PagedAttentionArgs& a, const ParallelFor& parallel_for) {
+  const int64_t group = a.num_heads / a.num_kv_heads;
+  const int64_t tokens_per_tile = std::max<int64_t>(1, kRowsPerTile / group);
+  // tile_start[i]: index of sequence i's first tile in the flattened tile list.
+  std::vector<int64_t> tile_start(a.num_seqs + 1, 0);
+  for (int64_t i = 0; i < a.num_seqs; ++i) {
+    const int64_t chunk = a.query_start_loc[i + 1] - a.query_start_loc[i];
+    tile_start[i + 1] = tile_start[i] + (chunk + tokens_per_tile - 1) / tokens_per_tile;
+  }
+  const int64_t items = tile_start[a.num_seqs] * a.num_kv_heads;
+  parallel_for(items, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t tile = item / a.num_kv_heads;
+      const int64_t seq =
+          std::upper_bound(tile_start.begin(), tile_start.end(), tile) - tile_start.begin() - 1;
+      attend_tile<T>(a, seq, item % a.num_kv_heads, tile - tile_start[seq]);
+    }
+  });
+}
+
+}  // namespace
+
+void paged_attention_cpu(const PagedAttentionArgs& args, const ParallelFor& parallel_for) {
+  switch (args.dtype) {
+    case DType::kFloat32: return run<float>(args, parallel_for);
+    case DType::kBFloat16: return run<bf16>(args, parallel_for);
+    case DType::kFloat16: return run<fp16>(args, parallel_for);
+  }
+}
+
+}  // namespace kevlarflow
