@@ -13,30 +13,47 @@ from kevlarflow import _C  # noqa: F401  (registers the ops)
 ATTENTION_BACKENDS = ("native", "triton")
 
 
+def _check_one_device(op: str, *tensors) -> None:
+    """The fakes see mixed-device calls first (a meta tensor routes the whole
+    call to them), so they reject them as the kernels would."""
+    flat = [t for x in tensors for t in (x if isinstance(x, (list, tuple)) else [x])]
+    devices = {t.device for t in flat}
+    if len(devices) > 1:
+        raise RuntimeError(f"{op} needs all tensors on one device, got {sorted(map(str, devices))}")
+
+
 @torch.library.register_fake("kevlarflow::paged_attention")
 def _paged_attention_fake(query, key_cache, value_cache, block_tables, seq_lens,
                           query_start_loc, scale, sliding_window=0):
+    _check_one_device("paged_attention", query, key_cache, value_cache, block_tables, seq_lens,
+                      query_start_loc)
     return torch.empty_like(query, memory_format=torch.contiguous_format)
 
 
 @torch.library.register_fake("kevlarflow::reshape_and_cache")
 def _reshape_and_cache_fake(key, value, key_cache, value_cache, slot_mapping):
-    return None
+    _check_one_device("reshape_and_cache", key, value, key_cache, value_cache, slot_mapping)
 
 
 @torch.library.register_fake("kevlarflow::copy_blocks")
 def _copy_blocks_fake(caches, block_mapping):
-    return None
+    _check_one_device("copy_blocks", caches, block_mapping)
 
 
 @torch.library.register_fake("kevlarflow::pack_blocks")
 def _pack_blocks_fake(caches, block_ids, staging):
-    return None
+    _check_one_device("pack_blocks", caches, block_ids)
+    if staging.device != caches[0].device and not (caches[0].is_cuda and staging.is_cpu):
+        raise RuntimeError("pack_blocks needs all tensors on one device (or a pinned host "
+                           f"staging buffer for CUDA caches), got {staging.device}")
 
 
 @torch.library.register_fake("kevlarflow::unpack_blocks")
 def _unpack_blocks_fake(staging, block_ids, caches):
-    return None
+    _check_one_device("unpack_blocks", caches, block_ids)
+    if staging.device != caches[0].device and not (caches[0].is_cuda and staging.is_cpu):
+        raise RuntimeError("unpack_blocks needs all tensors on one device (or a pinned host "
+                           f"staging buffer for CUDA caches), got {staging.device}")
 
 
 def paged_attention(query, key_cache, value_cache, block_tables, seq_lens, query_start_loc,
