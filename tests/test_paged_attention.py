@@ -4,7 +4,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kevlarflow import ops, reference
+from kevlarflow import _C, ops, reference
 from kv_batches import TOLERANCES, make_batch
 
 
@@ -30,6 +30,17 @@ def test_mixed_batch_all_shapes(dtype, head_dim, block_size):
     batch = make_batch(MIXED_CONTEXTS, MIXED_CHUNKS, num_heads=8, num_kv_heads=2,
                        head_dim=head_dim, block_size=block_size, dtype=dtype, seed=head_dim)
     check_against_reference(batch)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("head_dim", [64, 80, 256])
+def test_portable_cpu_variant(monkeypatch, dtype, head_dim):
+    # Machines without AVX2+FMA run the generic build of the kernel.
+    monkeypatch.setenv("KEVLARFLOW_CPU_ISA", "generic")
+    assert _C.cpu_attention_isa() == "generic"
+    batch = make_batch(MIXED_CONTEXTS, MIXED_CHUNKS, 8, 2, head_dim, 16, dtype=dtype)
+    check_against_reference(batch)
+    check_against_reference(batch, sliding_window=9)
 
 
 @pytest.mark.parametrize("num_heads,num_kv_heads", [(4, 4), (8, 2), (12, 1), (32, 8), (64, 1)])
@@ -79,11 +90,14 @@ def test_random_batches(data):
     check_against_reference(batch, sliding_window=window)
 
 
+@pytest.mark.parametrize("isa", ["best", "generic"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_token_result_independent_of_batch_and_chunking(dtype):
+def test_token_result_independent_of_batch_and_chunking(monkeypatch, isa, dtype):
     """A token's output has the same bits whether it is computed inside a
     prefill chunk, as a lone decode, or as a decode among other sequences:
     recomputing lost KV after a failure must not change what is generated."""
+    if isa == "generic":
+        monkeypatch.setenv("KEVLARFLOW_CPU_ISA", "generic")
     context, chunk = 77, 20
     batch = make_batch([context], [chunk], 8, 2, 64, 16, dtype=dtype, seed=3)
     in_chunk = ops.paged_attention(*batch.args())

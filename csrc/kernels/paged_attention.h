@@ -36,6 +36,9 @@ struct PagedAttentionArgs {
 // Arguments are assumed valid: the bindings check them first.
 void paged_attention_cpu(const PagedAttentionArgs& args, const ParallelFor& parallel_for);
 
+// The CPU variant paged_attention_cpu runs here: "avx2" or "generic".
+const char* paged_attention_cpu_isa();
+
 // Defined in paged_attention_cuda.cu; stream is a cudaStream_t.
 void paged_attention_cuda(const PagedAttentionArgs& args, void* stream);
 

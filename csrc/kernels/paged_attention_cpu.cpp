@@ -7,6 +7,9 @@
 // blocks fully masked for a row leave its state untouched. So a token gets the
 // same bits whether it is decoded alone, batched with others, or part of a
 // prefill chunk — which recovery relies on when it recomputes lost KV.
+//
+// This file is compiled once per instruction set (KEVLARFLOW_CPU_ISA names
+// the variant); paged_attention_cpu_dispatch.cpp picks one at run time.
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -14,6 +17,12 @@
 #include <vector>
 
 #include "paged_attention.h"
+
+#ifndef KEVLARFLOW_CPU_ISA
+#define KEVLARFLOW_CPU_ISA generic
+#endif
+#define KF_CONCAT_(a, b) a##b
+#define KF_CONCAT(a, b) KF_CONCAT_(a, b)
 
 namespace kevlarflow {
 namespace {
@@ -158,7 +167,8 @@ void run(const PagedAttentionArgs& a, const ParallelFor& parallel_for) {
 
 }  // namespace
 
-void paged_attention_cpu(const PagedAttentionArgs& args, const ParallelFor& parallel_for) {
+void KF_CONCAT(paged_attention_cpu_, KEVLARFLOW_CPU_ISA)(const PagedAttentionArgs& args,
+                                                         const ParallelFor& parallel_for) {
   switch (args.dtype) {
     case DType::kFloat32: return run<float>(args, parallel_for);
     case DType::kBFloat16: return run<bf16>(args, parallel_for);

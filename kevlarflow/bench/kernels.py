@@ -8,7 +8,7 @@ import platform
 import torch
 import torch.nn.functional as F
 
-from kevlarflow import ops
+from kevlarflow import _C, ops
 from kevlarflow.bench.timing import interleaved
 
 
@@ -61,9 +61,20 @@ def run(contexts=(1024, 4096), dtypes=(torch.float32, torch.bfloat16), batch=32,
     return rows
 
 
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def format_table(rows) -> str:
     lines = [f"decode batch 32, 32 q heads / 8 kv heads, head_dim 128, block 16; "
-             f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}",
+             f"{torch.get_num_threads()} threads, {cpu_model()}, {_C.cpu_attention_isa()} kernel",
              f"{'dtype':9} {'context':>7} {'kevlarflow ms':>14} {'gather+sdpa ms':>15} "
              f"{'speedup (median, min-max)':>26} {'max |err|':>10}"]
     for dtype, context, ours, base, ratios, err in rows:
