@@ -87,3 +87,31 @@ def test_pack_into_a_given_buffer_and_large_pool():
     staging = torch.empty(ops.staging_shape(caches, 3), dtype=torch.bfloat16)
     assert ops.pack_blocks(caches, ids, staging) is staging
     assert same_bits(staging, reference.pack_blocks(caches, ids))
+
+
+def test_opcheck_cache_ops():
+    caches = [torch.randn(12, 8, 2, 16) for _ in range(2)]
+    key, value = torch.randn(5, 2, 16), torch.randn(5, 2, 16)
+    op = torch.ops.kevlarflow
+    torch.library.opcheck(op.reshape_and_cache.default,
+                          (key, value, caches[0], caches[1], torch.tensor([0, -1, 9, 30, 95])))
+    torch.library.opcheck(op.copy_blocks.default, (caches, torch.tensor([[0, 5], [1, 6]])))
+    ids = torch.tensor([3, 0, 11])
+    staging = torch.empty(3, 2, 8, 2, 16)
+    torch.library.opcheck(op.pack_blocks.default, (caches, ids, staging))
+    torch.library.opcheck(op.unpack_blocks.default, (staging, ids, caches))
+
+
+def test_cache_ops_under_torch_compile():
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def write_then_pack(key, value, key_cache, value_cache, slots, ids):
+        torch.ops.kevlarflow.reshape_and_cache(key * 2, value, key_cache, value_cache, slots)
+        staging = torch.empty(ids.numel(), 2, *key_cache.shape[1:])
+        torch.ops.kevlarflow.pack_blocks([key_cache, value_cache], ids, staging)
+        return staging
+
+    key, value = torch.randn(4, 2, 16), torch.randn(4, 2, 16)
+    kc, vc = torch.zeros(6, 4, 2, 16), torch.zeros(6, 4, 2, 16)
+    staging = write_then_pack(key, value, kc, vc, torch.tensor([0, 1, 2, 5]), torch.tensor([0, 1]))
+    assert torch.equal(kc.view(24, 2, 16)[[0, 1, 2, 5]], key * 2)
+    assert torch.equal(staging[0, 0], kc[0]) and torch.equal(staging[1, 1], vc[1])

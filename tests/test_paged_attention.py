@@ -137,7 +137,7 @@ def test_opcheck():
 def test_under_torch_compile():
     batch = make_batch([30, 9], [1, 9], 4, 2, 64, 16)
 
-    @torch.compile(fullgraph=True, backend="aot_eager", dynamic=False)
+    @torch.compile(fullgraph=True, backend="inductor", dynamic=False)
     def attend(query, key_cache, value_cache, block_tables, seq_lens, query_start_loc):
         out = torch.ops.kevlarflow.paged_attention(
             query * 2.0, key_cache, value_cache, block_tables, seq_lens, query_start_loc, 0.5, 0)
