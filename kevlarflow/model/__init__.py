@@ -1,0 +1,1 @@
+"""Random-weight Hugging Face checkpoints (tests, demos) and their presets."""
