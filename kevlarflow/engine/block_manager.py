@@ -1,0 +1,101 @@
+"""Blocks of one KV pool: a free list, reference counts, and an optional
+prefix cache that lets requests with a common prompt prefix share blocks."""
+from __future__ import annotations
+
+import hashlib
+from array import array
+from collections import OrderedDict
+
+from kevlarflow.engine.sequence import Sequence
+
+
+class BlockManager:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = False):
+        if num_blocks < 1 or block_size < 1:
+            raise ValueError(f"need at least one block of at least one slot, got "
+                             f"{num_blocks} blocks of {block_size}")
+        self.num_blocks, self.block_size = num_blocks, block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.ref_counts = [0] * num_blocks
+        # Free blocks, least recently freed first: a freed block keeps its cached
+        # contents until it is handed out again, so reuse favours old blocks.
+        self.free: OrderedDict[int, None] = OrderedDict((b, None) for b in range(num_blocks))
+        self.cached: dict[bytes, int] = {}      # block hash -> block id
+        self.block_hash: dict[int, bytes] = {}  # block id -> its hash while cached
+
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self.free)
+
+    def blocks_needed(self, seq: Sequence, num_tokens: int) -> int:
+        return max(0, -(-num_tokens // self.block_size) - len(seq.block_table))
+
+    def allocate(self, seq: Sequence, num_tokens: int) -> bool:
+        """Grow seq's block table to hold num_tokens tokens; False if the pool
+        is short (then nothing changes)."""
+        needed = self.blocks_needed(seq, num_tokens)
+        if needed > len(self.free):
+            return False
+        for _ in range(needed):
+            block, _ = self.free.popitem(last=False)
+            self._forget(block)
+            self.ref_counts[block] = 1
+            seq.block_table.append(block)
+        return True
+
+    def free_sequence(self, seq: Sequence) -> None:
+        for block in reversed(seq.block_table):  # tail blocks are the least shareable
+            self.ref_counts[block] -= 1
+            if self.ref_counts[block] == 0:
+                self.free[block] = None
+        seq.block_table = []
+        seq.block_hashes = []
+
+    # Prefix caching ---------------------------------------------------------
+
+    def _forget(self, block: int) -> None:
+        h = self.block_hash.pop(block, None)
+        if h is not None and self.cached.get(h) == block:
+            del self.cached[h]
+
+    @staticmethod
+    def _hash(previous: bytes | None, tokens: list[int]) -> bytes:
+        # A cryptographic digest of the whole prefix: a collision would
+        # silently hand one request another's KV.
+        return hashlib.sha256((previous or b"") + array("q", tokens).tobytes()).digest()
+
+    def reuse_cached_prefix(self, seq: Sequence) -> int:
+        """For a sequence with nothing computed: take over the cached blocks
+        of its longest cached prefix and return how many tokens they cover.
+        The last token is always left to compute: its logits are needed."""
+        if not self.enable_prefix_caching or seq.num_computed_tokens or seq.block_table:
+            return 0
+        previous = None
+        for i in range((seq.num_tokens - 1) // self.block_size):
+            tokens = seq.token_ids(i * self.block_size, (i + 1) * self.block_size)
+            h = self._hash(previous, tokens)
+            block = self.cached.get(h)
+            if block is None:
+                break
+            if self.ref_counts[block] == 0:
+                del self.free[block]
+            self.ref_counts[block] += 1
+            seq.block_table.append(block)
+            seq.block_hashes.append(h)
+            previous = h
+        return len(seq.block_table) * self.block_size
+
+    def register_full_blocks(self, seq: Sequence) -> None:
+        """Publish the blocks of seq that are now full of computed tokens."""
+        if not self.enable_prefix_caching:
+            return
+        full = seq.num_computed_tokens // self.block_size
+        while len(seq.block_hashes) < full:
+            i = len(seq.block_hashes)
+            previous = seq.block_hashes[-1] if seq.block_hashes else None
+            h = self._hash(previous, seq.token_ids(i * self.block_size, (i + 1) * self.block_size))
+            seq.block_hashes.append(h)
+            block = seq.block_table[i]
+            if h not in self.cached:
+                self.cached[h] = block
+                self.block_hash[block] = h

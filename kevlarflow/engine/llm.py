@@ -1,0 +1,48 @@
+"""The offline API: LLM(path).generate(prompts, params)."""
+from __future__ import annotations
+
+from dataclasses import fields
+
+from tqdm import tqdm
+
+from kevlarflow.engine.llm_engine import EngineConfig, LLMEngine
+from kevlarflow.engine.outputs import RequestOutput
+from kevlarflow.engine.params import SamplingParams
+
+
+class LLM:
+    """Runs a model from a local Hugging Face folder. Keyword arguments are
+    EngineConfig fields (block_size, kv_cache_memory, max_num_batched_tokens,
+    max_num_seqs, max_model_len, enable_prefix_caching, dtype, ...)."""
+
+    def __init__(self, model: str, **engine_args):
+        known = {f.name for f in fields(EngineConfig)}
+        unknown = sorted(set(engine_args) - known)
+        if unknown:
+            raise ValueError(f"unknown engine arguments {unknown}; known: {sorted(known)}")
+        self.engine = LLMEngine(model, EngineConfig(**engine_args))
+        self.tokenizer = self.engine.tokenizer
+
+    def generate(self, prompts: str | list[str] | list[list[int]],
+                 params: SamplingParams | list[SamplingParams] | None = None,
+                 progress: bool = False) -> list[RequestOutput]:
+        """Generate for every prompt; outputs come back in the prompts' order."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        params = params or SamplingParams()
+        per_prompt = params if isinstance(params, list) else [params] * len(prompts)
+        if len(per_prompt) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(per_prompt)} sampling params")
+        # Validate every prompt before any is queued: a bad one fails the call cleanly.
+        for prompt in prompts:
+            self.engine.prepare_prompt(prompt)
+        seqs = [self.engine.add_request(p, sp) for p, sp in zip(prompts, per_prompt)]
+        order = {seq.request_id: i for i, seq in enumerate(seqs)}
+        results: list[RequestOutput | None] = [None] * len(seqs)
+        with tqdm(total=len(seqs), disable=not progress, desc="generating") as bar:
+            while self.engine.has_unfinished():
+                for out in self.engine.step():
+                    if out.finished and out.request_id in order:
+                        results[order[out.request_id]] = out
+                        bar.update(1)
+        return results
