@@ -33,7 +33,10 @@ class LLM:
         per_prompt = params if isinstance(params, list) else [params] * len(prompts)
         if len(per_prompt) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(per_prompt)} sampling params")
-        # Validate every prompt before any is queued: a bad one fails the call cleanly.
+        # Validate everything before anything is queued: a bad input fails the call cleanly.
+        for sp in per_prompt:
+            if not isinstance(sp, SamplingParams):
+                raise ValueError(f"params must be SamplingParams, got {type(sp).__name__}")
         for prompt in prompts:
             self.engine.prepare_prompt(prompt)
         seqs = [self.engine.add_request(p, sp) for p, sp in zip(prompts, per_prompt)]

@@ -1,0 +1,116 @@
+"""asyncio front of the engine for servers and benchmarks.
+
+The engine itself runs on one background thread (it is not thread-safe, and a
+forward pass must not block the event loop); callers talk to it through a
+command queue and get their outputs on per-request asyncio queues. The thread
+sleeps on a condition variable when idle: no busy waiting."""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import threading
+from collections import deque
+from typing import AsyncIterator
+
+from kevlarflow.engine.llm_engine import EngineConfig, LLMEngine
+from kevlarflow.engine.outputs import RequestOutput
+from kevlarflow.engine.params import SamplingParams
+
+
+class EngineDeadError(RuntimeError):
+    """The engine loop stopped (shut down, or a step raised)."""
+
+
+class AsyncEngine:
+    def __init__(self, model: str | LLMEngine, config: EngineConfig | None = None):
+        self.engine = model if isinstance(model, LLMEngine) else LLMEngine(model, config)
+        self._commands: deque = deque()
+        self._wake = threading.Condition()
+        self._listeners: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._ids = itertools.count()
+        self._error: BaseException | None = None
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name="kevlarflow-engine", daemon=True)
+        self._thread.start()
+
+    async def generate(self, prompt: str | list[int], params: SamplingParams | None = None,
+                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+        """Yields one RequestOutput per step that produced text or tokens for
+        this request (new_text / new_token_ids are the delta); the last has
+        finished=True. Closing or cancelling the iterator aborts the request."""
+        params = params or SamplingParams()
+        self.engine.prepare_prompt(prompt)  # bad prompts fail here, in the caller
+        if self._error is not None or self._stopping:
+            raise EngineDeadError("the engine is not running") from self._error
+        request_id = f"async-{next(self._ids)}" if request_id is None else str(request_id)
+        queue: asyncio.Queue = asyncio.Queue()
+        self._listeners[request_id] = (asyncio.get_running_loop(), queue)
+        self._submit(("add", prompt, params, request_id))
+        finished = False
+        try:
+            while True:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            self._listeners.pop(request_id, None)
+            if not finished:
+                self._submit(("abort", request_id))
+
+    def shutdown(self) -> None:
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
+        self._thread.join(timeout=30)
+
+    # Engine thread ------------------------------------------------------------
+
+    def _submit(self, command) -> None:
+        with self._wake:
+            self._commands.append(command)
+            self._wake.notify()
+
+    def _deliver(self, request_id: str, item) -> None:
+        listener = self._listeners.get(request_id)
+        if listener is not None:
+            loop, queue = listener
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, item)
+            except RuntimeError:  # the caller's loop is closed: nobody is listening
+                pass
+
+    def _loop(self) -> None:
+        try:
+            while True:
+                with self._wake:
+                    while not (self._commands or self._stopping or self.engine.has_unfinished()):
+                        self._wake.wait()
+                    if self._stopping:
+                        break
+                    commands = list(self._commands)
+                    self._commands.clear()
+                for command in commands:
+                    self._apply(command)
+                if self.engine.has_unfinished():
+                    for out in self.engine.step():
+                        self._deliver(out.request_id, out)
+        except BaseException as error:  # noqa: BLE001  (reported to every caller)
+            self._error = error
+        finally:
+            reason = self._error or EngineDeadError("the engine was shut down")
+            for request_id in list(self._listeners):
+                self._deliver(request_id, EngineDeadError(str(reason)))
+
+    def _apply(self, command) -> None:
+        if command[0] == "add":
+            _, prompt, params, request_id = command
+            try:
+                self.engine.add_request(prompt, params, request_id)
+            except ValueError as error:
+                self._deliver(request_id, error)
+        elif command[0] == "abort":
+            self.engine.abort(command[1])
