@@ -1,0 +1,1 @@
+"""The serving engine: request parameters, sampling, detokenization and the step loop."""
