@@ -47,7 +47,10 @@ def test_stop_token_ids_and_max_tokens(llm):
     stopped = llm.generate("hello", SamplingParams(max_tokens=10, temperature=0, ignore_eos=True,
                                                    stop_token_ids=[target]))[0]
     assert stopped.finish_reason == "stop"
-    assert stopped.token_ids == free.token_ids[:free.token_ids.index(target) + 1]
+    cut = free.token_ids.index(target)
+    assert stopped.token_ids == free.token_ids[:cut + 1]
+    # The stop token's text is not part of the output.
+    assert stopped.text == llm.tokenizer.decode(free.token_ids[:cut], skip_special_tokens=True)
 
 
 def test_timing_and_logprobs(llm):

@@ -167,24 +167,34 @@ class LLMEngine:
         if seq.first_token_time is None:
             seq.first_token_time = now
         state = self._states[seq.request_id]
-        check = state.stops.add_text(state.detokenizer.add_tokens([token]))
         reason = should_stop_on_token(token, seq.params, self.eos_token_ids)
-        if check.stopped:
-            reason = "stop"
-        elif reason is None and (len(seq.output_token_ids) >= seq.params.max_tokens
-                                 or seq.num_tokens >= min(self.max_model_len, self.pool_tokens)):
+        # A stop token's own text is not output (eos is special and skipped anyway).
+        if reason is None or seq.params.include_stop_str_in_output:
+            check = state.stops.add_text(state.detokenizer.add_tokens([token]))
+            if check.stopped:
+                reason = "stop"
+            new_text = check.text
+        else:
+            new_text = ""
+        if reason is None and (len(seq.output_token_ids) >= seq.params.max_tokens
+                               or seq.num_tokens >= min(self.max_model_len, self.pool_tokens)):
             reason = "length"
         if reason is None:
-            seq.text += check.text
-            return self._output(seq, check.text, [token])
+            seq.text += new_text
+            return self._output(seq, new_text, [token])
         seq.finish_reason = reason
-        return self._finish(seq, check.text, [token])
+        return self._finish(seq, new_text, [token])
 
     def _finish(self, seq: Sequence, new_text: str, new_tokens: list[int]) -> RequestOutput:
         state = self._states.pop(seq.request_id)
-        if not state.stops.stopped:  # release text held back for a possible stop string
+        if not state.stops.stopped:
+            # Text held back (an unfinished character, a possible stop string)
+            # is released now; it may still complete a stop string.
             new_text += state.stops.add_text(state.detokenizer.flush()).text
-            if not state.stops.stopped:
+            if state.stops.stopped:
+                if seq.finish_reason == "length":
+                    seq.finish_reason = "stop"
+            else:
                 new_text += state.stops.flush()
         seq.text += new_text
         seq.finish_time = time.time()
