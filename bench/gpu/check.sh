@@ -1,0 +1,100 @@
+#!/usr/bin/env bash
+# One GPU check, for a machine with one H100/H200, a CUDA torch, triton and
+# nvcc but no network: build and install kevlarflow with its CUDA kernels, run
+# the GPU tests, benchmark (bench/gpu/bench_gpu.py), and print its table last.
+# Usage, from anywhere: bash bench/gpu/check.sh   (log: $OUT/check.log if OUT is set)
+# Env: PYTHON (default python3), BUDGET_S (default 470: all steps together).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+REPO=$PWD
+if [[ -n "${OUT:-}" ]]; then
+  mkdir -p "$OUT"
+  exec > >(tee "$OUT/check.log") 2>&1
+  TEE_PID=$!
+  # Let tee write the last lines before the machine collects $OUT.
+  trap 'exec >&- 2>&-; wait "$TEE_PID" || true' EXIT
+fi
+
+DEADLINE=$((SECONDS + ${BUDGET_S:-470}))
+FAILED=()
+step() { printf '\n========== [%s, %ss in] %s ==========\n' "$(date +%T)" "$SECONDS" "$*"; }
+# Run a step under `timeout`: at most $1 seconds, and never past the deadline.
+run_for() {
+  local cap=$1 left=$((DEADLINE - SECONDS)); shift
+  ((left < cap)) && cap=$left
+  if ((cap <= 0)); then echo "!!! out of time: skipped: $*"; return 124; fi
+  timeout --kill-after=10 "$cap" "$@"
+}
+# Tests failing must not hide the benchmarks: note the failure, go on.
+record() { local name=$1; shift; "$@" || { echo "!!! FAILED ($?): $name"; FAILED+=("$name"); }; }
+
+step "environment"
+PY=${PYTHON:-python3}
+nvidia-smi --query-gpu=name,compute_cap,memory.total,driver_version --format=csv
+"$PY" -c 'import sys, torch, triton; print(sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda, "triton", triton.__version__)'
+command -v nvcc >/dev/null || export PATH=/usr/local/cuda/bin:$PATH
+nvcc --version | tail -n 1
+"$PY" -c 'import torch; assert torch.cuda.is_available(), "torch sees no GPU"'
+ARCH=$("$PY" -c 'import torch; print("%d%d" % torch.cuda.get_device_capability())')
+echo "CUDA architecture: $ARCH; $(nproc) cores"
+
+# A system Python refuses pip installs (PEP 668): use a venv that still sees
+# its torch. Any other environment (venv, conda) gets the package directly.
+if "$PY" -c 'import os, sys, sysconfig; sys.exit(not os.path.exists(os.path.join(sysconfig.get_path("stdlib"), "EXTERNALLY-MANAGED")))'; then
+  "$PY" -m venv --system-site-packages /tmp/kevlarflow-gpu-venv
+  PY=/tmp/kevlarflow-gpu-venv/bin/python
+fi
+# No registry here: whatever is missing can only come from wheels in .whl/
+# (with their dependencies: --no-deps), e.g. scikit_build_core, pathspec,
+# pytest, pluggy, iniconfig, hypothesis, attrs, sortedcontainers.
+install_from_wheelhouse() {
+  if compgen -G "$REPO/.whl/*.whl" >/dev/null; then
+    "$PY" -m pip install -q --no-index --no-deps "$REPO"/.whl/*.whl
+  else
+    return 1
+  fi
+}
+
+step "build and install with CUDA (sm_$ARCH)"
+export MAX_JOBS=16 CMAKE_BUILD_PARALLEL_LEVEL=16
+"$PY" -c 'import scikit_build_core' 2>/dev/null || install_from_wheelhouse ||
+  { echo "!!! scikit-build-core is missing and there is no .whl/ to install it from"; exit 1; }
+command -v cmake >/dev/null || "$PY" -c 'import cmake' 2>/dev/null ||
+  { echo "!!! no cmake (>= 3.25) on PATH or in Python"; exit 1; }
+BUILD_LOG=${OUT:-/tmp}/build.log
+echo "full build log: $BUILD_LOG"
+if ! run_for 240 "$PY" -m pip install -v --no-index --no-build-isolation --no-deps \
+    --config-settings=cmake.define.CMAKE_CUDA_ARCHITECTURES="$ARCH" "$REPO" >"$BUILD_LOG" 2>&1; then
+  tail -n 60 "$BUILD_LOG"
+  echo "!!! build failed"
+  exit 1
+fi
+grep -E -- '-- kevlarflow|Successfully installed' "$BUILD_LOG" || true
+# From outside the tree, so that the installed package is what gets imported.
+(cd /tmp && "$PY" -c 'from kevlarflow import _C; assert _C.built_with_cuda, "no CUDA kernels"; print("installed:", _C.__file__)')
+
+step "tests"
+if ! "$PY" -c 'import pytest, hypothesis' 2>/dev/null; then
+  install_from_wheelhouse || true
+fi
+if "$PY" -c 'import pytest, hypothesis' 2>/dev/null; then
+  cd "$REPO/tests"  # tests import the installed package, not the source tree
+  record "gpu tests" run_for 150 "$PY" -m pytest -q -p no:cacheprovider -m gpu .
+  record "kernel tests" run_for 90 "$PY" -m pytest -q -p no:cacheprovider \
+    test_paged_attention.py test_cache_ops.py
+  cd "$REPO"
+else
+  echo "!!!!!!!!!! SKIPPED THE TESTS: pytest or hypothesis is missing and no .whl/ has them !!!!!!!!!!"
+  FAILED+=("tests skipped")
+fi
+
+step "benchmarks"
+TABLE=${OUT:-/tmp}/bench_gpu_table.txt
+rm -f "$TABLE"
+record "benchmarks" run_for 120 "$PY" "$REPO/bench/gpu/bench_gpu.py" --table "$TABLE"
+
+step "summary (${SECONDS}s)"
+if ((${#FAILED[@]})); then printf '!!! FAILED: %s\n' "${FAILED[@]}"; else echo "all steps passed"; fi
+echo
+if [[ -f "$TABLE" ]]; then cat "$TABLE"; else echo "!!! no benchmark table"; fi
+((${#FAILED[@]} == 0))
