@@ -12,6 +12,7 @@
 // the variant); paged_attention_cpu_dispatch.cpp picks one at run time.
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <type_traits>
 #include <vector>
@@ -28,25 +29,59 @@ namespace kevlarflow {
 namespace {
 
 constexpr int64_t kRowsPerTile = 64;  // query rows (token x head) per work item
-constexpr int kLanes = 8;             // independent partial sums: lets the dot vectorize
+constexpr int kLanes = 8;             // floats per vector register (two on SSE-only builds)
 
-inline float dot(const float* a, const float* b, int64_t n) {
-  float part[kLanes] = {0.f};
-  int64_t d = 0;
-  for (; d + kLanes <= n; d += kLanes)
-    for (int u = 0; u < kLanes; ++u) part[u] += a[d + u] * b[d + u];
+// GCC/Clang vector extension: the same source becomes AVX2 or SSE code, with a
+// fixed order of operations per lane (no reassociation is ever needed).
+typedef float vfloat __attribute__((vector_size(kLanes * sizeof(float))));
+
+inline vfloat load(const float* p) {
+  vfloat v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+inline void store(float* p, vfloat v) { std::memcpy(p, &v, sizeof(v)); }
+inline float lane_sum(vfloat v) {
   float sum = 0.f;
-  for (int u = 0; u < kLanes; ++u) sum += part[u];
-  for (; d < n; ++d) sum += a[d] * b[d];
+  for (int u = 0; u < kLanes; ++u) sum += v[u];
   return sum;
 }
 
-inline void axpy(float alpha, const float* x, float* y, int64_t n) {
-  for (int64_t d = 0; d < n; ++d) y[d] += alpha * x[d];
+// head_dim is a multiple of kLanes (checked by the bindings).
+inline float dot(const float* a, const float* b, int64_t n) {
+  vfloat acc = {};
+  for (int64_t d = 0; d < n; d += kLanes) acc += load(a + d) * load(b + d);
+  return lane_sum(acc);
+}
+
+// dot() of four consecutive rows of q (row stride n) with one key, which is
+// loaded once. Each row goes through exactly dot()'s operations, so its result
+// does not depend on whether it was computed in a group of four or alone.
+inline void dot4(const float* q, const float* k, int64_t n, float* out) {
+  vfloat acc0 = {}, acc1 = {}, acc2 = {}, acc3 = {};
+  for (int64_t d = 0; d < n; d += kLanes) {
+    const vfloat key = load(k + d);
+    acc0 += load(q + d) * key;
+    acc1 += load(q + n + d) * key;
+    acc2 += load(q + 2 * n + d) * key;
+    acc3 += load(q + 3 * n + d) * key;
+  }
+  out[0] = lane_sum(acc0), out[1] = lane_sum(acc1), out[2] = lane_sum(acc2), out[3] = lane_sum(acc3);
+}
+
+// o += sum_j p[j] * v_j, keeping a vector of o in a register across keys; per
+// element of o the additions happen in ascending j.
+inline void accumulate_values(const float* p, const float* values, int64_t count, int64_t step,
+                              float* o, int64_t n) {
+  for (int64_t d = 0; d < n; d += kLanes) {
+    vfloat acc = load(o + d);
+    for (int64_t j = 0; j < count; ++j) acc += load(values + j * step + d) * p[j];
+    store(o + d, acc);
+  }
 }
 
 inline void scale_row(float alpha, float* y, int64_t n) {
-  for (int64_t d = 0; d < n; ++d) y[d] *= alpha;
+  for (int64_t d = 0; d < n; d += kLanes) store(y + d, load(y + d) * alpha);
 }
 
 template <typename T>
@@ -108,27 +143,39 @@ void attend_tile(const PagedAttentionArgs& a, int64_t seq, int64_t kv_head, int6
     const int64_t key_step = std::is_same_v<T, float> ? row_stride : hd;
     const float* values = nullptr;  // converted lazily: only if some row uses the block
 
+    // Scores of every row against the keys any row of the tile may use; each
+    // row then takes only its own causal / window range of them.
+    const int64_t j0 = std::max(key0, key_lo) - key0;
+    for (int64_t j = j0; j < count; ++j) {
+      const float* key = keys + j * key_step;
+      int64_t r = 0;
+      for (; r + 4 <= rows; r += 4) {
+        float dots[4];
+        dot4(q.data() + r * hd, key, hd, dots);
+        for (int i = 0; i < 4; ++i) scores[(r + i) * bs + j] = dots[i] * a.scale;
+      }
+      for (; r < rows; ++r) scores[r * bs + j] = dot(q.data() + r * hd, key, hd) * a.scale;
+    }
+
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t pos = first_pos + r / group;
-      const int64_t lo = std::max(key0, pos - window + 1), hi = std::min(key0 + count, pos + 1);
+      const int64_t lo = std::max(key0, pos - window + 1) - key0;
+      const int64_t hi = std::min(key0 + count, pos + 1) - key0;
       if (lo >= hi) continue;  // block fully masked for this row: state untouched
       float* s = scores.data() + r * bs;
       float block_max = neg_inf;
-      for (int64_t key = lo; key < hi; ++key) {
-        s[key - key0] = dot(q.data() + r * hd, keys + (key - key0) * key_step, hd) * a.scale;
-        block_max = std::max(block_max, s[key - key0]);
-      }
+      for (int64_t j = lo; j < hi; ++j) block_max = std::max(block_max, s[j]);
       const float m_new = std::max(m[r], block_max);
       const float alpha = std::exp(m[r] - m_new);  // 0 on the first visited block
       float* o = acc.data() + r * hd;
-      scale_row(alpha, o, hd);
+      if (alpha != 1.f) scale_row(alpha, o, hd);  // skipping a multiply by 1 is exact
       float sum = 0.f;
-      if (!values) values = block_rows(v_cache + block_offset, 0, count, row_stride, hd, v_buf.data());
-      for (int64_t key = lo; key < hi; ++key) {
-        const float p = std::exp(s[key - key0] - m_new);
-        sum += p;
-        axpy(p, values + (key - key0) * key_step, o, hd);
+      for (int64_t j = lo; j < hi; ++j) {
+        s[j] = std::exp(s[j] - m_new);  // now the unnormalized probability
+        sum += s[j];
       }
+      if (!values) values = block_rows(v_cache + block_offset, 0, count, row_stride, hd, v_buf.data());
+      accumulate_values(s + lo, values + lo * key_step, hi - lo, key_step, o, hd);
       l[r] = l[r] * alpha + sum;
       m[r] = m_new;
     }
