@@ -20,13 +20,13 @@ $(VENV)/.deps:
 
 # Built against the torch above, hence --no-build-isolation.
 $(STAMP): $(VENV)/.deps $(SOURCES)
-	$(PIP) install -q --no-build-isolation --no-deps .
+	$(PIP) install -q --no-build-isolation .
 	touch $@
 
 install: $(STAMP)
 
 demo: $(STAMP)
-	cd /tmp && $(abspath $(PY)) $(abspath bench/kernels.py)
+	cd /tmp && $(abspath $(PY)) -m kevlarflow.demo
 
 test: $(STAMP)
 	# Run from outside the source tree so tests import the installed package.

@@ -48,21 +48,51 @@ def _add_make_model(subparsers) -> None:
     parser.set_defaults(run=_run_make_model)
 
 
-# PLACEHOLDERS, not registered on purpose: their owners add them here, each
-# as an _add_<name>(subparsers) function called from build_parser().
-#   demo    end-to-end demonstration
-#   bench   benchmarks
-#   serve   serving front end
-#   worker  serving worker process
+def _add_demo(subparsers) -> None:
+    parser = subparsers.add_parser("demo", help="generate from a fresh tiny model, then "
+                                   "print the kernel benchmark table", add_help=False)
+    parser.add_argument("args", nargs=argparse.REMAINDER)
+
+    def run(args):
+        from kevlarflow.demo import main as demo
+        demo(args.args)
+        return 0
+
+    parser.set_defaults(run=run)
+
+
+BENCHMARKS = {"kernels": "kevlarflow.bench.kernels", "throughput": "kevlarflow.bench.throughput"}
+
+
+def _add_bench(subparsers) -> None:
+    parser = subparsers.add_parser("bench", help="run a benchmark (kernels, throughput)")
+    parser.add_argument("benchmark", choices=sorted(BENCHMARKS))
+    parser.add_argument("args", nargs=argparse.REMAINDER, help="the benchmark's own options")
+
+    def run(args):
+        import importlib
+        importlib.import_module(BENCHMARKS[args.benchmark]).main(args.args)
+        return 0
+
+    parser.set_defaults(run=run)
+
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kevlarflow", description=__doc__.splitlines()[0])
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_make_model(subparsers)
+    _add_demo(subparsers)
+    _add_bench(subparsers)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # demo and bench hand their own options to the tool they run.
+    args, rest = parser.parse_known_args(argv)
+    if rest and not hasattr(args, "args"):
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    if rest:
+        args.args = args.args + rest
     return args.run(args)
