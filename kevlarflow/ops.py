@@ -40,20 +40,21 @@ def _copy_blocks_fake(caches, block_mapping):
     _check_one_device("copy_blocks", caches, block_mapping)
 
 
+def _check_staging_device(op: str, caches, block_ids, staging) -> None:
+    _check_one_device(op, caches, block_ids)
+    if staging.device != caches[0].device and not (caches[0].is_cuda and staging.is_cpu):
+        raise RuntimeError(f"{op} needs all tensors on one device (or a pinned host "
+                           f"staging buffer for CUDA caches), got {staging.device}")
+
+
 @torch.library.register_fake("kevlarflow::pack_blocks")
 def _pack_blocks_fake(caches, block_ids, staging):
-    _check_one_device("pack_blocks", caches, block_ids)
-    if staging.device != caches[0].device and not (caches[0].is_cuda and staging.is_cpu):
-        raise RuntimeError("pack_blocks needs all tensors on one device (or a pinned host "
-                           f"staging buffer for CUDA caches), got {staging.device}")
+    _check_staging_device("pack_blocks", caches, block_ids, staging)
 
 
 @torch.library.register_fake("kevlarflow::unpack_blocks")
 def _unpack_blocks_fake(staging, block_ids, caches):
-    _check_one_device("unpack_blocks", caches, block_ids)
-    if staging.device != caches[0].device and not (caches[0].is_cuda and staging.is_cpu):
-        raise RuntimeError("unpack_blocks needs all tensors on one device (or a pinned host "
-                           f"staging buffer for CUDA caches), got {staging.device}")
+    _check_staging_device("unpack_blocks", caches, block_ids, staging)
 
 
 def paged_attention(query, key_cache, value_cache, block_tables, seq_lens, query_start_loc,

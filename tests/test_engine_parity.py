@@ -77,3 +77,33 @@ def test_prefix_cache_reuses_blocks_and_keeps_outputs(reference):
     assert blocks.cached, "no full block was published to the prefix cache"
     second = llm.generate(shared, GREEDY)[0]
     assert first.token_ids == second.token_ids == expected[2]
+
+
+def test_mistral_sliding_window_matches_transformers(tmp_path):
+    """A Mistral checkpoint (the tiny llama weights under a Mistral config with
+    a window shorter than the sequences) generates what transformers does."""
+    import json
+    import shutil
+
+    path = tmp_path / "mistral"
+    shutil.copytree(tiny_model("llama"), path)
+    config = json.loads((path / "config.json").read_text())
+    for key in ("rope_scaling", "rope_parameters"):
+        config.pop(key, None)
+    config.update(architectures=["MistralForCausalLM"], model_type="mistral", sliding_window=12,
+                  rope_theta=10000.0)
+    (path / "config.json").write_text(json.dumps(config))
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
+                                                 attn_implementation="eager").eval()
+    assert model.config.sliding_window == 12
+    llm = LLM(str(path), load_progress=False, block_size=8, max_num_batched_tokens=10)
+    outputs = llm.generate(PROMPTS, GREEDY)
+    with torch.inference_mode():
+        for prompt, out in zip(PROMPTS, outputs):
+            ids = tokenizer(prompt, return_tensors="pt").input_ids
+            want = model.generate(ids, attention_mask=torch.ones_like(ids),
+                                  max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
+                                  do_sample=False, eos_token_id=None,
+                                  pad_token_id=tokenizer.pad_token_id)[0, ids.shape[1]:].tolist()
+            assert out.token_ids == want, f"prompt {prompt!r}"
