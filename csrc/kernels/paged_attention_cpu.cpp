@@ -47,6 +47,45 @@ inline float lane_sum(vfloat v) {
   return sum;
 }
 
+typedef int32_t vint __attribute__((vector_size(kLanes * sizeof(int32_t))));
+
+// e^x for x <= 0 (a score minus its running maximum), to about 2 ulp; exactly
+// 0 below -87 (and for -inf). Elementwise and branch-free, so it vectorizes;
+// std::exp is a scalar call that dominated decode at small head sizes.
+inline vfloat exp_nonpositive(vfloat x) {
+  const vint in_range = x > -87.f;  // all ones where true; false for -inf and NaN
+  x = in_range ? x : vfloat{} - 87.f;  // keep the arithmetic finite, zeroed below
+  const vfloat t = x * 1.44269504088896341f;               // x / ln 2
+  const vint n = __builtin_convertvector(t - 0.5f, vint);  // round to nearest (t <= 0)
+  const vfloat nf = __builtin_convertvector(n, vfloat);
+  // r = x - n ln 2 in two steps (ln 2 split in a high and a low part), |r| <= ln2 / 2.
+  const vfloat r = (x - nf * 0.693145751953125f) - nf * 1.428606765330187e-06f;
+  // Taylor series of e^r to r^7: truncation error below 2^-24 on |r| <= ln2 / 2.
+  vfloat p = r * (1.f / 5040.f) + 1.f / 720.f;
+  p = p * r + 1.f / 120.f;
+  p = p * r + 1.f / 24.f;
+  p = p * r + 1.f / 6.f;
+  p = p * r + 0.5f;
+  p = p * r + 1.f;
+  p = p * r + 1.f;
+  const vint scale_bits = (n + 127) << 23;  // 2^n
+  vfloat scale;
+  std::memcpy(&scale, &scale_bits, sizeof(scale));
+  vint bits;
+  const vfloat result = p * scale;
+  std::memcpy(&bits, &result, sizeof(bits));
+  bits &= in_range;  // exactly +0 below the range
+  vfloat out;
+  std::memcpy(&out, &bits, sizeof(out));
+  return out;
+}
+
+inline float exp_nonpositive(float x) {
+  vfloat v = {};
+  v[0] = x;
+  return exp_nonpositive(v)[0];
+}
+
 // head_dim is a multiple of kLanes (checked by the bindings).
 inline float dot(const float* a, const float* b, int64_t n) {
   vfloat acc = {};
@@ -122,7 +161,9 @@ void attend_tile(const PagedAttentionArgs& a, int64_t seq, int64_t kv_head, int6
 
   // Row r is token t_begin + r / group, query head kv_head * group + r % group.
   std::vector<float> q(rows * hd), acc(rows * hd, 0.f), m(rows, neg_inf), l(rows, 0.f);
-  std::vector<float> scores(rows * bs), k_buf(bs * hd), v_buf(bs * hd);
+  // Score rows are padded by a vector so the vector exp may run past hi.
+  const int64_t score_stride = bs + kLanes;
+  std::vector<float> scores(rows * score_stride), k_buf(bs * hd), v_buf(bs * hd);
   const T* query = static_cast<const T*>(a.query);
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t token = q_begin + t_begin + r / group;
@@ -152,9 +193,9 @@ void attend_tile(const PagedAttentionArgs& a, int64_t seq, int64_t kv_head, int6
       for (; r + 4 <= rows; r += 4) {
         float dots[4];
         dot4(q.data() + r * hd, key, hd, dots);
-        for (int i = 0; i < 4; ++i) scores[(r + i) * bs + j] = dots[i] * a.scale;
+        for (int i = 0; i < 4; ++i) scores[(r + i) * score_stride + j] = dots[i] * a.scale;
       }
-      for (; r < rows; ++r) scores[r * bs + j] = dot(q.data() + r * hd, key, hd) * a.scale;
+      for (; r < rows; ++r) scores[r * score_stride + j] = dot(q.data() + r * hd, key, hd) * a.scale;
     }
 
     for (int64_t r = 0; r < rows; ++r) {
@@ -162,18 +203,19 @@ void attend_tile(const PagedAttentionArgs& a, int64_t seq, int64_t kv_head, int6
       const int64_t lo = std::max(key0, pos - window + 1) - key0;
       const int64_t hi = std::min(key0 + count, pos + 1) - key0;
       if (lo >= hi) continue;  // block fully masked for this row: state untouched
-      float* s = scores.data() + r * bs;
+      float* s = scores.data() + r * score_stride;
       float block_max = neg_inf;
       for (int64_t j = lo; j < hi; ++j) block_max = std::max(block_max, s[j]);
       const float m_new = std::max(m[r], block_max);
-      const float alpha = std::exp(m[r] - m_new);  // 0 on the first visited block
+      const float alpha = exp_nonpositive(m[r] - m_new);  // 0 on the first visited block
       float* o = acc.data() + r * hd;
       if (alpha != 1.f) scale_row(alpha, o, hd);  // skipping a multiply by 1 is exact
+      // Unnormalized probabilities, in place; kLanes at a time (scores has
+      // room: rows are bs apart and bs is padded to whole vectors).
+      for (int64_t j = lo; j < hi; j += kLanes)
+        store(s + j, exp_nonpositive(load(s + j) - m_new));
       float sum = 0.f;
-      for (int64_t j = lo; j < hi; ++j) {
-        s[j] = std::exp(s[j] - m_new);  // now the unnormalized probability
-        sum += s[j];
-      }
+      for (int64_t j = lo; j < hi; ++j) sum += s[j];
       if (!values) values = block_rows(v_cache + block_offset, 0, count, row_stride, hd, v_buf.data());
       accumulate_values(s + lo, values + lo * key_step, hi - lo, key_step, o, hd);
       l[r] = l[r] * alpha + sum;
