@@ -37,45 +37,42 @@ void reshape_and_cache(const at::Tensor& key, const at::Tensor& value, at::Tenso
   reshape_and_cache_cpu(args, torch_parallel_for);
 }
 
-std::vector<void*> base_pointers(const std::vector<at::Tensor>& caches) {
+// A checked list of CPU caches, and the kernels' view of it.
+struct CpuCaches {
+  std::vector<at::Tensor> tensors;
   std::vector<void*> ptrs;
-  for (const at::Tensor& c : caches) ptrs.push_back(c.data_ptr());
-  return ptrs;
-}
+  BlockCaches view;
+
+  CpuCaches(at::TensorList list, const char* op) : tensors(list.vec()) {
+    const int64_t block_bytes = check_block_caches(tensors, op);
+    check_cpu(tensors[0], op);
+    for (const at::Tensor& t : tensors) ptrs.push_back(t.data_ptr());
+    view = BlockCaches{ptrs.data(), int64_t(ptrs.size()), block_bytes};
+  }
+};
 
 void copy_blocks(at::TensorList caches_in, const at::Tensor& block_mapping) {
-  const std::vector<at::Tensor> caches = caches_in.vec();
-  const int64_t block_bytes = check_block_caches(caches, "copy_blocks");
-  check_cpu(caches[0], "copy_blocks");
-  check_block_mapping(block_mapping, caches[0]);
-  const std::vector<void*> ptrs = base_pointers(caches);
-  const BlockCaches c{ptrs.data(), int64_t(ptrs.size()), block_bytes};
-  copy_blocks_cpu(c, block_mapping.data_ptr<int64_t>(), block_mapping.size(0), torch_parallel_for);
+  const CpuCaches caches(caches_in, "copy_blocks");
+  check_block_mapping(block_mapping, caches.tensors[0]);
+  copy_blocks_cpu(caches.view, block_mapping.data_ptr<int64_t>(), block_mapping.size(0),
+                  torch_parallel_for);
 }
 
 void pack_blocks(at::TensorList caches_in, const at::Tensor& block_ids, at::Tensor& staging) {
-  const std::vector<at::Tensor> caches = caches_in.vec();
-  const int64_t block_bytes = check_block_caches(caches, "pack_blocks");
-  check_cpu(caches[0], "pack_blocks");
-  check_block_ids(block_ids, caches[0], /*unique=*/false);
-  check_staging(staging, caches, block_ids);
-  const std::vector<void*> ptrs = base_pointers(caches);
-  const BlockCaches c{ptrs.data(), int64_t(ptrs.size()), block_bytes};
-  pack_blocks_cpu(c, block_ids.data_ptr<int64_t>(), block_ids.numel(), staging.data_ptr(),
-                  torch_parallel_for);
+  const CpuCaches caches(caches_in, "pack_blocks");
+  check_block_ids(block_ids, caches.tensors[0], /*unique=*/false);
+  check_staging(staging, caches.tensors, block_ids);
+  pack_blocks_cpu(caches.view, block_ids.data_ptr<int64_t>(), block_ids.numel(),
+                  staging.data_ptr(), torch_parallel_for);
 }
 
 void unpack_blocks(const at::Tensor& staging, const at::Tensor& block_ids,
                    at::TensorList caches_in) {
-  const std::vector<at::Tensor> caches = caches_in.vec();
-  const int64_t block_bytes = check_block_caches(caches, "unpack_blocks");
-  check_cpu(caches[0], "unpack_blocks");
-  check_block_ids(block_ids, caches[0], /*unique=*/true);
-  check_staging(staging, caches, block_ids);
-  const std::vector<void*> ptrs = base_pointers(caches);
-  const BlockCaches c{ptrs.data(), int64_t(ptrs.size()), block_bytes};
-  unpack_blocks_cpu(c, block_ids.data_ptr<int64_t>(), block_ids.numel(), staging.data_ptr(),
-                    torch_parallel_for);
+  const CpuCaches caches(caches_in, "unpack_blocks");
+  check_block_ids(block_ids, caches.tensors[0], /*unique=*/true);
+  check_staging(staging, caches.tensors, block_ids);
+  unpack_blocks_cpu(caches.view, block_ids.data_ptr<int64_t>(), block_ids.numel(),
+                    staging.data_ptr(), torch_parallel_for);
 }
 
 }  // namespace

@@ -31,6 +31,11 @@ void check_cuda(const at::Tensor& t, const char* op) {
   TORCH_CHECK(t.is_cuda(), op, ": expected CUDA tensors, got one on ", t.device());
 }
 
+at::Device cuda_device_of(const at::Tensor& t, const char* op) {
+  check_cuda(t, op);
+  return t.device();
+}
+
 // The kernels read the caches' base pointers from device memory.
 at::Tensor device_pointers(const std::vector<at::Tensor>& caches) {
   at::Tensor ptrs = at::empty({int64_t(caches.size())}, at::kLong);
@@ -38,6 +43,26 @@ at::Tensor device_pointers(const std::vector<at::Tensor>& caches) {
     ptrs.data_ptr<int64_t>()[i] = reinterpret_cast<int64_t>(caches[i].data_ptr());
   return ptrs.to(caches[0].device());
 }
+
+// A checked list of CUDA caches, the device made current for the call, and
+// the kernels' view of the list.
+struct CudaCaches {
+  std::vector<at::Tensor> tensors;
+  int64_t block_bytes;
+  c10::cuda::CUDAGuard guard;
+  at::Tensor ptrs;
+  BlockCaches view;
+
+  CudaCaches(at::TensorList list, const char* op)
+      : tensors(list.vec()),
+        block_bytes(check_block_caches(tensors, op)),
+        guard(cuda_device_of(tensors[0], op)),
+        ptrs(device_pointers(tensors)),
+        view{reinterpret_cast<void* const*>(ptrs.data_ptr<int64_t>()), int64_t(tensors.size()),
+             block_bytes} {}
+
+  void* stream() const { return current_stream(tensors[0]); }
+};
 
 at::Tensor paged_attention(const at::Tensor& query, const at::Tensor& key_cache,
                            const at::Tensor& value_cache, const at::Tensor& block_tables,
@@ -63,50 +88,32 @@ void reshape_and_cache(const at::Tensor& key, const at::Tensor& value, at::Tenso
 }
 
 void copy_blocks(at::TensorList caches_in, const at::Tensor& block_mapping) {
-  const std::vector<at::Tensor> caches = caches_in.vec();
-  const int64_t block_bytes = check_block_caches(caches, "copy_blocks");
-  check_cuda(caches[0], "copy_blocks");
-  const c10::cuda::CUDAGuard guard(caches[0].device());
-  check_block_mapping(block_mapping, caches[0]);
-  const at::Tensor ptrs = device_pointers(caches);
-  const BlockCaches c{reinterpret_cast<void* const*>(ptrs.data_ptr<int64_t>()),
-                      int64_t(caches.size()), block_bytes};
+  const CudaCaches caches(caches_in, "copy_blocks");
+  check_block_mapping(block_mapping, caches.tensors[0]);
   launch("copy_blocks", [&] {
-    copy_blocks_cuda(c, block_mapping.data_ptr<int64_t>(), block_mapping.size(0),
-                     current_stream(caches[0]));
+    copy_blocks_cuda(caches.view, block_mapping.data_ptr<int64_t>(), block_mapping.size(0),
+                     caches.stream());
   });
 }
 
 void pack_blocks(at::TensorList caches_in, const at::Tensor& block_ids, at::Tensor& staging) {
-  const std::vector<at::Tensor> caches = caches_in.vec();
-  const int64_t block_bytes = check_block_caches(caches, "pack_blocks");
-  check_cuda(caches[0], "pack_blocks");
-  const c10::cuda::CUDAGuard guard(caches[0].device());
-  check_block_ids(block_ids, caches[0], /*unique=*/false);
-  check_staging(staging, caches, block_ids);
-  const at::Tensor ptrs = device_pointers(caches);
-  const BlockCaches c{reinterpret_cast<void* const*>(ptrs.data_ptr<int64_t>()),
-                      int64_t(caches.size()), block_bytes};
+  const CudaCaches caches(caches_in, "pack_blocks");
+  check_block_ids(block_ids, caches.tensors[0], /*unique=*/false);
+  check_staging(staging, caches.tensors, block_ids);
   launch("pack_blocks", [&] {
-    pack_blocks_cuda(c, block_ids.data_ptr<int64_t>(), block_ids.numel(), staging.data_ptr(),
-                     current_stream(caches[0]));
+    pack_blocks_cuda(caches.view, block_ids.data_ptr<int64_t>(), block_ids.numel(),
+                     staging.data_ptr(), caches.stream());
   });
 }
 
 void unpack_blocks(const at::Tensor& staging, const at::Tensor& block_ids,
                    at::TensorList caches_in) {
-  const std::vector<at::Tensor> caches = caches_in.vec();
-  const int64_t block_bytes = check_block_caches(caches, "unpack_blocks");
-  check_cuda(caches[0], "unpack_blocks");
-  const c10::cuda::CUDAGuard guard(caches[0].device());
-  check_block_ids(block_ids, caches[0], /*unique=*/true);
-  check_staging(staging, caches, block_ids);
-  const at::Tensor ptrs = device_pointers(caches);
-  const BlockCaches c{reinterpret_cast<void* const*>(ptrs.data_ptr<int64_t>()),
-                      int64_t(caches.size()), block_bytes};
+  const CudaCaches caches(caches_in, "unpack_blocks");
+  check_block_ids(block_ids, caches.tensors[0], /*unique=*/true);
+  check_staging(staging, caches.tensors, block_ids);
   launch("unpack_blocks", [&] {
-    unpack_blocks_cuda(c, block_ids.data_ptr<int64_t>(), block_ids.numel(), staging.data_ptr(),
-                       current_stream(caches[0]));
+    unpack_blocks_cuda(caches.view, block_ids.data_ptr<int64_t>(), block_ids.numel(),
+                       staging.data_ptr(), caches.stream());
   });
 }
 

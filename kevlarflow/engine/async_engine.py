@@ -39,13 +39,13 @@ class AsyncEngine:
         this request (new_text / new_token_ids are the delta); the last has
         finished=True. Closing or cancelling the iterator aborts the request."""
         params = params or SamplingParams()
-        self.engine.prepare_prompt(prompt)  # bad prompts fail here, in the caller
+        token_ids = self.engine.prepare_prompt(prompt)  # bad prompts fail here, in the caller
         if self._error is not None or self._stopping:
             raise EngineDeadError("the engine is not running") from self._error
         request_id = f"async-{next(self._ids)}" if request_id is None else str(request_id)
         queue: asyncio.Queue = asyncio.Queue()
         self._listeners[request_id] = (asyncio.get_running_loop(), queue)
-        self._submit(("add", prompt, params, request_id))
+        self._submit(("add", prompt, params, request_id, token_ids))
         finished = False
         try:
             while True:
@@ -107,9 +107,9 @@ class AsyncEngine:
 
     def _apply(self, command) -> None:
         if command[0] == "add":
-            _, prompt, params, request_id = command
+            _, prompt, params, request_id, token_ids = command
             try:
-                self.engine.add_request(prompt, params, request_id)
+                self.engine.add_request(prompt, params, request_id, prompt_token_ids=token_ids)
             except ValueError as error:
                 self._deliver(request_id, error)
         elif command[0] == "abort":

@@ -37,9 +37,9 @@ class LLM:
         for sp in per_prompt:
             if not isinstance(sp, SamplingParams):
                 raise ValueError(f"params must be SamplingParams, got {type(sp).__name__}")
-        for prompt in prompts:
-            self.engine.prepare_prompt(prompt)
-        seqs = [self.engine.add_request(p, sp) for p, sp in zip(prompts, per_prompt)]
+        token_ids = [self.engine.prepare_prompt(prompt) for prompt in prompts]
+        seqs = [self.engine.add_request(p, sp, prompt_token_ids=ids)
+                for p, sp, ids in zip(prompts, per_prompt, token_ids)]
         order = {seq.request_id: i for i, seq in enumerate(seqs)}
         results: list[RequestOutput | None] = [None] * len(seqs)
         with tqdm(total=len(seqs), disable=not progress, desc="generating") as bar:

@@ -18,10 +18,8 @@ from kevlarflow.engine.params import SamplingParams
 from kevlarflow.engine.sampler import Sampler, make_generator
 from kevlarflow.engine.scheduler import Scheduler
 from kevlarflow.engine.sequence import Sequence, Status
-from kevlarflow.model.config import ModelConfig
+from kevlarflow.model.config import DTYPES, ModelConfig
 from kevlarflow.model.loader import load_stage
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -39,8 +37,8 @@ class EngineConfig:
     load_progress: bool = True
 
     def validate(self) -> None:
-        if self.dtype is not None and self.dtype not in _DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
         for name in ("block_size", "kv_cache_memory", "max_num_batched_tokens", "max_num_seqs"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
@@ -63,17 +61,19 @@ class LLMEngine:
         config.validate()
         self.model_config = cfg = ModelConfig.from_pretrained(model)
         self.tokenizer = tokenizer or AutoTokenizer.from_pretrained(model)
-        dtype = _DTYPES[config.dtype] if config.dtype else None
-        self.stage = load_stage(model, cfg=cfg, dtype=dtype, progress=config.load_progress)
+        dtype = DTYPES[config.dtype] if config.dtype else None
         self.max_model_len = min(config.max_model_len or cfg.max_position_embeddings,
                                  cfg.max_position_embeddings)
+        self.stage = load_stage(model, cfg=cfg, dtype=dtype, progress=config.load_progress,
+                                max_positions=self.max_model_len)
         num_blocks = config.kv_cache_memory // (config.block_size * cfg.kv_bytes_per_token)
         if num_blocks < 1:
             raise ValueError(f"kv_cache_memory={config.kv_cache_memory} bytes holds no block of "
                              f"{config.block_size} tokens ({cfg.kv_bytes_per_token} bytes/token)")
         self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
-        # A sequence can never outgrow the pool: it would preempt itself forever.
         self.pool_tokens = num_blocks * config.block_size
+        # A sequence can never outgrow the pool: it would preempt itself forever.
+        self.max_seq_len = min(self.max_model_len, self.pool_tokens)
         self.scheduler = Scheduler(self.blocks, config.max_num_batched_tokens, config.max_num_seqs)
         self.runner = ModelRunner(self.stage, num_blocks, config.block_size,
                                   config.attention_backend, config.device)
@@ -110,11 +110,14 @@ class LLMEngine:
         return ids
 
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
-                    request_id: str | None = None, arrival_time: float | None = None) -> Sequence:
+                    request_id: str | None = None, arrival_time: float | None = None,
+                    prompt_token_ids: list[int] | None = None) -> Sequence:
+        """prompt_token_ids: what prepare_prompt(prompt) returned, if the
+        caller already validated the prompt (saves tokenizing it twice)."""
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be SamplingParams, got {type(params).__name__}")
-        ids = self.prepare_prompt(prompt)
+        ids = prompt_token_ids if prompt_token_ids is not None else self.prepare_prompt(prompt)
         request_id = str(next(self._ids)) if request_id is None else str(request_id)
         if request_id in self.sequences:
             raise ValueError(f"request id {request_id!r} is already in use")
@@ -177,7 +180,7 @@ class LLMEngine:
         else:
             new_text = ""
         if reason is None and (len(seq.output_token_ids) >= seq.params.max_tokens
-                               or seq.num_tokens >= min(self.max_model_len, self.pool_tokens)):
+                               or seq.num_tokens >= self.max_seq_len):
             reason = "length"
         if reason is None:
             seq.text += new_text

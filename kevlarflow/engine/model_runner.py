@@ -31,14 +31,15 @@ class ModelRunner:
         input_ids, positions, slots, seq_lens, logits_rows = [], [], [], [], []
         starts = [0]
         max_blocks = max(len(seq.block_table) for seq, _ in batch.items)
-        tables = torch.zeros(len(batch.items), max_blocks, dtype=torch.int32)
-        for row, (seq, n) in enumerate(batch.items):
+        # Entries past a sequence's blocks are padding the kernels never read.
+        tables = [seq.block_table + [0] * (max_blocks - len(seq.block_table))
+                  for seq, _ in batch.items]
+        for seq, n in batch.items:
             begin, end = seq.num_computed_tokens, seq.num_computed_tokens + n
             input_ids.extend(seq.token_ids(begin, end))
             positions.extend(range(begin, end))
             table = seq.block_table
             slots.extend(table[p // bs] * bs + p % bs for p in range(begin, end))
-            tables[row, :len(table)] = torch.tensor(table, dtype=torch.int32)
             seq_lens.append(end)
             starts.append(starts[-1] + n)
             if end == seq.num_tokens:
@@ -46,7 +47,7 @@ class ModelRunner:
         meta = AttentionMetadata(
             positions=torch.tensor(positions, dtype=torch.int64, device=self.device),
             slot_mapping=torch.tensor(slots, dtype=torch.int64, device=self.device),
-            block_tables=tables.to(self.device),
+            block_tables=torch.tensor(tables, dtype=torch.int32, device=self.device),
             seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=self.device),
             query_start_loc=torch.tensor(starts, dtype=torch.int32, device=self.device))
         ids = torch.tensor(input_ids, dtype=torch.int64, device=self.device)

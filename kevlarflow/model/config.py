@@ -8,7 +8,8 @@ from pathlib import Path
 import torch
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Weight and activation dtypes, by the names config.json and the CLI use.
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -65,7 +66,7 @@ class ModelConfig:
         eos = raw.get("eos_token_id")
         eos_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
         dtype_name = raw.get("dtype") or raw.get("torch_dtype") or "float32"
-        if dtype_name not in _DTYPES:
+        if dtype_name not in DTYPES:
             raise ValueError(f"{source}: unsupported dtype {dtype_name!r}")
         return cls(
             architecture=arch,
@@ -86,7 +87,7 @@ class ModelConfig:
             sliding_windows=_sliding_windows(raw, arch, layers),
             bos_token_id=raw.get("bos_token_id"),
             eos_token_ids=eos_ids,
-            dtype=_DTYPES[dtype_name],
+            dtype=DTYPES[dtype_name],
         )
 
     @property

@@ -55,14 +55,16 @@ def _copy(param: torch.nn.Parameter, tensor: torch.Tensor, name: str) -> None:
 
 
 def load_stage(path: str | Path, spec: StageSpec | None = None, cfg: ModelConfig | None = None,
-               dtype: torch.dtype | None = None, progress: bool = True) -> DecoderStage:
-    """Build the stage `spec` (default: the whole model) and fill its weights."""
+               dtype: torch.dtype | None = None, progress: bool = True,
+               max_positions: int | None = None) -> DecoderStage:
+    """Build the stage `spec` (default: the whole model) and fill its weights.
+    max_positions bounds the RoPE tables (default: the model's maximum)."""
     cfg = cfg or ModelConfig.from_pretrained(path)
     if dtype is not None:
         cfg.dtype = dtype
     spec = spec or StageSpec(0, cfg.num_layers, cfg.num_layers)
     ckpt = Checkpoint(path)
-    stage = DecoderStage(cfg, spec)
+    stage = DecoderStage(cfg, spec, max_positions)
     try:
         if spec.is_first:
             _copy(stage.embed_tokens, ckpt.get("model.embed_tokens.weight", cfg.dtype),

@@ -17,11 +17,11 @@ from pathlib import Path
 import torch
 
 from kevlarflow.model import safetensors_stream as st
-from kevlarflow.model.presets import (DTYPE_NAMES, FLAVOURS, PRESETS, hf_config, model_vocab_size,
+from kevlarflow.model.config import DTYPES
+from kevlarflow.model.presets import (FLAVOURS, PRESETS, hf_config, model_vocab_size,
                                      parameter_count, tensor_shapes)
 from kevlarflow.model.tokenizer import BOS, EOS, PAD, special_tokens_map, tokenizer_config, train_tokenizer
 
-DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 
 # Shards of at most 512 MiB: the ~1 GB medium preset (either flavour, in
 # bfloat16) is then sharded, so sharded loading gets exercised, while tiny and

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from kevlarflow.model.config import DTYPES
+
 
 @dataclass(frozen=True)
 class Preset:
@@ -75,7 +77,7 @@ FLAVOURS = {
 }
 
 VOCAB_MULTIPLE = 64
-DTYPE_NAMES = ("float32", "bfloat16", "float16")
+DTYPE_NAMES = tuple(DTYPES)
 
 
 def model_vocab_size(preset: Preset, tokenizer_size: int | None = None) -> int:

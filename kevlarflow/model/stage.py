@@ -41,11 +41,13 @@ class StageSpec:
 
 
 class DecoderStage(nn.Module):
-    def __init__(self, cfg: ModelConfig, spec: StageSpec):
+    def __init__(self, cfg: ModelConfig, spec: StageSpec, max_positions: int | None = None):
         super().__init__()
         self.cfg, self.spec = cfg, spec
-        rope = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta,
-                               cfg.rope_scaling)
+        # Tables for every position the engine will serve, not the model's
+        # maximum: 128k positions of Llama 3 would cost ~130 MB at start-up.
+        rope = RotaryEmbedding(cfg.head_dim, max_positions or cfg.max_position_embeddings,
+                               cfg.rope_theta, cfg.rope_scaling)
         self.layers = nn.ModuleList(
             DecoderLayer(cfg, rope, cfg.sliding_windows[i])
             for i in range(spec.first_layer, spec.end_layer))
