@@ -40,7 +40,8 @@ echo "CUDA architecture: $ARCH; $(nproc) cores"
 
 # A system Python refuses pip installs (PEP 668): use a venv that still sees
 # its torch. Any other environment (venv, conda) gets the package directly.
-if "$PY" -c 'import os, sys, sysconfig; sys.exit(not os.path.exists(os.path.join(sysconfig.get_path("stdlib"), "EXTERNALLY-MANAGED")))'; then
+# (A venv's python is never externally managed, even when its base is.)
+if "$PY" -c 'import os, sys, sysconfig; sys.exit(sys.prefix != sys.base_prefix or not os.path.exists(os.path.join(sysconfig.get_path("stdlib"), "EXTERNALLY-MANAGED")))'; then
   "$PY" -m venv --system-site-packages /tmp/kevlarflow-gpu-venv
   PY=/tmp/kevlarflow-gpu-venv/bin/python
 fi

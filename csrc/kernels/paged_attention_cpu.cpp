@@ -19,6 +19,10 @@
 
 #include "paged_attention.h"
 
+#if defined(__FMA__)
+#include <immintrin.h>
+#endif
+
 #ifndef KEVLARFLOW_CPU_ISA
 #define KEVLARFLOW_CPU_ISA generic
 #endif
@@ -41,6 +45,20 @@ inline vfloat load(const float* p) {
   return v;
 }
 inline void store(float* p, vfloat v) { std::memcpy(p, &v, sizeof(v)); }
+
+// a * b + c. The build turns off implicit contraction (-ffp-contract=off):
+// left to itself the compiler fuses some of these and not others, depending on
+// the code around them and on its version, and a row's bits would then depend
+// on the path that computed it. Here the choice is made once per variant.
+inline vfloat madd(vfloat a, vfloat b, vfloat c) {
+#if defined(__FMA__)
+  static_assert(sizeof(vfloat) == sizeof(__m256));
+  return (vfloat)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)c);
+#else
+  return a * b + c;
+#endif
+}
+inline vfloat splat(float x) { return vfloat{} + x; }
 inline float lane_sum(vfloat v) {
   float sum = 0.f;
   for (int u = 0; u < kLanes; ++u) sum += v[u];
@@ -61,13 +79,13 @@ inline vfloat exp_nonpositive(vfloat x) {
   // r = x - n ln 2 in two steps (ln 2 split in a high and a low part), |r| <= ln2 / 2.
   const vfloat r = (x - nf * 0.693145751953125f) - nf * 1.428606765330187e-06f;
   // Taylor series of e^r to r^7: truncation error below 2^-24 on |r| <= ln2 / 2.
-  vfloat p = r * (1.f / 5040.f) + 1.f / 720.f;
-  p = p * r + 1.f / 120.f;
-  p = p * r + 1.f / 24.f;
-  p = p * r + 1.f / 6.f;
-  p = p * r + 0.5f;
-  p = p * r + 1.f;
-  p = p * r + 1.f;
+  vfloat p = madd(r, splat(1.f / 5040.f), splat(1.f / 720.f));
+  p = madd(p, r, splat(1.f / 120.f));
+  p = madd(p, r, splat(1.f / 24.f));
+  p = madd(p, r, splat(1.f / 6.f));
+  p = madd(p, r, splat(0.5f));
+  p = madd(p, r, splat(1.f));
+  p = madd(p, r, splat(1.f));
   const vint scale_bits = (n + 127) << 23;  // 2^n
   vfloat scale;
   std::memcpy(&scale, &scale_bits, sizeof(scale));
@@ -89,7 +107,7 @@ inline float exp_nonpositive(float x) {
 // head_dim is a multiple of kLanes (checked by the bindings).
 inline float dot(const float* a, const float* b, int64_t n) {
   vfloat acc = {};
-  for (int64_t d = 0; d < n; d += kLanes) acc += load(a + d) * load(b + d);
+  for (int64_t d = 0; d < n; d += kLanes) acc = madd(load(a + d), load(b + d), acc);
   return lane_sum(acc);
 }
 
@@ -100,10 +118,10 @@ inline void dot4(const float* q, const float* k, int64_t n, float* out) {
   vfloat acc0 = {}, acc1 = {}, acc2 = {}, acc3 = {};
   for (int64_t d = 0; d < n; d += kLanes) {
     const vfloat key = load(k + d);
-    acc0 += load(q + d) * key;
-    acc1 += load(q + n + d) * key;
-    acc2 += load(q + 2 * n + d) * key;
-    acc3 += load(q + 3 * n + d) * key;
+    acc0 = madd(load(q + d), key, acc0);
+    acc1 = madd(load(q + n + d), key, acc1);
+    acc2 = madd(load(q + 2 * n + d), key, acc2);
+    acc3 = madd(load(q + 3 * n + d), key, acc3);
   }
   out[0] = lane_sum(acc0), out[1] = lane_sum(acc1), out[2] = lane_sum(acc2), out[3] = lane_sum(acc3);
 }
@@ -114,7 +132,7 @@ inline void accumulate_values(const float* p, const float* values, int64_t count
                               float* o, int64_t n) {
   for (int64_t d = 0; d < n; d += kLanes) {
     vfloat acc = load(o + d);
-    for (int64_t j = 0; j < count; ++j) acc += load(values + j * step + d) * p[j];
+    for (int64_t j = 0; j < count; ++j) acc = madd(load(values + j * step + d), splat(p[j]), acc);
     store(o + d, acc);
   }
 }
