@@ -10,11 +10,15 @@ from kevlarflow.engine.sequence import Sequence
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = False):
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = False,
+                 pool: str | None = None):
+        """pool: the name under which sequences keep their table of this pool
+        (Sequence.pool_tables); None for the engine's only pool (block_table)."""
         if num_blocks < 1 or block_size < 1:
             raise ValueError(f"need at least one block of at least one slot, got "
                              f"{num_blocks} blocks of {block_size}")
         self.num_blocks, self.block_size = num_blocks, block_size
+        self.pool = pool
         self.enable_prefix_caching = enable_prefix_caching
         self.ref_counts = [0] * num_blocks
         # Free blocks, least recently freed first: a freed block keeps its cached
@@ -27,8 +31,14 @@ class BlockManager:
     def num_free_blocks(self) -> int:
         return len(self.free)
 
+    def table(self, seq: Sequence) -> list[int]:
+        return seq.block_table if self.pool is None else seq.pool_tables.setdefault(self.pool, [])
+
+    def hashes(self, seq: Sequence) -> list[bytes]:
+        return seq.block_hashes if self.pool is None else seq.pool_hashes.setdefault(self.pool, [])
+
     def blocks_needed(self, seq: Sequence, num_tokens: int) -> int:
-        return max(0, -(-num_tokens // self.block_size) - len(seq.block_table))
+        return max(0, -(-num_tokens // self.block_size) - len(self.table(seq)))
 
     def allocate(self, seq: Sequence, num_tokens: int) -> bool:
         """Grow seq's block table to hold num_tokens tokens; False if the pool
@@ -36,20 +46,26 @@ class BlockManager:
         needed = self.blocks_needed(seq, num_tokens)
         if needed > len(self.free):
             return False
+        table = self.table(seq)
         for _ in range(needed):
             block, _ = self.free.popitem(last=False)
             self._forget(block)
             self.ref_counts[block] = 1
-            seq.block_table.append(block)
+            table.append(block)
         return True
 
     def free_sequence(self, seq: Sequence) -> None:
-        for block in reversed(seq.block_table):  # tail blocks are the least shareable
+        self.truncate(seq, 0)
+
+    def truncate(self, seq: Sequence, num_blocks: int) -> None:
+        """Give back every block of seq's table past the first num_blocks."""
+        table, hashes = self.table(seq), self.hashes(seq)
+        while len(table) > num_blocks:  # tail blocks are the least shareable
+            block = table.pop()
             self.ref_counts[block] -= 1
             if self.ref_counts[block] == 0:
                 self.free[block] = None
-        seq.block_table = []
-        seq.block_hashes = []
+        del hashes[num_blocks:]
 
     # Prefix caching ---------------------------------------------------------
 
@@ -68,7 +84,8 @@ class BlockManager:
         """For a sequence with nothing computed: take over the cached blocks
         of its longest cached prefix and return how many tokens they cover.
         The last token is always left to compute: its logits are needed."""
-        if not self.enable_prefix_caching or seq.num_computed_tokens or seq.block_table:
+        table, hashes = self.table(seq), self.hashes(seq)
+        if not self.enable_prefix_caching or seq.num_computed_tokens or table:
             return 0
         previous = None
         for i in range((seq.num_tokens - 1) // self.block_size):
@@ -80,22 +97,23 @@ class BlockManager:
             if self.ref_counts[block] == 0:
                 del self.free[block]
             self.ref_counts[block] += 1
-            seq.block_table.append(block)
-            seq.block_hashes.append(h)
+            table.append(block)
+            hashes.append(h)
             previous = h
-        return len(seq.block_table) * self.block_size
+        return len(table) * self.block_size
 
     def register_full_blocks(self, seq: Sequence) -> None:
         """Publish the blocks of seq that are now full of computed tokens."""
         if not self.enable_prefix_caching:
             return
+        table, hashes = self.table(seq), self.hashes(seq)
         full = seq.num_computed_tokens // self.block_size
-        while len(seq.block_hashes) < full:
-            i = len(seq.block_hashes)
-            previous = seq.block_hashes[-1] if seq.block_hashes else None
+        while len(hashes) < full:
+            i = len(hashes)
+            previous = hashes[-1] if hashes else None
             h = self._hash(previous, seq.token_ids(i * self.block_size, (i + 1) * self.block_size))
-            seq.block_hashes.append(h)
-            block = seq.block_table[i]
+            hashes.append(h)
+            block = table[i]
             if h not in self.cached:
                 self.cached[h] = block
                 self.block_hash[block] = h

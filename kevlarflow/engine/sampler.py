@@ -5,10 +5,13 @@ rows go through temperature, top-k, top-p and min-p, then an exponential race
 (argmax of probs / Exp(1) noise), which picks token i with probability p_i and
 can never pick a filtered (zero-probability) token.
 
-Seeded requests: the engine creates one generator per request with
-`make_generator` when the request is admitted and passes it at every step; the
-sampler draws that row's noise from it alone, on that row alone, so its tokens
-do not depend on the rest of the batch or on the row's position in it.
+Seeded requests: for the n-th output token of a request the engine passes
+`request_generator(params, n)`, a generator seeded from (seed, n) alone; the
+sampler draws that row's noise from it, on that row alone. So a seeded token
+depends on nothing but the logits, the seed and its index: not on the rest of
+the batch, the row's position in it, or which process sampled the tokens
+before it (a request that moves to another worker after a failure carries no
+generator state).
 Unseeded rows share the sampler's generator (torch's default one if None).
 
 Logprobs are "raw": log_softmax of the logits as the model gave them, before
@@ -17,6 +20,7 @@ the sampling settings, and greedy and sampled requests report the same numbers.
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -36,12 +40,23 @@ class SampleOutput:
 
 
 def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator | None:
-    """The generator of a seeded request; keep it for the request's whole life."""
+    """A generator seeded with seed, or None for None."""
     if seed is None:
         return None
     generator = torch.Generator(device=device)
     generator.manual_seed(seed)
     return generator
+
+
+def request_generator(params: SamplingParams, token_index: int,
+                      device: torch.device | str = "cpu") -> torch.Generator | None:
+    """The generator for output token `token_index` of a request: None for
+    unseeded or greedy requests, else one seeded from (seed, token_index)."""
+    if params.seed is None or params.greedy:
+        return None
+    key = params.seed.to_bytes(9, "little", signed=True) + token_index.to_bytes(8, "little")
+    mixed = hashlib.blake2b(key, digest_size=8).digest()
+    return make_generator(int.from_bytes(mixed, "little") >> 1, device)
 
 
 def filtered_probs(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
@@ -89,8 +104,7 @@ def _check_batch(logits: torch.Tensor, params: Sequence[SamplingParams],
                          f"got logits {tuple(logits.shape)}, {len(params)} params, {len(generators)} generators")
     for p, g in zip(params, generators):
         if p.seed is not None and g is None and not p.greedy:
-            # A generator made afresh each step would repeat the same draws.
-            raise ValueError("a seeded request needs its own generator (make_generator), kept across steps")
+            raise ValueError("a seeded request needs its generator (request_generator)")
 
 
 class Sampler:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Container
 
 from kevlarflow.engine.block_manager import BlockManager
 from kevlarflow.engine.sequence import Sequence, Status
@@ -46,12 +47,13 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def schedule(self) -> ScheduledBatch:
+    def schedule(self, busy: Container[Sequence] = ()) -> ScheduledBatch:
+        """busy: running sequences of a batch still in flight (pipelines run
+        several); they are neither scheduled nor preempted."""
         batch = ScheduledBatch()
         budget = self.max_num_batched_tokens
-        scheduled: list[Sequence] = []
         # Running sequences, oldest first.
-        queue = sorted(self.running, key=lambda s: s.arrival_time)
+        queue = sorted((s for s in self.running if s not in busy), key=lambda s: s.arrival_time)
         while queue and budget > 0:
             seq = queue.pop(0)
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
@@ -63,7 +65,6 @@ class Scheduler:
                     break
             else:
                 batch.items.append((seq, n))
-                scheduled.append(seq)
                 budget -= n
         still_running = [s for s in self.running if s.status == Status.RUNNING]
         # Waiting sequences, first come first served; a preempted one re-enters

@@ -5,8 +5,6 @@ import enum
 import time
 from dataclasses import dataclass, field
 
-import torch
-
 
 class Status(enum.Enum):
     WAITING = "waiting"    # not admitted yet, or preempted (its KV was dropped)
@@ -27,9 +25,12 @@ class Sequence:
     block_table: list[int] = field(default_factory=list)
     # Hashes of the full blocks of this sequence, for prefix caching.
     block_hashes: list[bytes] = field(default_factory=list)
+    # The same two for each named pool, when the sequence's KV lives in several
+    # (one per pipeline stage, each worker with its own pool and block ids).
+    pool_tables: dict[str, list[int]] = field(default_factory=dict)
+    pool_hashes: dict[str, list[bytes]] = field(default_factory=dict)
     status: Status = Status.WAITING
     finish_reason: str | None = None
-    generator: torch.Generator | None = None
     first_token_time: float | None = None
     finish_time: float | None = None
     num_preemptions: int = 0
