@@ -76,6 +76,32 @@ def _add_bench(subparsers) -> None:
 
     parser.set_defaults(run=run)
 
+def _add_worker(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "worker", help="run one worker of a deployment, registering with its controller",
+        description="Start a worker that connects to a running controller, is assigned a "
+                    "pipeline stage, loads that stage's weights and serves it.")
+    parser.add_argument("--controller", required=True, metavar="HOST:PORT",
+                        help="the controller's control socket")
+    parser.add_argument("--instance", type=int, default=None,
+                        help="ask for this instance (default: any free slot)")
+    parser.add_argument("--stage", type=int, default=None, help="ask for this stage")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of this worker")
+    parser.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)
+
+    def run(args):
+        if (args.instance is None) != (args.stage is None):
+            parser.error("--instance and --stage go together")
+        if args.threads < 1:
+            parser.error("--threads must be >= 1")
+        host, sep, port = args.controller.rpartition(":")
+        if not sep or not host or not port.isdigit():
+            parser.error(f"--controller must be HOST:PORT, got {args.controller!r}")
+        from kevlarflow.dist.worker import main as worker_main
+        return worker_main(args.controller, args.instance, args.stage, args.threads,
+                           args.parent_pid)
+
+    parser.set_defaults(run=run)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -84,6 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_make_model(subparsers)
     _add_demo(subparsers)
     _add_bench(subparsers)
+    _add_worker(subparsers)
     return parser
 
 

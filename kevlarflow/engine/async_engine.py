@@ -7,6 +7,7 @@ sleeps on a condition variable when idle: no busy waiting."""
 from __future__ import annotations
 
 import asyncio
+import os
 import itertools
 import threading
 from collections import deque
@@ -22,8 +23,17 @@ class EngineDeadError(RuntimeError):
 
 
 class AsyncEngine:
-    def __init__(self, model: str | LLMEngine, config: EngineConfig | None = None):
-        self.engine = model if isinstance(model, LLMEngine) else LLMEngine(model, config)
+    def __init__(self, model, config: EngineConfig | None = None):
+        """model: a checkpoint folder, or an engine (LLMEngine or
+        DistributedEngine). A DeploymentConfig makes a DistributedEngine."""
+        if isinstance(model, (str, os.PathLike)):
+            from kevlarflow.dist.engine import DeploymentConfig, DistributedEngine
+
+            if isinstance(config, DeploymentConfig):
+                model = DistributedEngine(str(model), config)
+            else:
+                model = LLMEngine(str(model), config)
+        self.engine = model
         self._commands: deque = deque()
         self._wake = threading.Condition()
         self._listeners: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
@@ -66,6 +76,9 @@ class AsyncEngine:
             self._stopping = True
             self._wake.notify()
         self._thread.join(timeout=30)
+        stop_workers = getattr(self.engine, "shutdown", None)
+        if stop_workers:
+            stop_workers()
 
     # Engine thread ------------------------------------------------------------
 

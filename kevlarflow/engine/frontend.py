@@ -84,9 +84,10 @@ class RequestFrontend:
             raise ValueError(f"request id {request_id!r} is already in use")
         seq = Sequence(request_id, prompt if isinstance(prompt, str) else None, ids, params,
                        arrival_time=arrival_time or time.time())
+        state = _RequestState(self.tokenizer, params)
+        self._submit(seq)  # may refuse the request: then nothing is recorded
         self.sequences[request_id] = seq
-        self._states[request_id] = _RequestState(self.tokenizer, params)
-        self._submit(seq)
+        self._states[request_id] = state
         return seq
 
     def abort(self, request_id: str) -> RequestOutput | None:

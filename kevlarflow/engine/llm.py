@@ -13,15 +13,35 @@ from kevlarflow.engine.params import SamplingParams
 class LLM:
     """Runs a model from a local Hugging Face folder. Keyword arguments are
     EngineConfig fields (block_size, kv_cache_memory, max_num_batched_tokens,
-    max_num_seqs, max_model_len, enable_prefix_caching, dtype, ...)."""
+    max_num_seqs, max_model_len, enable_prefix_caching, dtype, ...). With
+    DeploymentConfig fields (num_instances, pp_size, ...) the model is served
+    by a deployment of worker processes instead of in this process; call
+    shutdown() (or use `with LLM(...) as llm:`) to stop them."""
 
     def __init__(self, model: str, **engine_args):
-        known = {f.name for f in fields(EngineConfig)}
+        from kevlarflow.dist.engine import DeploymentConfig, DistributedEngine
+
+        local = {f.name for f in fields(EngineConfig)}
+        known = {f.name for f in fields(DeploymentConfig)}
         unknown = sorted(set(engine_args) - known)
         if unknown:
             raise ValueError(f"unknown engine arguments {unknown}; known: {sorted(known)}")
-        self.engine = LLMEngine(model, EngineConfig(**engine_args))
+        if set(engine_args) <= local:
+            self.engine = LLMEngine(model, EngineConfig(**engine_args))
+        else:
+            self.engine = DistributedEngine(model, DeploymentConfig(**engine_args))
         self.tokenizer = self.engine.tokenizer
+
+    def shutdown(self) -> None:
+        shutdown = getattr(self.engine, "shutdown", None)
+        if shutdown:
+            shutdown()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
 
     def generate(self, prompts: str | list[str] | list[list[int]],
                  params: SamplingParams | list[SamplingParams] | None = None,

@@ -16,6 +16,29 @@ def allocate_kv_cache(stage: DecoderStage, num_blocks: int, block_size: int,
              torch.zeros(shape, dtype=cfg.dtype, device=device)) for _ in stage.layers]
 
 
+def attention_metadata(chunks: list[tuple[int, int, list[int]]], block_size: int,
+                       device: torch.device | str = "cpu") -> AttentionMetadata:
+    """Metadata of a batch of chunks (number of tokens, position of the first,
+    the sequence's block table), in batch order."""
+    bs = block_size
+    positions, slots, seq_lens, starts = [], [], [], [0]
+    max_blocks = max(len(table) for _, _, table in chunks)
+    # Entries past a sequence's blocks are padding the kernels never read.
+    tables = [table + [0] * (max_blocks - len(table)) for _, _, table in chunks]
+    for n, begin, table in chunks:
+        end = begin + n
+        positions.extend(range(begin, end))
+        slots.extend(table[p // bs] * bs + p % bs for p in range(begin, end))
+        seq_lens.append(end)
+        starts.append(starts[-1] + n)
+    return AttentionMetadata(
+        positions=torch.tensor(positions, dtype=torch.int64, device=device),
+        slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
+        block_tables=torch.tensor(tables, dtype=torch.int32, device=device),
+        seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
+        query_start_loc=torch.tensor(starts, dtype=torch.int32, device=device))
+
+
 class ModelRunner:
     def __init__(self, stage: DecoderStage, num_blocks: int, block_size: int,
                  attention_backend: str = "native", device: str = "cpu"):
@@ -27,29 +50,14 @@ class ModelRunner:
     def prepare(self, batch: ScheduledBatch):
         """Token ids, attention metadata, and the batch rows whose logits are
         needed: the last token of every chunk that reaches its sequence's end."""
-        bs = self.block_size
-        input_ids, positions, slots, seq_lens, logits_rows = [], [], [], [], []
-        starts = [0]
-        max_blocks = max(len(seq.block_table) for seq, _ in batch.items)
-        # Entries past a sequence's blocks are padding the kernels never read.
-        tables = [seq.block_table + [0] * (max_blocks - len(seq.block_table))
-                  for seq, _ in batch.items]
+        chunks = [(n, seq.num_computed_tokens, seq.block_table) for seq, n in batch.items]
+        meta = attention_metadata(chunks, self.block_size, self.device)
+        input_ids, logits_rows, row = [], [], 0
         for seq, n in batch.items:
-            begin, end = seq.num_computed_tokens, seq.num_computed_tokens + n
-            input_ids.extend(seq.token_ids(begin, end))
-            positions.extend(range(begin, end))
-            table = seq.block_table
-            slots.extend(table[p // bs] * bs + p % bs for p in range(begin, end))
-            seq_lens.append(end)
-            starts.append(starts[-1] + n)
-            if end == seq.num_tokens:
-                logits_rows.append(starts[-1] - 1)
-        meta = AttentionMetadata(
-            positions=torch.tensor(positions, dtype=torch.int64, device=self.device),
-            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=self.device),
-            block_tables=torch.tensor(tables, dtype=torch.int32, device=self.device),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=self.device),
-            query_start_loc=torch.tensor(starts, dtype=torch.int32, device=self.device))
+            input_ids.extend(seq.token_ids(seq.num_computed_tokens, seq.num_computed_tokens + n))
+            row += n
+            if seq.num_computed_tokens + n == seq.num_tokens:
+                logits_rows.append(row - 1)
         ids = torch.tensor(input_ids, dtype=torch.int64, device=self.device)
         return ids, meta, torch.tensor(logits_rows, dtype=torch.int64, device=self.device)
 

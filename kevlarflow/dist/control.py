@@ -1,0 +1,101 @@
+"""The control plane's two ends over pyzmq: the controller binds a ROUTER
+socket, each worker connects a DEALER. Both ends decode every message against
+the schema of their direction; bad bytes are logged and dropped, and the
+process carries on. No call blocks without a timeout, and sending never
+blocks on a peer (a dead peer's messages are dropped, not queued forever)."""
+from __future__ import annotations
+
+import logging
+
+import zmq
+
+from kevlarflow.dist import protocol
+
+log = logging.getLogger(__name__)
+
+
+def _configure(sock: zmq.Socket) -> None:
+    sock.setsockopt(zmq.LINGER, 0)                     # closing never waits on a dead peer
+    sock.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_MESSAGE_BYTES)
+    sock.setsockopt(zmq.SNDTIMEO, 1000)                # a full queue to a hung peer: give up
+
+
+class ControllerEndpoint:
+    def __init__(self, host: str = "127.0.0.1", port: int = 0):
+        self._ctx = zmq.Context()
+        self.sock = self._ctx.socket(zmq.ROUTER)
+        _configure(self.sock)
+        if port:
+            self.sock.bind(f"tcp://{host}:{port}")
+            self.port = port
+        else:
+            self.port = self.sock.bind_to_random_port(f"tcp://{host}")
+        self.host = host
+        self.rejected = 0  # malformed messages dropped so far
+
+    def send(self, peer: bytes, type_: str, **fields) -> bool:
+        """False if the message could not be queued (the peer is gone or stuck)."""
+        data = protocol.encode(protocol.TO_WORKER, type_, **fields)
+        try:
+            self.sock.send_multipart([peer, data])
+            return True
+        except zmq.Again:
+            log.warning("dropped %s for worker %r: its queue is full", type_, peer)
+            return False
+
+    def recv(self, timeout_ms: int) -> tuple[bytes, dict] | None:
+        """The next valid message and its sender, or None after timeout_ms."""
+        while self.sock.poll(timeout_ms):
+            frames = self.sock.recv_multipart()
+            timeout_ms = 0  # only what is already there from now on
+            if len(frames) != 2:
+                self.rejected += 1
+                log.warning("dropped a message of %d frames (expected 2)", len(frames))
+                continue
+            peer, data = frames
+            try:
+                return peer, protocol.decode(protocol.TO_CONTROLLER, data)
+            except protocol.ProtocolError as error:
+                self.rejected += 1
+                log.warning("dropped a malformed message from %r: %s", peer, error)
+        return None
+
+    def close(self) -> None:
+        self.sock.close()
+        self._ctx.term()
+
+
+class WorkerEndpoint:
+    def __init__(self, controller: str):
+        """controller: HOST:PORT of the controller's control socket."""
+        self._ctx = zmq.Context()
+        self.sock = self._ctx.socket(zmq.DEALER)
+        _configure(self.sock)
+        self.sock.connect(f"tcp://{controller}")
+        self.rejected = 0
+
+    def send(self, type_: str, **fields) -> None:
+        data = protocol.encode(protocol.TO_CONTROLLER, type_, **fields)
+        try:
+            self.sock.send(data)
+        except zmq.Again:
+            log.warning("dropped %s: the controller is not taking messages", type_)
+
+    def recv(self, timeout_ms: int) -> dict | None:
+        while self.sock.poll(timeout_ms):
+            frames = self.sock.recv_multipart()
+            timeout_ms = 0
+            if len(frames) != 1:
+                self.rejected += 1
+                log.warning("dropped a message of %d frames (expected 1)", len(frames))
+                continue
+            try:
+                return protocol.decode(protocol.TO_WORKER, frames[0])
+            except protocol.ProtocolError as error:
+                self.rejected += 1
+                log.warning("dropped a malformed message from the controller: %s", error)
+        return None
+
+    def close(self) -> None:
+        self.sock.close()
+        self._ctx.term()

@@ -1,0 +1,335 @@
+"""The controller of a deployment: num_instances pipeline instances of pp_size
+stage workers each, behind one request API (the same as LLMEngine's).
+
+The controller hosts the rendezvous store (torch.distributed's TCPStore) and
+the control socket, starts the workers (or waits for external ones to
+register), assigns each a slot, and once every worker of an instance has
+loaded its stage, asks them to build the instance's communicator. Then step()
+keeps each instance's pipeline full of micro-batches and turns the tokens
+that come back into outputs."""
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+
+from kevlarflow.dist.control import ControllerEndpoint
+from kevlarflow.dist.instance import MicroBatch, PipelineInstance
+from kevlarflow.dist.launcher import LocalLauncher
+from kevlarflow.engine.block_manager import BlockManager
+from kevlarflow.engine.frontend import RequestFrontend
+from kevlarflow.engine.llm_engine import EngineConfig
+from kevlarflow.engine.outputs import RequestOutput, TokenLogprob
+from kevlarflow.engine.sequence import Sequence, Status
+from kevlarflow.ft.router import pick_instance
+from kevlarflow.model.config import DTYPES, ModelConfig
+from kevlarflow.model.stage import StageSpec
+
+log = logging.getLogger("kevlarflow.controller")
+
+
+@dataclass
+class DeploymentConfig(EngineConfig):
+    """EngineConfig's fields apply per worker (kv_cache_memory is each
+    worker's pool) and per instance (batching limits)."""
+    num_instances: int = 1
+    pp_size: int = 1
+    host: str = "127.0.0.1"         # where the controller listens (0.0.0.0: every interface)
+    port: int = 0                   # control socket; 0 picks a free port
+    spawn_workers: bool = True      # False: wait for `kevlarflow worker --controller HOST:PORT`
+    worker_threads: int = 1         # torch threads per worker
+    comm_deadline_s: float = 30.0   # bound on every communicator operation
+    start_timeout_s: float = 600.0  # for all workers to register, load and connect
+    max_in_flight: int | None = None  # micro-batches in flight per instance (default pp_size)
+
+    def validate(self) -> None:
+        super().validate()
+        for name in ("num_instances", "pp_size", "worker_threads"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if self.max_in_flight is not None and (not isinstance(self.max_in_flight, int)
+                                               or self.max_in_flight < 1):
+            raise ValueError(f"max_in_flight must be None or a positive int, got {self.max_in_flight!r}")
+        if not (0 < self.comm_deadline_s and 0 < self.start_timeout_s):
+            raise ValueError("comm_deadline_s and start_timeout_s must be positive")
+        if self.device != "cpu":
+            raise ValueError("distributed deployments run on the CPU for now (device='cpu')")
+
+
+class DeploymentError(RuntimeError):
+    """The deployment could not start, or lost what it needs to serve."""
+
+
+class DistributedEngine(RequestFrontend):
+    def __init__(self, model: str, config: DeploymentConfig | None = None, tokenizer=None):
+        from transformers import AutoTokenizer
+
+        self.config = config = config or DeploymentConfig()
+        config.validate()
+        self.model = os.path.abspath(model)
+        cfg = ModelConfig.from_pretrained(model)
+        if config.dtype:
+            cfg.dtype = DTYPES[config.dtype]
+        if config.pp_size > cfg.num_layers:
+            raise ValueError(f"pp_size {config.pp_size} exceeds the model's {cfg.num_layers} layers")
+        self.model_config = cfg
+        max_model_len = min(config.max_model_len or cfg.max_position_embeddings,
+                            cfg.max_position_embeddings)
+        # Each stage's pool: kv_cache_memory bytes for that stage's layers only.
+        bs = config.block_size
+        self.stage_blocks = []
+        for s in range(config.pp_size):
+            spec = StageSpec.split(cfg.num_layers, config.pp_size, s)
+            per_token = cfg.kv_bytes_per_token * (spec.end_layer - spec.first_layer) // cfg.num_layers
+            self.stage_blocks.append(config.kv_cache_memory // (bs * per_token))
+        if min(self.stage_blocks) < 1:
+            raise ValueError(f"kv_cache_memory={config.kv_cache_memory} bytes holds no block of {bs} "
+                             f"tokens on some stage")
+        super().__init__(tokenizer or AutoTokenizer.from_pretrained(model), cfg.vocab_size,
+                         cfg.eos_token_ids, max_model_len, min(self.stage_blocks) * bs)
+
+        self.instances = []
+        for i in range(config.num_instances):
+            workers = [f"w{i}.{s}" for s in range(config.pp_size)]
+            pools = [BlockManager(n, bs, config.enable_prefix_caching, pool=name)
+                     for n, name in zip(self.stage_blocks, workers)]
+            self.instances.append(PipelineInstance(
+                i, workers, pools, config.max_num_batched_tokens, config.max_num_seqs,
+                config.max_in_flight or config.pp_size))
+        self.slot_of = {w: (i.index, s) for i in self.instances for s, w in enumerate(i.workers)}
+        self.peer_of: dict[str, bytes] = {}   # worker name -> its control socket identity
+        self.worker_of: dict[bytes, str] = {}
+        self.ready: set[str] = set()
+        self.owner: dict[Sequence, PipelineInstance] = {}
+        self._steps = itertools.count()
+        self._generations = itertools.count()
+        self._group_acks: dict[str, set[str]] = {}
+        self._undelivered: list[RequestOutput] = []  # ended outside a result (failures)
+        self._closed = False
+        self.launcher = None
+
+        self.store = torch.distributed.TCPStore(config.host, 0, is_master=True,
+                                                wait_for_workers=False,
+                                                timeout=timedelta(seconds=config.start_timeout_s))
+        self.endpoint = ControllerEndpoint(config.host, config.port)
+        self.address = f"{config.host}:{self.endpoint.port}"
+        self.launcher = LocalLauncher(self._local_address(), config.worker_threads) \
+            if config.spawn_workers else None
+        try:
+            if self.launcher:
+                for inst in self.instances:
+                    for s in range(config.pp_size):
+                        self.launcher.spawn(inst.index, s)
+            else:
+                log.info("waiting for %d workers: start each with `kevlarflow worker --controller "
+                         "%s`", len(self.slot_of), self.address)
+            self._wait_until_serving(config.start_timeout_s)
+        except BaseException:
+            self.shutdown()
+            raise
+
+    def _local_address(self) -> str:
+        host = "127.0.0.1" if self.config.host in ("0.0.0.0", "") else self.config.host
+        return f"{host}:{self.endpoint.port}"
+
+    # Start-up -------------------------------------------------------------------
+
+    def _wait_until_serving(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not all(inst.serving for inst in self.instances):
+            if time.monotonic() > deadline:
+                raise DeploymentError(f"workers not ready after {timeout_s:.0f} s: ready "
+                                      f"{sorted(self.ready)} of {sorted(self.slot_of)}")
+            self._check_processes()
+            self._handle(self.endpoint.recv(100))
+
+    def _check_processes(self) -> None:
+        if not self.launcher:
+            return
+        for (i, s), code in self.launcher.exited().items():
+            inst = self.instances[i]
+            if inst.serving or not self.ready.issuperset(inst.workers):
+                self._fail_instance(inst, f"worker w{i}.{s} exited with code {code}")
+
+    def _handle(self, received) -> list[RequestOutput]:
+        if received is None:
+            return []
+        peer, m = received
+        kind = m["type"]
+        if kind == "register":
+            self._register(peer, m)
+            return []
+        name = self.worker_of.get(peer)
+        if name is None:
+            log.warning("dropped %s from an unregistered peer", kind)
+            return []
+        if kind == "ready":
+            self._on_ready(name, m)
+        elif kind == "group_ready":
+            self._on_group_ready(name, m)
+        elif kind == "result":
+            return self._on_result(name, m)
+        elif kind == "error":
+            inst = self.instances[self.slot_of[name][0]]
+            if m["step"] is None or m["step"] in inst.in_flight:
+                self._fail_instance(inst, f"{name}: {m['kind']}: {m['message']}")
+        return []
+
+    def _register(self, peer: bytes, m: dict) -> None:
+        wanted = (m["instance"], m["stage"])
+        free = [w for w, slot in self.slot_of.items() if w not in self.peer_of]
+        if wanted != (None, None):
+            free = [w for w in free if self.slot_of[w] == wanted]
+        if not free:
+            log.warning("worker pid %d on %s asked for slot %s: none free", m["pid"], m["host"], wanted)
+            self.endpoint.send(peer, "shutdown")
+            return
+        name = free[0]
+        i, s = self.slot_of[name]
+        self.peer_of[name], self.worker_of[peer] = peer, name
+        log.info("%s: pid %d on %s", name, m["pid"], m["host"])
+        c = self.config
+        self.endpoint.send(peer, "assign", worker=name, instance=i, stage=s, num_stages=c.pp_size,
+                           model=self.model, dtype=c.dtype, block_size=c.block_size,
+                           num_blocks=self.stage_blocks[s], max_model_len=self.max_model_len,
+                           store_port=self.store.port, deadline_s=float(c.comm_deadline_s),
+                           attention_backend=c.attention_backend, threads=c.worker_threads)
+
+    def _on_ready(self, name: str, m: dict) -> None:
+        log.info("%s: loaded in %.2f s", name, m["load_s"])
+        self.ready.add(name)
+        inst = self.instances[self.slot_of[name][0]]
+        if self.ready.issuperset(inst.workers):
+            self._build_group(inst)
+
+    def _build_group(self, inst: PipelineInstance) -> None:
+        generation = next(self._generations)
+        self._group_acks[inst.group] = set()
+        inst.generation = generation
+        for w in inst.workers:
+            self.endpoint.send(self.peer_of[w], "build_group", group=inst.group,
+                               members=inst.workers, generation=generation)
+
+    def _on_group_ready(self, name: str, m: dict) -> None:
+        inst = self.instances[self.slot_of[name][0]]
+        if m["group"] != inst.group or m["generation"] != getattr(inst, "generation", None):
+            return  # an acknowledgement of an older generation
+        acks = self._group_acks[inst.group]
+        acks.add(name)
+        if acks.issuperset(inst.workers):
+            inst.serving = True
+            log.info("instance %d serving: %s", inst.index, " -> ".join(inst.workers))
+
+    # Requests --------------------------------------------------------------------
+
+    def _submit(self, seq: Sequence) -> None:
+        inst = pick_instance(self.instances)
+        self.owner[seq] = inst
+        inst.add(seq)
+
+    def _release(self, seq: Sequence) -> None:
+        inst = self.owner.pop(seq)
+        inst.sequences.discard(seq)
+        sched = inst.scheduler
+        if seq in sched.running:
+            sched.running.remove(seq)
+        elif seq in sched.waiting:
+            sched.waiting.remove(seq)
+        if seq not in inst.busy:  # else a stage may still write its blocks: freed on return
+            inst.blocks.free_sequence(seq)
+        seq.status = Status.FINISHED
+
+    def has_unfinished(self) -> bool:
+        return bool(self.sequences)
+
+    # Steps -------------------------------------------------------------------------
+
+    def step(self, timeout_s: float = 0.1) -> list[RequestOutput]:
+        """Fill every serving pipeline with micro-batches, then collect what
+        comes back within timeout_s. Returns the outputs of this round."""
+        self._check_processes()
+        outputs, self._undelivered = self._undelivered, []
+        for inst in self.instances:
+            while inst.can_dispatch():
+                batch = inst.schedule()
+                if not batch:
+                    break
+                self._dispatch(inst, batch)
+        if any(inst.in_flight for inst in self.instances):
+            received = self.endpoint.recv(int(timeout_s * 1000))
+            while received is not None:
+                outputs += self._handle(received)
+                received = self.endpoint.recv(0)
+        return outputs
+
+    def _dispatch(self, inst: PipelineInstance, batch) -> None:
+        step = next(self._steps)
+        messages, sampled = inst.stage_messages(step, batch)
+        for worker, message in zip(inst.workers, messages):
+            self.endpoint.send(self.peer_of[worker], "step", **message)
+        inst.in_flight[step] = MicroBatch(step, batch, sampled, time.monotonic())
+        inst.steps_dispatched += 1
+        inst.busy.update(seq for seq, _ in batch.items)
+
+    def _on_result(self, name: str, m: dict) -> list[RequestOutput]:
+        inst = self.instances[self.slot_of[name][0]]
+        mb = inst.in_flight.get(m["step"])
+        if mb is None or name != inst.workers[-1] or len(m["tokens"]) != len(mb.sampled) \
+                or len(m["logprobs"]) != len(mb.sampled):
+            log.warning("dropped a result for step %d from %s that matches no batch", m["step"], name)
+            return []
+        del inst.in_flight[m["step"]]
+        for seq, n in mb.batch.items:
+            inst.busy.discard(seq)
+            if seq.is_finished:  # aborted while in flight
+                inst.blocks.free_sequence(seq)
+                continue
+            seq.num_computed_tokens += n
+            inst.blocks.register_full_blocks(seq)
+        now = time.time()
+        outputs = []
+        for seq, token, lp in zip(mb.sampled, m["tokens"], m["logprobs"]):
+            if seq.is_finished:
+                continue
+            logprob = None if lp is None else TokenLogprob(token, lp[0], [tuple(p) for p in lp[1]])
+            outputs.append(self._append_token(seq, token, now, logprob))
+        return outputs
+
+    def _fail_instance(self, inst: PipelineInstance, reason: str) -> None:
+        """The instance lost a worker: it stops serving and its requests end
+        with finish_reason "error" (recovery is not attempted here)."""
+        log.error("instance %d stops serving: %s", inst.index, reason)
+        inst.serving = False
+        inst.in_flight.clear()
+        inst.busy.clear()
+        for seq in list(inst.sequences):
+            seq.finish_reason = "error"
+            self._undelivered.append(self._finish(seq, "", []))
+
+    # Shutdown ------------------------------------------------------------------------
+
+    def shutdown(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        endpoint = getattr(self, "endpoint", None)
+        if endpoint is not None:
+            for peer in self.peer_of.values():
+                endpoint.send(peer, "shutdown")
+        if getattr(self, "launcher", None):
+            self.launcher.stop()
+        if endpoint is not None:
+            endpoint.close()
+        self.store = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()

@@ -1,0 +1,117 @@
+"""One pipeline instance as the controller sees it: its stage workers, one KV
+pool per worker (each with its own block ids), a scheduler, and the
+micro-batches in flight.
+
+Several micro-batches are in flight at once so that stages overlap: while
+stage 1 runs batch A, stage 0 runs batch B. A sequence belongs to at most one
+batch in flight; it is scheduled again once that batch's tokens are back."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from kevlarflow.engine.block_manager import BlockManager
+from kevlarflow.engine.scheduler import ScheduledBatch, Scheduler
+from kevlarflow.engine.sequence import Sequence
+
+
+class PipelineBlocks:
+    """The scheduler's view of the pools of all stages: a sequence gets blocks
+    in every stage's pool or in none."""
+
+    def __init__(self, pools: list[BlockManager]):
+        self.pools = pools
+        self.block_size = pools[0].block_size
+
+    def allocate(self, seq: Sequence, num_tokens: int) -> bool:
+        if any(p.blocks_needed(seq, num_tokens) > p.num_free_blocks for p in self.pools):
+            return False
+        for p in self.pools:
+            p.allocate(seq, num_tokens)
+        return True
+
+    def free_sequence(self, seq: Sequence) -> None:
+        for p in self.pools:
+            p.free_sequence(seq)
+
+    def reuse_cached_prefix(self, seq: Sequence) -> int:
+        # Only the prefix cached at every stage is reusable.
+        reused = min(p.reuse_cached_prefix(seq) for p in self.pools)
+        for p in self.pools:
+            p.truncate(seq, reused // self.block_size)
+        return reused
+
+    def register_full_blocks(self, seq: Sequence) -> None:
+        for p in self.pools:
+            p.register_full_blocks(seq)
+
+
+@dataclass
+class MicroBatch:
+    step: int
+    batch: ScheduledBatch
+    sampled: list[Sequence]  # sequences whose next token this batch produces
+    sent_at: float
+    replies: set[str] = field(default_factory=set)
+
+
+class PipelineInstance:
+    def __init__(self, index: int, workers: list[str], pools: list[BlockManager],
+                 max_num_batched_tokens: int, max_num_seqs: int, max_in_flight: int):
+        self.index = index
+        self.workers = workers              # worker names, stage order
+        self.group = f"pipe{index}"         # the communicator of this pipeline
+        self.blocks = PipelineBlocks(pools)
+        self.scheduler = Scheduler(self.blocks, max_num_batched_tokens, max_num_seqs)
+        self.max_in_flight = max_in_flight
+        self.in_flight: dict[int, MicroBatch] = {}
+        self.busy: set[Sequence] = set()
+        self.serving = False                # set once its workers and communicator are ready
+        self.sequences: set[Sequence] = set()
+        self.steps_dispatched = 0
+
+    def outstanding_tokens(self) -> int:
+        return sum(max(0, len(s.prompt_token_ids) - s.num_computed_tokens)
+                   + s.params.max_tokens - len(s.output_token_ids) for s in self.sequences)
+
+    def add(self, seq: Sequence) -> None:
+        self.sequences.add(seq)
+        self.scheduler.add(seq)
+
+    def can_dispatch(self) -> bool:
+        return self.serving and len(self.in_flight) < self.max_in_flight \
+            and self.scheduler.has_work()
+
+    def schedule(self) -> ScheduledBatch:
+        batch = self.scheduler.schedule(self.busy)
+        if not batch and not self.in_flight and self.scheduler.waiting \
+                and not self.scheduler.running:
+            raise RuntimeError(f"instance {self.index}: the KV pools cannot hold the next "
+                               "waiting request")
+        return batch
+
+    def stage_messages(self, step: int, batch: ScheduledBatch) -> tuple[list[dict], list[Sequence]]:
+        """The step message of each stage (fields of protocol's "step"), and
+        the sequences whose next token this batch samples."""
+        sampled = [seq for seq, n in batch.items if seq.num_computed_tokens + n == seq.num_tokens]
+        messages = []
+        last = len(self.workers) - 1
+        for stage, pool in enumerate(self.blocks.pools):
+            token_ids = None
+            if stage == 0:
+                token_ids = [t for seq, n in batch.items
+                             for t in seq.token_ids(seq.num_computed_tokens, seq.num_computed_tokens + n)]
+            sample = None
+            if stage == last:
+                sample = [_sampling_row(seq) if seq.num_computed_tokens + n == seq.num_tokens else None
+                          for seq, n in batch.items]
+            messages.append(dict(step=step, group=self.group, token_ids=token_ids, sample=sample,
+                                 seqs=[[n, seq.num_computed_tokens, pool.table(seq)]
+                                       for seq, n in batch.items]))
+        return messages, sampled
+
+
+def _sampling_row(seq: Sequence) -> dict:
+    p = seq.params
+    return dict(temperature=float(p.temperature), top_k=p.top_k, top_p=float(p.top_p),
+                min_p=float(p.min_p), seed=p.seed, index=len(seq.output_token_ids),
+                logprobs=p.logprobs)

@@ -1,0 +1,44 @@
+"""Starts worker processes on this machine and makes sure none outlives its
+deployment."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+
+class LocalLauncher:
+    def __init__(self, controller: str, threads: int = 1):
+        self.controller, self.threads = controller, threads
+        self.procs: dict[tuple[int, int], subprocess.Popen] = {}
+
+    def spawn(self, instance: int, stage: int) -> subprocess.Popen:
+        """A `kevlarflow worker` for slot (instance, stage); it asks for that slot."""
+        env = dict(os.environ)
+        # Many workers share few cores: each keeps to its own thread budget.
+        env["OMP_NUM_THREADS"] = str(self.threads)
+        cmd = [sys.executable, "-m", "kevlarflow", "worker", "--controller", self.controller,
+               "--instance", str(instance), "--stage", str(stage),
+               "--threads", str(self.threads), "--parent-pid", str(os.getpid())]
+        proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL)
+        self.procs[(instance, stage)] = proc
+        return proc
+
+    def exited(self) -> dict[tuple[int, int], int]:
+        """Slots whose process has exited, with its exit code."""
+        return {slot: p.returncode for slot, p in self.procs.items() if p.poll() is not None}
+
+    def stop(self, grace_s: float = 5.0) -> None:
+        """Wait up to grace_s for workers told to shut down, then kill the rest."""
+        deadline = time.monotonic() + grace_s
+        for proc in self.procs.values():
+            try:
+                proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+        self.procs.clear()

@@ -1,0 +1,236 @@
+"""A worker process: one pipeline stage of one instance.
+
+It registers with the controller, is assigned a stage, loads that stage's
+weights and allocates its KV pool on its own, and only then joins the
+communicators the controller asks for: weights and communicators have
+separate lives. After that it executes the micro-batches the controller sends,
+in order: the first stage embeds token ids, the others receive hidden states
+from the previous stage; all but the last send theirs on; the last samples
+and returns tokens to the controller."""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from collections import deque
+from datetime import timedelta
+
+import torch
+
+from kevlarflow.dist.comm import CommError
+from kevlarflow.dist.control import WorkerEndpoint
+from kevlarflow.engine.model_runner import allocate_kv_cache, attention_metadata
+from kevlarflow.engine.params import SamplingParams
+from kevlarflow.engine.sampler import Sampler, request_generator
+from kevlarflow.model.config import DTYPES, ModelConfig
+from kevlarflow.model.loader import load_stage
+from kevlarflow.model.stage import StageSpec
+
+log = logging.getLogger("kevlarflow.worker")
+
+POLL_MS = 200
+MAX_PENDING_SENDS = 4  # hidden states on their way to the next stage
+
+
+class BadStep(ValueError):
+    """A step message that is well-formed but cannot be executed here."""
+
+
+class Worker:
+    def __init__(self, controller: str, instance: int | None = None, stage: int | None = None,
+                 threads: int = 1, parent_pid: int | None = None):
+        torch.set_num_threads(threads)
+        self.controller_host = controller.rsplit(":", 1)[0]
+        self.endpoint = WorkerEndpoint(controller)
+        self.parent_pid = parent_pid
+        self.name = "unassigned"
+        self.stage = None
+        self.comm = None
+        self.groups: dict[str, list[str]] = {}
+        self.pending_sends: deque = deque()
+        self.sampler = Sampler()
+        self.endpoint.send("register", pid=os.getpid(), host=socket.gethostname(),
+                           instance=instance, stage=stage)
+
+    # Loop -------------------------------------------------------------------
+
+    def run(self) -> None:
+        try:
+            while True:
+                if self.parent_pid is not None and os.getppid() != self.parent_pid:
+                    log.warning("%s: the controller process is gone; exiting", self.name)
+                    return
+                message = self.endpoint.recv(POLL_MS)
+                if message is None:
+                    continue
+                if message["type"] == "shutdown":
+                    return
+                self.handle(message)
+        finally:
+            self.close()
+
+    def handle(self, m: dict) -> None:
+        kind = m["type"]
+        if kind == "assign":
+            if self.stage is not None:
+                log.warning("%s: ignored a second assignment", self.name)
+                return
+            self._assign(m)
+        elif self.stage is None:
+            log.warning("unassigned worker: ignored %s", kind)
+        elif kind == "build_group":
+            self._build_group(m)
+        elif kind == "step":
+            self._step(m)
+
+    def close(self) -> None:
+        try:
+            self._drain_sends()
+        except Exception as error:  # noqa: BLE001  (a dead next stage: nothing left to do)
+            log.info("%s: unsent hidden states at exit: %s", self.name, error)
+        if self.comm is not None:
+            self.comm.close()
+        self.endpoint.close()
+
+    # Assignment: weights and KV pool first, communicators later --------------
+
+    def _assign(self, m: dict) -> None:
+        start = time.perf_counter()
+        self.name = m["worker"]
+        torch.set_num_threads(m["threads"])
+        cfg = ModelConfig.from_pretrained(m["model"])
+        dtype = DTYPES[m["dtype"]] if m["dtype"] else None
+        self.spec = StageSpec.split(cfg.num_layers, m["num_stages"], m["stage"])
+        self.stage = load_stage(m["model"], self.spec, cfg, dtype, progress=False,
+                                max_positions=m["max_model_len"])
+        self.cfg = self.stage.cfg
+        self.block_size, self.num_blocks = m["block_size"], m["num_blocks"]
+        self.kv_caches = allocate_kv_cache(self.stage, self.num_blocks, self.block_size)
+        self.attention_backend = m["attention_backend"]
+        self.max_model_len = m["max_model_len"]
+        self.store_port, self.deadline_s = m["store_port"], m["deadline_s"]
+        load_s = time.perf_counter() - start
+        log.info("%s: stage %d layers [%d, %d) loaded in %.2f s, %d KV blocks", self.name,
+                 m["stage"], self.spec.first_layer, self.spec.end_layer, load_s, self.num_blocks)
+        self.endpoint.send("ready", worker=self.name, load_s=load_s, num_blocks=self.num_blocks)
+
+    def _build_group(self, m: dict) -> None:
+        group, members = m["group"], m["members"]
+        if self.name not in members:
+            log.warning("%s: asked to join %s, whose members %s exclude it", self.name, group, members)
+            return
+        try:
+            if len(members) > 1:  # a one-member pipeline talks to no one
+                comm = self._comm()
+                comm.abort(group)  # a rebuild replaces whatever generation was there
+                comm.build(group, members, generation=m["generation"])
+        except CommError as error:
+            self.endpoint.send("error", step=None, kind="comm", message=str(error))
+            return
+        self.groups[group] = members
+        self.endpoint.send("group_ready", group=group, generation=m["generation"])
+
+    def _comm(self):
+        """The communicator manager, made when the first group needs it: the
+        store and the data plane are not needed before."""
+        if self.comm is None:
+            from kevlarflow.dist.comm import CommManager
+
+            store = torch.distributed.TCPStore(self.controller_host, self.store_port, is_master=False,
+                                               timeout=timedelta(seconds=max(30.0, self.deadline_s)))
+            self.comm = CommManager(store, self.name, deadline_s=self.deadline_s)
+        return self.comm
+
+    # One micro-batch ----------------------------------------------------------
+
+    def _step(self, m: dict) -> None:
+        try:
+            self._execute(m)
+        except BadStep as error:
+            log.warning("%s: rejected step %d: %s", self.name, m["step"], error)
+            self.endpoint.send("error", step=m["step"], kind="bad_step", message=str(error))
+        except CommError as error:
+            log.warning("%s: step %d: %s", self.name, m["step"], error)
+            self.endpoint.send("error", step=m["step"], kind="comm", message=str(error))
+
+    def _execute(self, m: dict) -> None:
+        members = self.groups.get(m["group"])
+        if members is None:
+            raise BadStep(f"not a member of group {m['group']!r}")
+        chunks = self._check_chunks(m["seqs"])
+        num_tokens = sum(n for n, _, _ in chunks)
+        meta = attention_metadata(chunks, self.block_size)
+        me = members.index(self.name)
+        if self.spec.is_first:
+            ids = m["token_ids"]
+            if ids is None or len(ids) != num_tokens or \
+                    not all(0 <= t < self.cfg.vocab_size for t in ids):
+                raise BadStep(f"the first stage needs {num_tokens} token ids in [0, vocab)")
+            inputs = torch.tensor(ids, dtype=torch.int64)
+        else:
+            inputs = self._recv_hidden(m["group"], members[me - 1], num_tokens)
+        rows = None
+        if self.spec.is_last:
+            sample = m["sample"]
+            if sample is None or len(sample) != len(chunks):
+                raise BadStep("the last stage needs one sample entry per sequence")
+            ends = torch.tensor([n for n, _, _ in chunks]).cumsum(0) - 1
+            rows = ends[[i for i, s in enumerate(sample) if s is not None]]
+        out = self.stage(inputs, meta, self.kv_caches, logits_indices=rows,
+                         attention_backend=self.attention_backend)
+        if not self.spec.is_last:
+            self._send_hidden(m["group"], members[me + 1], out)
+        else:
+            self._sample_and_reply(m["step"], [s for s in m["sample"] if s is not None], out)
+
+    def _check_chunks(self, seqs: list) -> list[tuple[int, int, list[int]]]:
+        if not seqs:
+            raise BadStep("a step needs at least one sequence")
+        for n, start, table in seqs:
+            if n < 1 or start < 0 or start + n > len(table) * self.block_size:
+                raise BadStep(f"chunk of {n} tokens at {start} does not fit its "
+                              f"{len(table)} blocks")
+            if start + n > self.max_model_len:
+                raise BadStep(f"positions up to {start + n} exceed max_model_len {self.max_model_len}")
+            if not all(0 <= b < self.num_blocks for b in table):
+                raise BadStep(f"block ids must be in [0, {self.num_blocks})")
+        return [(n, start, table) for n, start, table in seqs]
+
+    # Hidden states between stages -----------------------------------------------
+
+    def _recv_hidden(self, group: str, src: str, num_tokens: int) -> torch.Tensor:
+        width = self.cfg.hidden_size * self.cfg.dtype.itemsize
+        buffer = torch.empty(num_tokens, width, dtype=torch.uint8)  # bytes: any dtype travels
+        self.comm.recv(group, buffer, src)
+        return buffer.view(self.cfg.dtype)
+
+    def _send_hidden(self, group: str, dst: str, hidden: torch.Tensor) -> None:
+        while len(self.pending_sends) >= MAX_PENDING_SENDS:
+            self.pending_sends.popleft().wait()
+        self.pending_sends.append(self.comm.isend(group, hidden.contiguous().view(torch.uint8), dst))
+
+    def _drain_sends(self) -> None:
+        while self.pending_sends:
+            self.pending_sends.popleft().wait()
+
+    # Sampling on the last stage ---------------------------------------------------
+
+    def _sample_and_reply(self, step: int, rows: list[dict], logits: torch.Tensor) -> None:
+        params = [SamplingParams(temperature=r["temperature"], top_k=r["top_k"], top_p=r["top_p"],
+                                 min_p=r["min_p"], seed=r["seed"], logprobs=r["logprobs"])
+                  for r in rows]
+        generators = [request_generator(p, r["index"]) for p, r in zip(params, rows)]
+        out = self.sampler(logits, params, generators)
+        logprobs = [None if lp is None else [lp, [list(pair) for pair in top]]
+                    for lp, top in zip(out.logprobs, out.top_logprobs)]
+        self.endpoint.send("result", step=step, tokens=out.token_ids, logprobs=logprobs)
+
+
+def main(controller: str, instance: int | None, stage: int | None, threads: int,
+         parent_pid: int | None) -> int:
+    logging.basicConfig(level=os.environ.get("KEVLARFLOW_LOG_LEVEL", "INFO"),
+                        format=f"%(asctime)s worker[{os.getpid()}] %(levelname)s %(message)s")
+    worker = Worker(controller, instance, stage, threads, parent_pid)
+    worker.run()
+    return 0

@@ -1,0 +1,1 @@
+"""Fault tolerance: routing, health, recovery."""
