@@ -61,11 +61,12 @@ def _add_demo(subparsers) -> None:
     parser.set_defaults(run=run)
 
 
-BENCHMARKS = {"kernels": "kevlarflow.bench.kernels", "throughput": "kevlarflow.bench.throughput"}
+BENCHMARKS = {"kernels": "kevlarflow.bench.kernels", "throughput": "kevlarflow.bench.throughput",
+              "pipeline": "kevlarflow.bench.pipeline"}
 
 
 def _add_bench(subparsers) -> None:
-    parser = subparsers.add_parser("bench", help="run a benchmark (kernels, throughput)")
+    parser = subparsers.add_parser("bench", help="run a benchmark (kernels, throughput, pipeline)")
     parser.add_argument("benchmark", choices=sorted(BENCHMARKS))
     parser.add_argument("args", nargs=argparse.REMAINDER, help="the benchmark's own options")
 

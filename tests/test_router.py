@@ -1,0 +1,64 @@
+"""The router: least outstanding work among serving instances, nothing for
+an instance that is not serving."""
+import os
+import signal
+import time
+from dataclasses import dataclass
+
+import pytest
+
+from kevlarflow import LLM, SamplingParams
+from kevlarflow.ft.router import NoInstanceServing, pick_instance
+from models import tiny_model
+
+
+@dataclass
+class FakeLoad:  # the router reads only these three things
+    index: int
+    serving: bool
+    tokens: int
+
+    def outstanding_tokens(self) -> int:
+        return self.tokens
+
+
+def test_least_outstanding_work_wins_and_ties_go_to_the_lowest_index():
+    assert pick_instance([FakeLoad(0, True, 50), FakeLoad(1, True, 20)]).index == 1
+    assert pick_instance([FakeLoad(0, True, 20), FakeLoad(1, True, 20)]).index == 0
+    assert pick_instance([FakeLoad(0, False, 0), FakeLoad(1, True, 900)]).index == 1
+    with pytest.raises(NoInstanceServing):
+        pick_instance([FakeLoad(0, False, 0), FakeLoad(1, False, 0)])
+
+
+def test_requests_spread_by_load_and_skip_an_instance_that_lost_a_worker():
+    greedy = SamplingParams(max_tokens=200, temperature=0, ignore_eos=True)
+    with LLM(tiny_model(), num_instances=2, pp_size=1, block_size=4) as llm:
+        engine = llm.engine
+        first = engine.add_request([5] * 10, greedy)
+        second = engine.add_request([6] * 10, greedy)
+        assert engine.owner[first].index == 0 and engine.owner[second].index == 1
+        # Equal loads: the tie goes to instance 0; then it has more left to do.
+        short = engine.add_request([7] * 3, SamplingParams(max_tokens=5))
+        assert engine.owner[short].index == 0
+        assert engine.owner[engine.add_request([7] * 3, SamplingParams(max_tokens=5))].index == 1
+        engine.step()
+        # Instance 0 loses its worker: its requests end with an error...
+        os.kill(engine.launcher.procs[(0, 0)].pid, signal.SIGKILL)
+        finished = {}
+        deadline = time.monotonic() + 60
+        while engine.instances[0].sequences:
+            assert time.monotonic() < deadline, "requests of the dead instance never ended"
+            for out in engine.step():
+                if out.finished:
+                    finished[out.request_id] = out
+        assert finished["0"].finish_reason == "error"
+        assert not engine.instances[0].serving
+        # ...and new requests all go to instance 1, which keeps serving.
+        later = [engine.add_request("later", SamplingParams(max_tokens=3)) for _ in range(3)]
+        assert {engine.owner[s].index for s in later} == {1}
+        while engine.has_unfinished():
+            for out in engine.step():
+                if out.finished:
+                    finished[out.request_id] = out
+        assert finished["1"].finish_reason == "length" and len(finished["1"].token_ids) == 200
+        assert all(finished[s.request_id].finish_reason == "length" for s in later)
