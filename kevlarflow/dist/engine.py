@@ -41,6 +41,7 @@ class DeploymentConfig(EngineConfig):
     pp_size: int = 1
     host: str = "127.0.0.1"         # where the controller listens (0.0.0.0: every interface)
     port: int = 0                   # control socket; 0 picks a free port
+    store_port: int = 0             # rendezvous store; 0 picks a free port
     spawn_workers: bool = True      # False: wait for `kevlarflow worker --controller HOST:PORT`
     worker_threads: int = 1         # torch threads per worker
     comm_deadline_s: float = 30.0   # bound on every communicator operation
@@ -114,11 +115,12 @@ class DistributedEngine(RequestFrontend):
         self._closed = False
         self.launcher = None
 
-        self.store = torch.distributed.TCPStore(config.host, 0, is_master=True,
+        self.store = torch.distributed.TCPStore(config.host, config.store_port, is_master=True,
                                                 wait_for_workers=False,
                                                 timeout=timedelta(seconds=config.start_timeout_s))
         self.endpoint = ControllerEndpoint(config.host, config.port)
         self.address = f"{config.host}:{self.endpoint.port}"
+        log.info("controller on %s, rendezvous store on port %d", self.address, self.store.port)
         self.launcher = LocalLauncher(self._local_address(), config.worker_threads) \
             if config.spawn_workers else None
         try:
