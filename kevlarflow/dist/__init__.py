@@ -1,0 +1,1 @@
+"""Distributed pieces of KevlarFlow: the communicator manager (comm)."""
