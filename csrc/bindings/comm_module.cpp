@@ -1,0 +1,164 @@
+// The Python module kevlarflow._comm: the communicator manager and its
+// exceptions. kevlarflow/dist/comm.py is the public face; it constructs gloo
+// process groups (torch's Python API) and hands them over here.
+#include <torch/csrc/distributed/c10d/Backend.hpp>
+#include <torch/csrc/utils/pybind.h>
+
+#include <cmath>
+#include <optional>
+
+#include "comm_error.h"
+#include "comm_manager.h"
+#include "gloo_transport.h"
+#include "reaper.h"
+
+namespace py = pybind11;
+using namespace kevlarflow::comm;
+
+namespace {
+
+// Deadlines cross the boundary in seconds (Python) and become milliseconds,
+// rounded up so that a tiny positive deadline never becomes zero.
+std::optional<Millis> to_millis(std::optional<double> seconds, const char* what) {
+  if (!seconds) return std::nullopt;
+  if (!std::isfinite(*seconds) || *seconds <= 0)
+    throw std::invalid_argument(std::string(what) + " must be a positive number of seconds, got " +
+                                std::to_string(*seconds));
+  return Millis(static_cast<int64_t>(std::ceil(*seconds * 1000.0)));
+}
+
+struct ExceptionTypes {
+  py::object base, timeout, peer, aborted;
+  const py::object& of(ErrorKind k) const {
+    switch (k) {
+      case ErrorKind::kTimeout: return timeout;
+      case ErrorKind::kPeerFailure: return peer;
+      case ErrorKind::kAborted: return aborted;
+      case ErrorKind::kError: break;
+    }
+    return base;
+  }
+};
+
+// Leaked on purpose: the translator may run during interpreter shutdown.
+ExceptionTypes* g_types = nullptr;
+
+py::object new_exception(py::module_& m, const char* name, PyObject* base, const char* doc) {
+  std::string qualified = std::string("kevlarflow._comm.") + name;
+  py::object type = py::reinterpret_steal<py::object>(
+      PyErr_NewExceptionWithDoc(qualified.c_str(), doc, base, nullptr));
+  if (!type) throw py::error_already_set();
+  m.attr(name) = type;
+  return type;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_comm, m) {
+  m.doc() = "KevlarFlow communicator manager (see kevlarflow.dist.comm)";
+
+  g_types = new ExceptionTypes();
+  auto* types = g_types;
+  types->base = new_exception(m, "CommError", PyExc_RuntimeError,
+                              "A communicator op failed; .group, .generation, .op, .peer say where.");
+  types->timeout = new_exception(m, "CommTimeout", types->base.ptr(),
+                                 "The deadline passed (a peer hangs or is too slow).");
+  types->peer = new_exception(m, "PeerFailure", types->base.ptr(),
+                              "A peer closed its connection or died.");
+  types->aborted = new_exception(m, "CommAborted", types->base.ptr(),
+                                 "The communicator is aborted or broken by an earlier failure.");
+  py::register_exception_translator([](std::exception_ptr p) {
+    if (!p) return;
+    try {
+      std::rethrow_exception(p);
+    } catch (const CommFailure& e) {
+      const py::object& type = g_types->of(e.kind);
+      py::object exc = type(e.what());
+      exc.attr("group") = e.group;
+      exc.attr("generation") = e.generation;
+      exc.attr("op") = e.op;
+      exc.attr("peer") = e.peer;
+      PyErr_SetObject(type.ptr(), exc.ptr());
+    }
+  });
+
+  py::class_<PendingOp, std::shared_ptr<PendingOp>>(m, "PendingOp")
+      .def(
+          "wait",
+          [](PendingOp& self, std::optional<double> deadline_s) {
+            auto d = to_millis(deadline_s, "deadline_s");
+            py::gil_scoped_release release;
+            self.wait(d);
+          },
+          py::arg("deadline_s") = py::none())
+      .def_property_readonly("done", &PendingOp::done);
+
+  using Release = py::call_guard<py::gil_scoped_release>;
+  py::class_<CommManager, std::shared_ptr<CommManager>>(m, "Manager")
+      .def(py::init([](const std::string& me, double deadline_s) {
+             return std::make_shared<CommManager>(me, *to_millis(deadline_s, "deadline_s"));
+           }),
+           py::arg("me"), py::arg("deadline_s"))
+      .def_property_readonly("me", &CommManager::me)
+      .def("begin_generation", &CommManager::begin_generation, Release())
+      .def("shrink_plan", &CommManager::shrink_plan)
+      .def("rebuild_generation", &CommManager::rebuild_generation)
+      .def("install_gloo",
+           [](CommManager& self, const std::string& group, int64_t generation, py::object pg) {
+             auto backend = pg.cast<c10::intrusive_ptr<c10d::Backend>>();
+             if (backend->getBackendName() != "gloo")
+               throw std::invalid_argument("install_gloo: expected a gloo process group, got " +
+                                           backend->getBackendName());
+             self.install(group, generation, make_gloo_transport(std::move(backend)));
+           })
+      .def("fail", &CommManager::fail)
+      .def("abort", &CommManager::abort, Release())
+      .def("close", &CommManager::close, Release())
+      .def(
+          "send",
+          [](CommManager& self, const std::string& group, const at::Tensor& t,
+             const std::string& dst, std::optional<double> deadline_s) {
+            auto d = to_millis(deadline_s, "deadline_s");
+            py::gil_scoped_release release;
+            self.send(group, t, dst, d);
+          },
+          py::arg("group"), py::arg("tensor"), py::arg("dst"), py::arg("deadline_s") = py::none())
+      .def("isend", &CommManager::isend, py::arg("group"), py::arg("tensor"), py::arg("dst"),
+           Release())
+      .def(
+          "recv",
+          [](CommManager& self, const std::string& group, const at::Tensor& t,
+             const std::string& src, std::optional<double> deadline_s) {
+            auto d = to_millis(deadline_s, "deadline_s");
+            py::gil_scoped_release release;
+            self.recv(group, t, src, d);
+          },
+          py::arg("group"), py::arg("tensor"), py::arg("src"), py::arg("deadline_s") = py::none())
+      .def(
+          "allreduce",
+          [](CommManager& self, const std::string& group, const at::Tensor& t,
+             std::optional<double> deadline_s) {
+            auto d = to_millis(deadline_s, "deadline_s");
+            py::gil_scoped_release release;
+            self.allreduce(group, t, d);
+          },
+          py::arg("group"), py::arg("tensor"), py::arg("deadline_s") = py::none())
+      .def(
+          "broadcast",
+          [](CommManager& self, const std::string& group, const at::Tensor& t,
+             const std::string& root, std::optional<double> deadline_s) {
+            auto d = to_millis(deadline_s, "deadline_s");
+            py::gil_scoped_release release;
+            self.broadcast(group, t, root, d);
+          },
+          py::arg("group"), py::arg("tensor"), py::arg("root"), py::arg("deadline_s") = py::none())
+      .def("has", &CommManager::has)
+      .def("generation", &CommManager::generation)
+      .def("members", &CommManager::members)
+      .def("rank", &CommManager::rank)
+      .def("broken", &CommManager::broken)
+      .def("groups", &CommManager::groups);
+
+  m.def("retired_pending", &retired_pending,
+        "Retired communicators whose teardown has not finished yet.");
+}
