@@ -40,6 +40,8 @@ def test_greedy_outputs_match_one_process(expected, num_instances, pp_size):
         outs = llm.generate(PROMPTS, GREEDY)
         assert [o.token_ids for o in outs] == expected
         assert all(o.finish_reason == "length" for o in outs)
+        if pp_size > 1:  # stages overlapped: several micro-batches were in flight
+            assert max(inst.peak_in_flight for inst in llm.engine.instances) > 1
         if num_instances > 1:
             # Concurrent requests spread over both instances.
             served = {llm.engine.instances[i].steps_dispatched > 0 for i in range(num_instances)}
@@ -48,3 +50,53 @@ def test_greedy_outputs_match_one_process(expected, num_instances, pp_size):
     assert not (workers & _children())
     assert not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE
                    for p in workers)
+
+
+def test_external_workers_register_with_a_controller(expected):
+    """What a second host does: `kevlarflow worker --controller HOST:PORT`,
+    started before or after the controller, takes any free slot."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "kevlarflow", "worker", "--controller", f"127.0.0.1:{port}"]
+    workers = [subprocess.Popen(cmd) for _ in range(2)]
+    try:
+        with LLM(tiny_model(), num_instances=1, pp_size=2, spawn_workers=False, port=port,
+                 start_timeout_s=120, **ENGINE_ARGS) as llm:
+            assert sorted(llm.engine.peer_of) == ["w0.0", "w0.1"]
+            assert [o.token_ids for o in llm.generate(PROMPTS, GREEDY)] == expected
+        # Told to shut down with the deployment, they exit on their own.
+        assert [w.wait(timeout=30) for w in workers] == [0, 0]
+    finally:
+        for w in workers:
+            if w.poll() is None:
+                w.kill()
+            w.wait()
+
+
+def test_logprobs_and_streaming_through_a_pipeline():
+    import asyncio
+
+    from kevlarflow import AsyncEngine
+    from kevlarflow.dist.engine import DeploymentConfig
+
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True, logprobs=3)
+    with LLM(tiny_model(), **ENGINE_ARGS) as llm:
+        local = llm.generate(["streaming"], params)[0]
+    engine = AsyncEngine(tiny_model(), DeploymentConfig(pp_size=2, **ENGINE_ARGS))
+    try:
+        async def stream():
+            return [out async for out in engine.generate("streaming", params)]
+        deltas = asyncio.run(stream())
+    finally:
+        engine.shutdown()
+    assert [t for d in deltas for t in d.new_token_ids] == local.token_ids
+    remote = deltas[-1].logprobs
+    assert [lp.token_id for lp in remote] == [lp.token_id for lp in local.logprobs]
+    for a, b in zip(remote, local.logprobs):
+        assert a.logprob == pytest.approx(b.logprob, abs=1e-4)
+        assert [i for i, _ in a.top] == [i for i, _ in b.top]

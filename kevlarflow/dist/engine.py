@@ -278,6 +278,7 @@ class DistributedEngine(RequestFrontend):
             self.endpoint.send(self.peer_of[worker], "step", **message)
         inst.in_flight[step] = MicroBatch(step, batch, sampled, time.monotonic())
         inst.steps_dispatched += 1
+        inst.peak_in_flight = max(inst.peak_in_flight, len(inst.in_flight))
         inst.busy.update(seq for seq, _ in batch.items)
 
     def _on_result(self, name: str, m: dict) -> list[RequestOutput]:

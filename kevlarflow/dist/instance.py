@@ -68,6 +68,7 @@ class PipelineInstance:
         self.serving = False                # set once its workers and communicator are ready
         self.sequences: set[Sequence] = set()
         self.steps_dispatched = 0
+        self.peak_in_flight = 0  # most micro-batches ever in flight at once
 
     def outstanding_tokens(self) -> int:
         return sum(max(0, len(s.prompt_token_ids) - s.num_computed_tokens)
