@@ -157,7 +157,8 @@ PYBIND11_MODULE(_comm, m) {
       .def("members", &CommManager::members)
       .def("rank", &CommManager::rank)
       .def("broken", &CommManager::broken)
-      .def("groups", &CommManager::groups);
+      .def("groups", &CommManager::groups)
+      .def("inflight", &CommManager::inflight);
 
   m.def("retired_pending", &retired_pending,
         "Retired communicators whose teardown has not finished yet.");

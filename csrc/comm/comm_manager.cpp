@@ -214,6 +214,12 @@ std::vector<std::string> CommManager::groups() const {
   return out;
 }
 
+size_t CommManager::inflight(const std::string& group) const {
+  std::lock_guard<std::mutex> lock(mu_);
+  const Group& g = find(group);
+  return g.transport ? g.transport->inflight() : 0;
+}
+
 // ---- ops ------------------------------------------------------------------
 
 Millis CommManager::resolve(std::optional<Millis> deadline) const {
@@ -250,6 +256,13 @@ CommManager::Target CommManager::target(const std::string& group, const std::str
   return out;
 }
 
+// The backend gets its own handle on the tensor's storage: a gloo worker may
+// release it after Python is gone (an op that outlives its caller, at exit),
+// and releasing a Python-owned tensor would need the GIL.
+static at::Tensor handle_of(const at::Tensor& t) {
+  return t.detach();
+}
+
 void CommManager::fail_op(const std::string& group, const std::string& op, const Target& target,
                           const TransportError& e) {
   CommFailure failure(e.kind, group, target.generation, op, target.peer, e.what());
@@ -272,7 +285,7 @@ void CommManager::send(const std::string& group, const at::Tensor& t, const std:
   Target tg = target(group, "send", t, &dst);
   std::unique_ptr<Work> w;
   try {
-    w = tg.transport->send(t, tg.peer_rank, d);
+    w = tg.transport->send(handle_of(t), tg.peer_rank, d);
   } catch (const TransportError& e) {
     fail_op(group, "send", tg, e);
   }
@@ -284,7 +297,7 @@ std::shared_ptr<PendingOp> CommManager::isend(const std::string& group, const at
   Target tg = target(group, "isend", t, &dst);
   std::unique_ptr<Work> w;
   try {
-    w = tg.transport->send(t, tg.peer_rank, deadline_);
+    w = tg.transport->send(handle_of(t), tg.peer_rank, deadline_);
   } catch (const TransportError& e) {
     fail_op(group, "isend", tg, e);
   }
@@ -298,7 +311,7 @@ void CommManager::recv(const std::string& group, const at::Tensor& t, const std:
   Target tg = target(group, "recv", t, &src);
   std::unique_ptr<Work> w;
   try {
-    w = tg.transport->recv(t, tg.peer_rank, d);
+    w = tg.transport->recv(handle_of(t), tg.peer_rank, d);
   } catch (const TransportError& e) {
     fail_op(group, "recv", tg, e);
   }
@@ -311,7 +324,7 @@ void CommManager::allreduce(const std::string& group, const at::Tensor& t,
   Target tg = target(group, "allreduce", t, nullptr);
   std::unique_ptr<Work> w;
   try {
-    w = tg.transport->allreduce_sum(t, d);
+    w = tg.transport->allreduce_sum(handle_of(t), d);
   } catch (const TransportError& e) {
     fail_op(group, "allreduce", tg, e);
   }
@@ -324,7 +337,7 @@ void CommManager::broadcast(const std::string& group, const at::Tensor& t, const
   Target tg = target(group, "broadcast", t, &root);
   std::unique_ptr<Work> w;
   try {
-    w = tg.transport->broadcast(t, tg.peer_rank, d);
+    w = tg.transport->broadcast(handle_of(t), tg.peer_rank, d);
   } catch (const TransportError& e) {
     fail_op(group, "broadcast", tg, e);
   }

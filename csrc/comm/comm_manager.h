@@ -86,6 +86,8 @@ class CommManager : public std::enable_shared_from_this<CommManager> {
   // Empty while the group can run ops; otherwise why it cannot.
   std::string broken(const std::string& group) const;
   std::vector<std::string> groups() const;
+  // Ops of the group's current transport still being waited on (0 without one).
+  size_t inflight(const std::string& group) const;
 
   // A failed op of `generation` breaks the group, unless it moved on already.
   void mark_broken(const std::string& group, int64_t generation, const std::string& why);

@@ -1,5 +1,6 @@
 #include "gloo_transport.h"
 
+#include <algorithm>
 #include <condition_variable>
 #include <mutex>
 #include <stdexcept>
@@ -103,6 +104,13 @@ class GlooTransport final : public Transport {
     return track([&] { bound(timeout); return backend_->broadcast(ts, opts); }, false);
   }
 
+  size_t inflight() const override {
+    std::lock_guard<std::mutex> lock(mu_);
+    size_t n = 0;
+    for (const auto& w : inflight_) n += !w.expired();
+    return n;
+  }
+
   void abort() override {
     std::vector<std::shared_ptr<Inflight>> live;
     {
@@ -174,7 +182,7 @@ class GlooTransport final : public Transport {
   }
 
   c10::intrusive_ptr<c10d::Backend> backend_;
-  std::mutex mu_;
+  mutable std::mutex mu_;
   bool aborted_ = false;
   Millis timeout_{-1};
   std::vector<std::weak_ptr<Inflight>> inflight_;

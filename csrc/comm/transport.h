@@ -34,6 +34,8 @@ class Transport {
   virtual std::unique_ptr<Work> recv(const at::Tensor& t, int src, Millis timeout) = 0;
   virtual std::unique_ptr<Work> allreduce_sum(const at::Tensor& t, Millis timeout) = 0;
   virtual std::unique_ptr<Work> broadcast(const at::Tensor& t, int root, Millis timeout) = 0;
+  // Ops issued and still waited on (for tests and diagnostics).
+  virtual size_t inflight() const = 0;
   // Wakes every waiter with kAborted and stops the backend where it can.
   // Never blocks; the transport is destroyed later, by the reaper.
   virtual void abort() = 0;

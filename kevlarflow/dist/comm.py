@@ -36,9 +36,16 @@ def store_prefix(group: str, generation: int) -> str:
     return f"kevlarflow/comm/{group}/gen{generation}"
 
 
-def _error_kind(message: str):
-    lower = message.lower()
-    return CommTimeout if ("timeout" in lower or "timed out" in lower) else PeerFailure
+def _build_error(group: str, generation: int, members: list[str], cause: Exception) -> CommError:
+    """A failed connect as the native errors look: a store wait that ran out is
+    a timeout (a member never came), anything else a peer failure."""
+    text = str(cause)
+    lower = text.lower()
+    kind = CommTimeout if ("timeout" in lower or "timed out" in lower) else PeerFailure
+    error = kind(f"build on group {group!r} generation {generation} among {members}: {text}")
+    error.group, error.generation, error.op = group, generation, "build"
+    error.peer = "all of " + str(members)
+    return error
 
 
 class CommManager:
@@ -76,19 +83,22 @@ class CommManager:
         """Abort `group`'s communicator; never blocks, idempotent."""
         self._core.abort(group)
 
-    def shrink(self, group: str, excluded: list[str]) -> int:
-        """Drop `excluded` (survivors call it with the same set); returns the new generation."""
+    def shrink(self, group: str, excluded: list[str], deadline_s: float | None = None) -> int:
+        """Drop `excluded` (survivors call it with the same set); returns the new generation.
+
+        Ranks are renumbered: a survivor's new rank is its index among the survivors."""
         members, generation = self._core.shrink_plan(group, [str(m) for m in excluded])
         rank = self._core.begin_generation(group, members, generation)
-        self._connect(group, members, generation, rank, None)
+        self._connect(group, members, generation, rank, deadline_s)
         return generation
 
-    def rebuild(self, group: str, members: list[str]) -> int:
-        """Connect `group` anew among any `members`; returns the new generation."""
+    def rebuild(self, group: str, members: list[str], deadline_s: float | None = None) -> int:
+        """Connect `group` anew among any `members`; returns the new generation
+        (the last one this process used for `group` plus one, or 0)."""
         members = [str(m) for m in members]
         generation = self._core.rebuild_generation(group)
         rank = self._core.begin_generation(group, members, generation)
-        self._connect(group, members, generation, rank, None)
+        self._connect(group, members, generation, rank, deadline_s)
         return generation
 
     def close(self) -> None:
@@ -111,8 +121,7 @@ class CommManager:
             raise
         except Exception as e:
             self._core.fail(group, generation, str(e))
-            raise _error_kind(str(e))(
-                f"build on group {group!r} generation {generation} among {members}: {e}") from e
+            raise _build_error(group, generation, members, e) from e
 
     @staticmethod
     def _new_gloo(store, rank: int, size: int, deadline_s: float):
