@@ -59,6 +59,11 @@ class CommManager : public std::enable_shared_from_this<CommManager> {
   std::pair<std::vector<std::string>, int64_t> shrink_plan(const std::string& group,
                                                            const std::vector<std::string>& excluded);
   int64_t rebuild_generation(const std::string& group);
+  // shrink() done by the backend on the current communicator (NCCL's
+  // ncclCommShrink), when the group is healthy and the backend can; returns
+  // the new generation, or -1 when the caller must connect one instead.
+  int64_t shrink_by_backend(const std::string& group, const std::vector<std::string>& excluded,
+                            Millis timeout);
   // Attaches the connected transport of `generation`. If the group moved on
   // meanwhile (aborted, or another generation begun), the transport is
   // retired and kAborted raised.
