@@ -73,7 +73,10 @@ struct CommState {
   CommState(const nccl::Lib& lib, nccl::Comm comm, int device)
       : lib(lib), comm(comm), device(device) {}
   ~CommState() {
-    if (comm) lib.CommAbort(comm);
+    if (comm) {
+      hooks().set_device(device);
+      lib.CommAbort(comm);
+    }
     keep.clear();  // only now can no kernel touch them any more
   }
 
@@ -109,6 +112,8 @@ class NcclWork final : public Work {
   void wait(Millis timeout) override {
     auto deadline = Clock::now() + timeout;
     nccl::Result failure = nccl::kSuccess;
+    // The event must belong to the stream's device, whichever thread waits.
+    hooks().set_device(state_->device);
     // First the enqueue itself (a non-blocking call may still be in
     // progress), then the kernel, through an event recorded behind it.
     bool done = poll_until(
