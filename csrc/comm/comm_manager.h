@@ -44,6 +44,9 @@ class PendingOp {
 class CommManager : public std::enable_shared_from_this<CommManager> {
  public:
   CommManager(std::string me, Millis deadline);
+  // A manager dropped without close() still never blocks: its transports go
+  // to the reaper, not down with it.
+  ~CommManager() { close(); }
 
   const std::string& me() const { return me_; }
   Millis default_deadline() const { return deadline_; }
