@@ -173,7 +173,7 @@ def generations_never_mix(mgr: CommManager, store, me, members):
             old_outcome = type(e).__name__
         store.wait(["b_done"])
         nxt.close()
-        return dict(old_outcome=old_outcome)
+        return dict(old_outcome=old_outcome, other_generation=_build_outcome(mgr, "h", members, 6))
     store.wait(["old_sent"])
     generation = mgr.rebuild("g", members, deadline_s=BUILD_DEADLINE_S)
     store.set("b_posting", "1")
@@ -187,4 +187,15 @@ def generations_never_mix(mgr: CommManager, store, me, members):
         second_outcome = "CommTimeout"
     store.set("b_done", "1")
     return dict(generation=generation, first=first.tolist(), second=second.tolist(),
-                second_outcome=second_outcome)
+                second_outcome=second_outcome,
+                other_generation=_build_outcome(mgr, "h", members, 5))
+
+
+def _build_outcome(mgr: CommManager, group, members, generation) -> str:
+    """Members that disagree on the generation never connect: each waits in
+    its own store namespace until the deadline."""
+    try:
+        mgr.build(group, members, generation=generation, deadline_s=1.0)
+        return "connected"
+    except CommTimeout:
+        return "CommTimeout"

@@ -109,6 +109,8 @@ def test_generations_never_mix():
     assert b["first"] == [222.0]  # the message of generation 1, not the old one
     assert b["second_outcome"] == "CommTimeout" and b["second"] == [-1.0]
     assert a["old_outcome"] in ("PeerFailure", "CommTimeout", "CommError"), a
+    # Members building different generations of one group never connect.
+    assert a["other_generation"] == b["other_generation"] == "CommTimeout"
 
 
 # ---- one process ------------------------------------------------------------
