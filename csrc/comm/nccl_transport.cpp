@@ -67,36 +67,51 @@ nccl::DataType dtype_of(const at::Tensor& t, const char* op) {
   }
 }
 
-// One NCCL communicator, shared by its transport and its works. Destroyed on
-// the reaper thread: ncclCommAbort also stops kernels stuck on a dead peer.
+// One NCCL communicator, shared by its transport and its works. The
+// transport's destructor, which runs on the reaper thread, aborts it
+// (ncclCommAbort also stops kernels stuck on a dead peer); a work that
+// outlives the transport (an isend) then only sees it gone.
 struct CommState {
   CommState(const nccl::Lib& lib, nccl::Comm comm, int device)
       : lib(lib), comm(comm), device(device) {}
-  ~CommState() {
-    if (comm) {
-      hooks().set_device(device);
-      lib.CommAbort(comm);
-    }
-    keep.clear();  // only now can no kernel touch them any more
+  ~CommState() { abort_now(); }
+
+  // The communicator's state, or false once it is aborted.
+  bool poll(nccl::Result* state) {
+    std::lock_guard<std::mutex> lock(mu);
+    if (!comm) return false;
+    *state = nccl::kSuccess;
+    nccl::Result r = lib.CommGetAsyncError(comm, state);
+    if (r != nccl::kSuccess) *state = r;
+    return true;
   }
 
-  nccl::Result async_error() const {
-    nccl::Result state = nccl::kSuccess;
-    nccl::Result r = lib.CommGetAsyncError(comm, &state);
-    return r == nccl::kSuccess ? state : r;
+  std::string error(nccl::Result r) {
+    std::lock_guard<std::mutex> lock(mu);
+    return lib.error(r, comm);
+  }
+
+  void abort_now() {
+    aborted = true;
+    std::lock_guard<std::mutex> lock(mu);
+    if (!comm) return;
+    hooks().set_device(device);
+    lib.CommAbort(comm);
+    comm = nullptr;
   }
 
   // A tensor an unfinished op may still write: kept until the comm is aborted.
   void keep_alive(const at::Tensor& t) {
-    std::lock_guard<std::mutex> lock(mu);
+    std::lock_guard<std::mutex> lock(keep_mu);
     keep.push_back(t);
   }
 
   const nccl::Lib& lib;
-  nccl::Comm comm;
+  std::mutex mu;     // guards comm against its abort
+  nccl::Comm comm;   // null once aborted
   const int device;
   std::atomic<bool> aborted{false};
-  std::mutex mu;
+  std::mutex keep_mu;
   std::vector<at::Tensor> keep;
 };
 
@@ -118,8 +133,8 @@ class NcclWork final : public Work {
     // progress), then the kernel, through an event recorded behind it.
     bool done = poll_until(
         [&] {
-          if (state_->aborted) return true;
-          nccl::Result r = state_->async_error();
+          nccl::Result r;
+          if (state_->aborted || !state_->poll(&r)) return true;
           if (r == nccl::kInProgress) return false;
           failure = r;
           if (r != nccl::kSuccess) return true;
@@ -140,7 +155,7 @@ class NcclWork final : public Work {
     }
     if (failure != nccl::kSuccess) {
       state_->keep_alive(tensor_);
-      throw TransportError(kind_of(failure), state_->lib.error(failure, state_->comm));
+      throw TransportError(kind_of(failure), state_->error(failure));
     }
   }
 
@@ -155,7 +170,7 @@ class NcclTransport final : public Transport {
  public:
   explicit NcclTransport(std::shared_ptr<CommState> state) : state_(std::move(state)) {}
 
-  ~NcclTransport() override = default;
+  ~NcclTransport() override { state_->abort_now(); }
 
   const char* backend_name() const override { return "nccl"; }
 
@@ -227,7 +242,7 @@ std::shared_ptr<Transport> await_ready(const nccl::Lib& lib, nccl::Comm comm, in
   nccl::Result result = nccl::kInProgress;
   bool done = poll_until(
       [&] {
-        result = state->async_error();
+        state->poll(&result);  // not shared yet: nothing can abort it meanwhile
         return result != nccl::kInProgress;
       },
       Clock::now() + timeout);
