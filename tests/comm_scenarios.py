@@ -52,9 +52,25 @@ def ops_values(mgr: CommManager, store, me, members):
         t = torch.zeros(2, dtype=torch.int32)
         mgr.recv("g", t, members[0])
         p2p = t.tolist()
+    # Last, as it breaks the group: bytes of one dtype never land in another.
+    mismatch = None
+    if r == 0:
+        sent = mgr.isend("g", torch.tensor([1.5, 2.5]), members[1])
+        try:
+            sent.wait(deadline_s=1.0)
+            mismatch = "delivered"
+        except CommError as e:
+            mismatch = type(e).__name__
+    elif r == 1:
+        t = torch.full((2,), -7, dtype=torch.int32)
+        try:
+            mgr.recv("g", t, members[0], deadline_s=1.0)
+            mismatch = ("received", t.tolist())
+        except CommTimeout:
+            mismatch = ("CommTimeout", t.tolist())
     return dict(rank=r, generation=mgr.generation("g"), allreduce=x.tolist(),
                 allreduce_int=xi.tolist(), broadcast=b.tolist(), ring=got.tolist(), p2p=p2p,
-                pending_done=pending.done, members=mgr.members("g"))
+                pending_done=pending.done, members=mgr.members("g"), mismatch=mismatch)
 
 
 def failure_then_shrink(mgr: CommManager, store, me, members, victim, op_deadline_s):
@@ -157,7 +173,7 @@ def generations_never_mix(mgr: CommManager, store, me, members):
             old_outcome = type(e).__name__
         store.wait(["b_done"])
         nxt.close()
-        return dict(old_outcome=old_outcome)
+        return dict(old_outcome=old_outcome, other_generation=_build_outcome(mgr, "h", members, 6))
     store.wait(["old_sent"])
     generation = mgr.rebuild("g", members, deadline_s=BUILD_DEADLINE_S)
     store.set("b_posting", "1")
@@ -171,4 +187,15 @@ def generations_never_mix(mgr: CommManager, store, me, members):
         second_outcome = "CommTimeout"
     store.set("b_done", "1")
     return dict(generation=generation, first=first.tolist(), second=second.tolist(),
-                second_outcome=second_outcome)
+                second_outcome=second_outcome,
+                other_generation=_build_outcome(mgr, "h", members, 5))
+
+
+def _build_outcome(mgr: CommManager, group, members, generation) -> str:
+    """Members that disagree on the generation never connect: each waits in
+    its own store namespace until the deadline."""
+    try:
+        mgr.build(group, members, generation=generation, deadline_s=1.0)
+        return "connected"
+    except CommTimeout:
+        return "CommTimeout"

@@ -35,6 +35,9 @@ def test_ops_give_the_right_values_on_four_ranks():
         assert r["ring"] == [10.0 * ((i - 1) % 4)] * 3
         assert r["pending_done"]
     assert out["w0.1"]["p2p"] == [7, 8]
+    # A float32 send never matches an int32 recv (the dtype is the gloo tag).
+    assert out["w0.1"]["mismatch"] == ("CommTimeout", [-7, -7])
+    assert out["w0.0"]["mismatch"] in ("CommTimeout", "PeerFailure")
 
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGSTOP], ids=["SIGKILL", "SIGSTOP"])
@@ -106,6 +109,8 @@ def test_generations_never_mix():
     assert b["first"] == [222.0]  # the message of generation 1, not the old one
     assert b["second_outcome"] == "CommTimeout" and b["second"] == [-1.0]
     assert a["old_outcome"] in ("PeerFailure", "CommTimeout", "CommError"), a
+    # Members building different generations of one group never connect.
+    assert a["other_generation"] == b["other_generation"] == "CommTimeout"
 
 
 # ---- one process ------------------------------------------------------------

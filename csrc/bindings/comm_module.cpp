@@ -10,6 +10,7 @@
 #include "comm_error.h"
 #include "comm_manager.h"
 #include "gloo_transport.h"
+#include "nccl_transport.h"
 #include "reaper.h"
 
 namespace py = pybind11;
@@ -111,6 +112,34 @@ PYBIND11_MODULE(_comm, m) {
                                            backend->getBackendName());
              self.install(group, generation, make_gloo_transport(std::move(backend)));
            })
+      .def(
+          "install_nccl",
+          [](CommManager& self, const std::string& group, int64_t generation, py::bytes unique_id,
+             int rank, int size, int device, double timeout_s) {
+            std::string id = unique_id;
+            auto timeout = *to_millis(timeout_s, "deadline_s");
+            std::shared_ptr<Transport> t;
+            {
+              py::gil_scoped_release release;
+              try {
+                t = make_nccl_transport(id, rank, size, device, timeout);
+              } catch (const TransportError& e) {
+                std::string peers = "all of " + std::to_string(size) + " ranks";
+                CommFailure failure(e.kind, group, generation, "build", peers, e.what());
+                self.fail(group, generation, failure.what());
+                throw failure;
+              }
+            }
+            self.install(group, generation, std::move(t));
+          })
+      .def(
+          "shrink_by_backend",
+          [](CommManager& self, const std::string& group, const std::vector<std::string>& excluded,
+             double timeout_s) {
+            auto timeout = *to_millis(timeout_s, "deadline_s");
+            py::gil_scoped_release release;
+            return self.shrink_by_backend(group, excluded, timeout);
+          })
       .def("fail", &CommManager::fail)
       .def("abort", &CommManager::abort, Release())
       .def("close", &CommManager::close, Release())
@@ -160,6 +189,13 @@ PYBIND11_MODULE(_comm, m) {
       .def("groups", &CommManager::groups)
       .def("inflight", &CommManager::inflight);
 
+  m.def("nccl_unique_id", [] { return py::bytes(nccl_unique_id()); },
+        "A fresh ncclUniqueId (128 bytes).");
+  m.def("nccl_unavailable_reason", &nccl_unavailable_reason,
+        "'' when the NCCL backend can be used in this process, else why not.");
+  m.def("nccl_library_error", &nccl_library_error,
+        "'' when libnccl.so.2 loads (CUDA or not), else why it does not.");
+  m.def("nccl_version", &nccl_version, "NCCL's version code (0 when unavailable).");
   m.def("retired_pending", &retired_pending,
         "Retired communicators whose teardown has not finished yet.");
 }

@@ -99,6 +99,52 @@ int64_t CommManager::rebuild_generation(const std::string& group) {
   return last == last_generation_.end() ? 0 : last->second + 1;
 }
 
+int64_t CommManager::shrink_by_backend(const std::string& group,
+                                       const std::vector<std::string>& excluded, Millis timeout) {
+  auto [survivors, generation] = shrink_plan(group, excluded);
+  std::shared_ptr<Transport> old;
+  std::vector<int> ranks;
+  int64_t old_generation;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    const Group& g = find(group);
+    if (!g.broken.empty() || !g.transport) return -1;
+    old = g.transport;
+    old_generation = g.generation;
+    for (const auto& x : std::set<std::string>(excluded.begin(), excluded.end()))
+      ranks.push_back(index_of(g.members, x));
+    std::sort(ranks.begin(), ranks.end());  // the same list on every survivor
+  }
+  std::shared_ptr<Transport> next;
+  try {
+    next = old->shrink(ranks, timeout);
+  } catch (const TransportError& e) {
+    CommFailure failure(e.kind, group, generation, "shrink", "all of " + join(survivors), e.what());
+    mark_broken(group, old_generation, failure.what());
+    throw failure;
+  }
+  if (!next) return -1;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto it = groups_.find(group);
+    if (!closed_ && it != groups_.end() && it->second.transport == old &&
+        last_generation_[group] == old_generation) {
+      last_generation_[group] = generation;
+      it->second = Group{generation, survivors, index_of(survivors, me_), next, "", false};
+      next = nullptr;
+    }
+  }
+  if (next) {  // aborted meanwhile
+    next->abort();
+    retire(std::move(next));
+    throw CommFailure(ErrorKind::kAborted, group, generation, "shrink", "none",
+                      "the group was aborted or moved to another generation while shrinking");
+  }
+  old->abort();
+  retire(std::move(old));
+  return generation;
+}
+
 void CommManager::install(const std::string& group, int64_t generation,
                           std::shared_ptr<Transport> t) {
   {

@@ -44,6 +44,9 @@ class PendingOp {
 class CommManager : public std::enable_shared_from_this<CommManager> {
  public:
   CommManager(std::string me, Millis deadline);
+  // A manager dropped without close() still never blocks: its transports go
+  // to the reaper, not down with it.
+  ~CommManager() { close(); }
 
   const std::string& me() const { return me_; }
   Millis default_deadline() const { return deadline_; }
@@ -59,6 +62,11 @@ class CommManager : public std::enable_shared_from_this<CommManager> {
   std::pair<std::vector<std::string>, int64_t> shrink_plan(const std::string& group,
                                                            const std::vector<std::string>& excluded);
   int64_t rebuild_generation(const std::string& group);
+  // shrink() done by the backend on the current communicator (NCCL's
+  // ncclCommShrink), when the group is healthy and the backend can; returns
+  // the new generation, or -1 when the caller must connect one instead.
+  int64_t shrink_by_backend(const std::string& group, const std::vector<std::string>& excluded,
+                            Millis timeout);
   // Attaches the connected transport of `generation`. If the group moved on
   // meanwhile (aborted, or another generation begun), the transport is
   // retired and kAborted raised.

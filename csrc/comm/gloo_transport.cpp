@@ -120,27 +120,13 @@ class GlooTransport final : public Transport {
         if (auto op = w.lock()) live.push_back(std::move(op));
       inflight_.clear();
     }
-    for (auto& op : live) {
-      {
-        std::lock_guard<std::mutex> lock(op->mu);
-        op->aborted = true;
-      }
-      op->cv.notify_all();
-      // Wakes a thread blocked in a gloo send/recv wait. Gloo has no way to
-      // cancel a collective: its worker gives up at the gloo timeout.
-      if (op->point_to_point) {
-        try {
-          op->work->abort();
-        } catch (const std::exception&) {
-        }
-      }
-    }
+    for (auto& op : live) cancel(*op);
   }
 
  private:
   static int tag_of(const at::Tensor& t) { return static_cast<int>(t.scalar_type()); }
 
-  // Gloo's worker threads stop waiting on a peer after this (called with mu_ held).
+  // Gloo's worker threads stop waiting on a peer after this (called with issue_mu_ held).
   void bound(Millis timeout) {
     if (timeout != timeout_) {
       backend_->setTimeout(timeout);
@@ -148,23 +134,38 @@ class GlooTransport final : public Transport {
     }
   }
 
+  // Issuing is not done under mu_: torch's flight recorder may take the GIL
+  // inside the backend call, and a Python thread holding the GIL may be
+  // waiting for mu_ (inflight(), abort()). issue_mu_ only orders issuing
+  // threads, which never hold the GIL.
   template <typename Issue>
   std::unique_ptr<Work> track(Issue&& issue, bool point_to_point) {
     auto op = std::make_shared<Inflight>();
     op->point_to_point = point_to_point;
     {
-      std::lock_guard<std::mutex> lock(mu_);
-      if (aborted_) throw TransportError(ErrorKind::kAborted, "the communicator was aborted");
+      std::lock_guard<std::mutex> issuing(issue_mu_);
+      if (is_aborted()) throw TransportError(ErrorKind::kAborted, "the communicator was aborted");
       try {
         op->work = issue();
       } catch (const std::exception& e) {
         throw TransportError(classify_backend_error(e.what()), e.what());
       }
-      // Drop entries of finished ops so the list stays short.
-      inflight_.erase(std::remove_if(inflight_.begin(), inflight_.end(),
-                                     [](const std::weak_ptr<Inflight>& w) { return w.expired(); }),
-                      inflight_.end());
-      inflight_.push_back(op);
+    }
+    bool aborted;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      aborted = aborted_;
+      if (!aborted) {
+        // Drop entries of finished ops so the list stays short.
+        inflight_.erase(std::remove_if(inflight_.begin(), inflight_.end(),
+                                       [](const std::weak_ptr<Inflight>& w) { return w.expired(); }),
+                        inflight_.end());
+        inflight_.push_back(op);
+      }
+    }
+    if (aborted) {  // abort() ran while this op was being issued
+      cancel(*op);
+      throw TransportError(ErrorKind::kAborted, "the communicator was aborted");
     }
     if (!point_to_point) {
       std::weak_ptr<Inflight> weak = op;
@@ -181,8 +182,30 @@ class GlooTransport final : public Transport {
     return std::make_unique<GlooWork>(std::move(op));
   }
 
+  bool is_aborted() const {
+    std::lock_guard<std::mutex> lock(mu_);
+    return aborted_;
+  }
+
+  // Wakes the op's waiter; a gloo send/recv can also be stopped. Gloo has no
+  // way to cancel a collective: its worker gives up at the gloo timeout.
+  static void cancel(Inflight& op) {
+    {
+      std::lock_guard<std::mutex> lock(op.mu);
+      op.aborted = true;
+    }
+    op.cv.notify_all();
+    if (op.point_to_point) {
+      try {
+        op.work->abort();
+      } catch (const std::exception&) {
+      }
+    }
+  }
+
   c10::intrusive_ptr<c10d::Backend> backend_;
-  mutable std::mutex mu_;
+  std::mutex issue_mu_;
+  mutable std::mutex mu_;  // never held across a backend call
   bool aborted_ = false;
   Millis timeout_{-1};
   std::vector<std::weak_ptr<Inflight>> inflight_;

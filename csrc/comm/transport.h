@@ -8,6 +8,7 @@
 #include <chrono>
 #include <memory>
 #include <string>
+#include <vector>
 
 namespace kevlarflow::comm {
 
@@ -36,6 +37,12 @@ class Transport {
   virtual std::unique_ptr<Work> broadcast(const at::Tensor& t, int root, Millis timeout) = 0;
   // Ops issued and still waited on (for tests and diagnostics).
   virtual size_t inflight() const = 0;
+  // The survivors' communicator without `excluded` (ranks), made from this
+  // one by the backend itself; null where the backend cannot (then the
+  // caller connects a new generation from scratch).
+  virtual std::shared_ptr<Transport> shrink(const std::vector<int>& excluded, Millis timeout) {
+    return nullptr;
+  }
   // Wakes every waiter with kAborted and stops the backend where it can.
   // Never blocks; the transport is destroyed later, by the reaper.
   virtual void abort() = 0;

@@ -57,6 +57,11 @@ class CommManager:
             raise ValueError(f"unknown communicator backend {backend!r}; choose one of {BACKENDS}")
         if not isinstance(store, dist.Store):
             raise TypeError(f"store must be a torch.distributed.Store, got {type(store).__name__}")
+        if backend == "nccl":
+            from kevlarflow.dist import nccl
+            reason = nccl.unavailable_reason()
+            if reason:
+                raise RuntimeError(f"CommManager(backend='nccl'): {reason}")
         self._store = store
         self._backend = backend
         self._deadline_s = float(deadline_s)
@@ -86,8 +91,16 @@ class CommManager:
     def shrink(self, group: str, excluded: list[str], deadline_s: float | None = None) -> int:
         """Drop `excluded` (survivors call it with the same set); returns the new generation.
 
-        Ranks are renumbered: a survivor's new rank is its index among the survivors."""
-        members, generation = self._core.shrink_plan(group, [str(m) for m in excluded])
+        Ranks are renumbered: a survivor's new rank is its index among the survivors.
+        NCCL 2.27+ shrinks a healthy communicator in place (ncclCommShrink); a
+        broken one, and every other case, is connected anew."""
+        excluded = [str(m) for m in excluded]
+        if self._backend == "nccl":
+            generation = self._core.shrink_by_backend(
+                group, excluded, self._deadline_s if deadline_s is None else float(deadline_s))
+            if generation >= 0:
+                return generation
+        members, generation = self._core.shrink_plan(group, excluded)
         rank = self._core.begin_generation(group, members, generation)
         self._connect(group, members, generation, rank, deadline_s)
         return generation

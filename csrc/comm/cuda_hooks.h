@@ -1,0 +1,19 @@
+// The CUDA calls the NCCL transport needs, behind plain function pointers and
+// void* streams/events, so that nccl_transport.cpp compiles without CUDA
+// headers. nccl_cuda.cpp fills them in a CUDA build; otherwise cuda_hooks()
+// is null and the NCCL backend says it was built without CUDA.
+#pragma once
+
+namespace kevlarflow::comm {
+
+struct CudaHooks {
+  void (*set_device)(int device);
+  void* (*current_stream)(int device);  // a cudaStream_t
+  void* (*record_event)(void* stream);  // a new cudaEvent_t recorded on it
+  int (*query_event)(void* event);      // 1 done, 0 not yet, -1 CUDA error
+  void (*destroy_event)(void* event);
+};
+
+const CudaHooks* cuda_hooks();
+
+}  // namespace kevlarflow::comm
