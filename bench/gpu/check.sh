@@ -81,7 +81,7 @@ fi
 if "$PY" -c 'import pytest, hypothesis' 2>/dev/null; then
   cd "$REPO/tests"  # tests import the installed package, not the source tree
   record "gpu tests" run_for 150 "$PY" -m pytest -q -p no:cacheprovider -m gpu .
-  record "kernel tests" run_for 90 "$PY" -m pytest -q -p no:cacheprovider \
+  record "kernel tests" run_for 150 "$PY" -m pytest -q -p no:cacheprovider \
     test_paged_attention.py test_cache_ops.py
   cd "$REPO"
 else

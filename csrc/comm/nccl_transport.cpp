@@ -257,7 +257,8 @@ std::shared_ptr<Transport> await_ready(const nccl::Lib& lib, nccl::Comm comm, in
 
 std::shared_ptr<Transport> NcclTransport::shrink(const std::vector<int>& excluded, Millis timeout) {
   const nccl::Lib& lib = state_->lib;
-  if (!lib.CommShrink || state_->aborted) return nullptr;
+  // Excluding nobody is no shrink (NCCL rejects an empty list): connect anew.
+  if (!lib.CommShrink || state_->aborted || excluded.empty()) return nullptr;
   hooks().set_device(state_->device);
   std::vector<int> ranks(excluded);
   nccl::Config config = nccl::nonblocking_config();
