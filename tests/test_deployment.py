@@ -6,16 +6,11 @@ import psutil
 import pytest
 
 from kevlarflow import LLM, SamplingParams
+import models
 from models import tiny_model
 
-PROMPTS = [
-    "the quick brown fox",
-    "a",
-    "hello world, this is a longer prompt with several words in it and then some more",
-    "numbers 1 2 3 4 5 6 7 8 9 10 11 12",
-    "héllo wörld ✓",
-    "one more prompt that is long enough to be split into several prefill chunks " * 3,
-]
+PROMPTS = models.PROMPTS + [
+    "one more prompt that is long enough to be split into several prefill chunks " * 3]
 GREEDY = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
 # Small chunks and pools: prefills span several micro-batches, decode batches mix.
 ENGINE_ARGS = dict(max_num_batched_tokens=32, block_size=4, kv_cache_memory=1 << 20)

@@ -6,15 +6,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from kevlarflow import LLM, SamplingParams
-from models import tiny_model
+from models import PROMPTS, tiny_model
 
-PROMPTS = [
-    "the quick brown fox",
-    "a",
-    "hello world, this is a longer prompt with several words in it and then some more",
-    "numbers 1 2 3 4 5 6 7 8 9 10 11 12",
-    "héllo wörld ✓",
-]
 NEW_TOKENS = 20
 
 

@@ -15,13 +15,14 @@ import argparse
 import datetime
 import multiprocessing as mp
 import os
-import platform
 import statistics
 import sys
 import time
 
 import torch
 import torch.distributed as dist
+
+from kevlarflow.bench.timing import cpu_model
 
 GROUP = "bench"
 TIMEOUT = datetime.timedelta(seconds=120)
@@ -59,17 +60,6 @@ def _worker(me: str, members: list[str], rounds: int, port: int, results) -> Non
             store.wait([f"round/{r + 1}"])
     finally:
         mgr.close()
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def run(survivors: int, rounds: int) -> list[tuple]:

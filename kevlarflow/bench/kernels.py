@@ -3,13 +3,12 @@ sequence's blocks into a dense cache, then scaled_dot_product_attention."""
 from __future__ import annotations
 
 import argparse
-import platform
 
 import torch
 import torch.nn.functional as F
 
 from kevlarflow import _C, ops
-from kevlarflow.bench.timing import interleaved
+from kevlarflow.bench.timing import cpu_model, interleaved
 
 
 def random_decode_batch(batch: int, context: int, num_heads: int, num_kv_heads: int,
@@ -59,17 +58,6 @@ def run(contexts=(1024, 4096), dtypes=(torch.float32, torch.bfloat16), batch=32,
             ratios = sorted(b / o for b, o in zip(base.samples, ours.samples))
             rows.append((str(dtype).removeprefix("torch."), context, ours, base, ratios, err))
     return rows
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def format_table(rows) -> str:

@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import time
 
 from kevlarflow.bench.throughput import ensure_model, make_prompts
+from kevlarflow.bench.timing import cpu_model
 
 CONFIGS = {
     "in-process engine": None,
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> None:
 
     base = statistics.median(rates["pp=1 (1 worker)"])
     print(f"\n{args.preset} {args.flavour}, {args.requests} requests x {args.prompt_len} prompt / "
-          f"{args.output_len} output tokens, greedy; {cores} cores ({platform.processor() or platform.machine()}); "
+          f"{args.output_len} output tokens, greedy; {cores} cores ({cpu_model()}); "
           f"workers 1 torch thread each, in-process engine {cores}; median (min-max) of {args.repeats}")
     print(f"{'configuration':32} {'tok/s':>18} {'vs pp=1':>8} {'start-up s':>11}")
     for name in CONFIGS:

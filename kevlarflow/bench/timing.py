@@ -2,6 +2,7 @@
 and noisy, so every figure is a median with its spread over repeats."""
 from __future__ import annotations
 
+import platform
 import statistics
 import time
 from dataclasses import dataclass
@@ -52,3 +53,15 @@ def interleaved(fns: dict[str, Callable[[], object]], repeats: int = 7, warmup: 
             sync()
             samples[name].append(time.perf_counter() - start)
     return {name: Timing(s) for name, s in samples.items()}
+
+
+def cpu_model() -> str:
+    """The processor's name, for the line that says where a figure was measured."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
