@@ -56,7 +56,8 @@ def test_worker_rejects_garbage_and_keeps_serving(lone_worker):
     # Still alive and listening: a valid assignment is carried out.
     endpoint.send(peer, "assign", worker="w0.0", instance=0, stage=0, num_stages=1,
                   model=tiny_model(), dtype=None, block_size=4, num_blocks=8, max_model_len=64,
-                  store_port=1, deadline_s=5.0, attention_backend="native", threads=1)
+                  store_port=1, deadline_s=5.0, attention_backend="native", threads=1,
+                  heartbeat_s=0.1)
     _expect(endpoint, "ready")
     endpoint.send(peer, "build_group", group="pipe0", members=["w0.0"], generation=0)
     _expect(endpoint, "group_ready")
@@ -66,14 +67,15 @@ def test_worker_rejects_garbage_and_keeps_serving(lone_worker):
                       ([[9, 0, [0]]], [1] * 9),       # more tokens than its blocks hold
                       ([[2, 0, [0]]], [1]),           # token ids missing
                       ([[2, 0, [0]]], [1, 10**6])]:   # token id past the vocabulary
-        endpoint.send(peer, "step", step=1, group="pipe0", seqs=seqs, token_ids=ids, sample=[sample])
+        endpoint.send(peer, "step", step=1, group="pipe0", generation=0, seqs=seqs, token_ids=ids,
+                      sample=[sample])
         _, reply = _expect(endpoint, "error")
         assert reply["kind"] == "bad_step" and reply["step"] == 1
-    endpoint.send(peer, "step", step=2, group="nope", seqs=[[2, 0, [0]]], token_ids=[1, 2],
+    endpoint.send(peer, "step", step=2, group="nope", generation=0, seqs=[[2, 0, [0]]], token_ids=[1, 2],
                   sample=[sample])
     assert _expect(endpoint, "error")[1]["kind"] == "bad_step"
     # And a good one is answered with a token.
-    endpoint.send(peer, "step", step=3, group="pipe0", seqs=[[2, 0, [0]]], token_ids=[1, 2],
+    endpoint.send(peer, "step", step=3, group="pipe0", generation=0, seqs=[[2, 0, [0]]], token_ids=[1, 2],
                   sample=[sample])
     _, result = _expect(endpoint, "result")
     assert result["step"] == 3 and len(result["tokens"]) == 1

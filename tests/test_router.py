@@ -2,7 +2,6 @@
 an instance that is not serving."""
 import os
 import signal
-import time
 from dataclasses import dataclass
 
 import pytest
@@ -30,7 +29,7 @@ def test_least_outstanding_work_wins_and_ties_go_to_the_lowest_index():
         pick_instance([FakeLoad(0, False, 0), FakeLoad(1, False, 0)])
 
 
-def test_requests_spread_by_load_and_skip_an_instance_that_lost_a_worker():
+def test_requests_spread_by_load_and_survive_a_lost_worker():
     greedy = SamplingParams(max_tokens=200, temperature=0, ignore_eos=True)
     with LLM(tiny_model(), num_instances=2, pp_size=1, block_size=4) as llm:
         engine = llm.engine
@@ -42,23 +41,14 @@ def test_requests_spread_by_load_and_skip_an_instance_that_lost_a_worker():
         assert engine.owner[short].index == 0
         assert engine.owner[engine.add_request([7] * 3, SamplingParams(max_tokens=5))].index == 1
         engine.step()
-        # Instance 0 loses its worker: its requests end with an error...
+        # Instance 0 loses its worker; it borrows instance 1's and carries on.
         os.kill(engine.launcher.procs[(0, 0)].pid, signal.SIGKILL)
         finished = {}
-        deadline = time.monotonic() + 60
-        while engine.instances[0].sequences:
-            assert time.monotonic() < deadline, "requests of the dead instance never ended"
-            for out in engine.step():
-                if out.finished:
-                    finished[out.request_id] = out
-        assert finished["0"].finish_reason == "error"
-        assert not engine.instances[0].serving
-        # ...and new requests all go to instance 1, which keeps serving.
-        later = [engine.add_request("later", SamplingParams(max_tokens=3)) for _ in range(3)]
-        assert {engine.owner[s].index for s in later} == {1}
         while engine.has_unfinished():
             for out in engine.step():
                 if out.finished:
                     finished[out.request_id] = out
+        # Nothing was lost: instance 0's requests finished on the borrowed worker.
+        assert finished["0"].finish_reason == "length" and len(finished["0"].token_ids) == 200
         assert finished["1"].finish_reason == "length" and len(finished["1"].token_ids) == 200
-        assert all(finished[s.request_id].finish_reason == "length" for s in later)
+        assert finished["2"].finish_reason == "length" and finished["3"].finish_reason == "length"

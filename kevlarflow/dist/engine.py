@@ -26,11 +26,16 @@ from kevlarflow.engine.frontend import RequestFrontend
 from kevlarflow.engine.llm_engine import EngineConfig
 from kevlarflow.engine.outputs import RequestOutput, TokenLogprob
 from kevlarflow.engine.sequence import Sequence, Status
+from kevlarflow.ft.events import EventLog
+from kevlarflow.ft.health import HealthMonitor
+from kevlarflow.ft.recovery import RecoveryMixin
 from kevlarflow.ft.router import pick_instance
 from kevlarflow.model.config import DTYPES, ModelConfig
 from kevlarflow.model.stage import StageSpec
 
 log = logging.getLogger("kevlarflow.controller")
+
+RECOVERY_MODES = ("kevlarflow", "restart")
 
 
 @dataclass
@@ -47,6 +52,9 @@ class DeploymentConfig(EngineConfig):
     comm_deadline_s: float = 30.0   # bound on every communicator operation
     start_timeout_s: float = 600.0  # for all workers to register, load and connect
     max_in_flight: int | None = None  # micro-batches in flight per instance (default pp_size)
+    recovery: str = "kevlarflow"    # or "restart": the baseline of today's stacks
+    heartbeat_s: float = 0.1        # interval of worker heartbeats
+    hang_timeout_s: float = 1.0     # a worker silent this long is declared hung
 
     def validate(self) -> None:
         super().validate()
@@ -59,6 +67,10 @@ class DeploymentConfig(EngineConfig):
             raise ValueError(f"max_in_flight must be None or a positive int, got {self.max_in_flight!r}")
         if not (0 < self.comm_deadline_s and 0 < self.start_timeout_s):
             raise ValueError("comm_deadline_s and start_timeout_s must be positive")
+        if self.recovery not in RECOVERY_MODES:
+            raise ValueError(f"recovery must be one of {RECOVERY_MODES}, got {self.recovery!r}")
+        if not (0 < self.heartbeat_s < self.hang_timeout_s):
+            raise ValueError("need 0 < heartbeat_s < hang_timeout_s")
         if self.device != "cpu":
             raise ValueError("distributed deployments run on the CPU for now (device='cpu')")
 
@@ -67,7 +79,7 @@ class DeploymentError(RuntimeError):
     """The deployment could not start, or lost what it needs to serve."""
 
 
-class DistributedEngine(RequestFrontend):
+class DistributedEngine(RecoveryMixin, RequestFrontend):
     def __init__(self, model: str, config: DeploymentConfig | None = None, tokenizer=None):
         from transformers import AutoTokenizer
 
@@ -96,17 +108,24 @@ class DistributedEngine(RequestFrontend):
                          cfg.eos_token_ids, max_model_len, min(self.stage_blocks) * bs)
 
         self.instances = []
+        self.pools: dict[str, BlockManager] = {}  # worker name -> the allocator of its KV pool
         for i in range(config.num_instances):
             workers = [f"w{i}.{s}" for s in range(config.pp_size)]
-            pools = [BlockManager(n, bs, config.enable_prefix_caching, pool=name)
-                     for n, name in zip(self.stage_blocks, workers)]
+            for s, name in enumerate(workers):
+                self.pools[name] = self._new_pool(name)
             self.instances.append(PipelineInstance(
-                i, workers, pools, config.max_num_batched_tokens, config.max_num_seqs,
-                config.max_in_flight or config.pp_size))
+                i, workers, [self.pools[w] for w in workers], config.max_num_batched_tokens,
+                config.max_num_seqs, config.max_in_flight or config.pp_size))
         self.slot_of = {w: (i.index, s) for i in self.instances for s, w in enumerate(i.workers)}
         self.peer_of: dict[str, bytes] = {}   # worker name -> its control socket identity
         self.worker_of: dict[bytes, str] = {}
-        self.ready: set[str] = set()
+        self.heartbeat_peer_of: dict[str, bytes] = {}
+        self.pid_of: dict[str, int] = {}
+        self.ready: set[str] = set()          # registered, loaded, not failed since
+        self.health = HealthMonitor(config.hang_timeout_s)
+        self.events = EventLog()
+        self.step_owner: dict[int, PipelineInstance] = {}
+        self.replacing: dict[str, int] = {}   # worker slot -> replacements started for it
         self.owner: dict[Sequence, PipelineInstance] = {}
         self._steps = itertools.count()
         self._generations = itertools.count()
@@ -136,6 +155,11 @@ class DistributedEngine(RequestFrontend):
             self.shutdown()
             raise
 
+    def _new_pool(self, worker: str) -> BlockManager:
+        stage = int(worker.rsplit(".", 1)[1])
+        return BlockManager(self.stage_blocks[stage], self.config.block_size,
+                            self.config.enable_prefix_caching, pool=worker)
+
     def _local_address(self) -> str:
         host = "127.0.0.1" if self.config.host in ("0.0.0.0", "") else self.config.host
         return f"{host}:{self.endpoint.port}"
@@ -152,12 +176,20 @@ class DistributedEngine(RequestFrontend):
             self._handle(self.endpoint.recv(100))
 
     def _check_processes(self) -> None:
-        if not self.launcher:
-            return
-        for (i, s), code in self.launcher.exited().items():
-            inst = self.instances[i]
-            if inst.serving or not self.ready.issuperset(inst.workers):
-                self._fail_instance(inst, f"worker w{i}.{s} exited with code {code}")
+        """Failures seen by the launcher (an exit) and by the heartbeat deadline."""
+        if self.launcher:
+            for (i, s), code in self.launcher.exited().items():
+                name = f"w{i}.{s}"
+                if name in self.peer_of or name in self.ready:
+                    self.worker_failed(name, f"process exited with code {code}")
+                elif name in self.replacing:  # died before it even registered
+                    self.events.record("detected", worker=name, instance=i,
+                                       detail=f"replacement exited with code {code}")
+                    self.launcher.procs.pop((i, s)).wait()
+                    self._start_replacement(name)
+        for name, silent_s in self.health.silent():
+            self.worker_failed(name, f"no heartbeat for {silent_s:.2f} s")
+        self.check_suspects()
 
     def _handle(self, received) -> list[RequestOutput]:
         if received is None:
@@ -166,6 +198,11 @@ class DistributedEngine(RequestFrontend):
         kind = m["type"]
         if kind == "register":
             self._register(peer, m)
+            return []
+        if kind == "heartbeat":
+            if m["worker"] in self.peer_of:
+                self.heartbeat_peer_of[m["worker"]] = peer
+                self.health.beat(m["worker"])
             return []
         name = self.worker_of.get(peer)
         if name is None:
@@ -178,9 +215,7 @@ class DistributedEngine(RequestFrontend):
         elif kind == "result":
             return self._on_result(name, m)
         elif kind == "error":
-            inst = self.instances[self.slot_of[name][0]]
-            if m["step"] is None or m["step"] in inst.in_flight:
-                self._fail_instance(inst, f"{name}: {m['kind']}: {m['message']}")
+            self._on_error(name, m)
         return []
 
     def _register(self, peer: bytes, m: dict) -> None:
@@ -195,37 +230,39 @@ class DistributedEngine(RequestFrontend):
         name = free[0]
         i, s = self.slot_of[name]
         self.peer_of[name], self.worker_of[peer] = peer, name
+        self.pid_of[name] = m["pid"]
         log.info("%s: pid %d on %s", name, m["pid"], m["host"])
         c = self.config
         self.endpoint.send(peer, "assign", worker=name, instance=i, stage=s, num_stages=c.pp_size,
                            model=self.model, dtype=c.dtype, block_size=c.block_size,
                            num_blocks=self.stage_blocks[s], max_model_len=self.max_model_len,
                            store_port=self.store.port, deadline_s=float(c.comm_deadline_s),
-                           attention_backend=c.attention_backend, threads=c.worker_threads)
+                           attention_backend=c.attention_backend, threads=c.worker_threads,
+                           heartbeat_s=float(c.heartbeat_s))
 
     def _on_ready(self, name: str, m: dict) -> None:
         log.info("%s: loaded in %.2f s", name, m["load_s"])
         self.ready.add(name)
-        inst = self.instances[self.slot_of[name][0]]
-        if self.ready.issuperset(inst.workers):
-            self._build_group(inst)
+        self.health.watch(name)
+        self.worker_joined(name)
 
     def _build_group(self, inst: PipelineInstance) -> None:
-        generation = next(self._generations)
+        """A new generation of inst's communicator over its current workers."""
+        inst.generation = next(self._generations)
         self._group_acks[inst.group] = set()
-        inst.generation = generation
         for w in inst.workers:
             self.endpoint.send(self.peer_of[w], "build_group", group=inst.group,
-                               members=inst.workers, generation=generation)
+                               members=inst.workers, generation=inst.generation)
 
     def _on_group_ready(self, name: str, m: dict) -> None:
-        inst = self.instances[self.slot_of[name][0]]
-        if m["group"] != inst.group or m["generation"] != getattr(inst, "generation", None):
+        inst = next((i for i in self.instances if i.group == m["group"]), None)
+        if inst is None or m["generation"] != inst.generation or name not in inst.workers:
             return  # an acknowledgement of an older generation
         acks = self._group_acks[inst.group]
         acks.add(name)
         if acks.issuperset(inst.workers):
             inst.serving = True
+            self.instance_serving(inst)
             log.info("instance %d serving: %s", inst.index, " -> ".join(inst.workers))
 
     # Requests --------------------------------------------------------------------
@@ -264,7 +301,8 @@ class DistributedEngine(RequestFrontend):
                     break
                 self._dispatch(inst, batch)
         # Wait only while tokens are due; otherwise just take what is there.
-        waiting = any(inst.in_flight for inst in self.instances)
+        waiting = self.replacing or any(inst.in_flight or not inst.serving
+                                        for inst in self.instances)
         received = self.endpoint.recv(int(timeout_s * 1000) if waiting else 0)
         while received is not None:
             outputs += self._handle(received)
@@ -275,20 +313,22 @@ class DistributedEngine(RequestFrontend):
         step = next(self._steps)
         messages, sampled = inst.stage_messages(step, batch)
         for worker, message in zip(inst.workers, messages):
-            self.endpoint.send(self.peer_of[worker], "step", **message)
+            self.endpoint.send(self.peer_of[worker], "step", generation=inst.generation, **message)
+        self.step_owner[step] = inst
         inst.in_flight[step] = MicroBatch(step, batch, sampled, time.monotonic())
         inst.steps_dispatched += 1
         inst.peak_in_flight = max(inst.peak_in_flight, len(inst.in_flight))
         inst.busy.update(seq for seq, _ in batch.items)
 
     def _on_result(self, name: str, m: dict) -> list[RequestOutput]:
-        inst = self.instances[self.slot_of[name][0]]
-        mb = inst.in_flight.get(m["step"])
+        inst = self.step_owner.pop(m["step"], None)
+        mb = inst.in_flight.get(m["step"]) if inst else None
         if mb is None or name != inst.workers[-1] or len(m["tokens"]) != len(mb.sampled) \
                 or len(m["logprobs"]) != len(mb.sampled):
-            log.warning("dropped a result for step %d from %s that matches no batch", m["step"], name)
+            log.info("dropped a result for step %d from %s that matches no batch", m["step"], name)
             return []
         del inst.in_flight[m["step"]]
+        self.step_completed(inst)
         for seq, n in mb.batch.items:
             inst.busy.discard(seq)
             if seq.is_finished:  # aborted while in flight
@@ -304,17 +344,6 @@ class DistributedEngine(RequestFrontend):
             logprob = None if lp is None else TokenLogprob(token, lp[0], [tuple(p) for p in lp[1]])
             outputs.append(self._append_token(seq, token, now, logprob))
         return outputs
-
-    def _fail_instance(self, inst: PipelineInstance, reason: str) -> None:
-        """The instance lost a worker: it stops serving and its requests end
-        with finish_reason "error" (recovery is not attempted here)."""
-        log.error("instance %d stops serving: %s", inst.index, reason)
-        inst.serving = False
-        inst.in_flight.clear()
-        inst.busy.clear()
-        for seq in list(inst.sequences):
-            seq.finish_reason = "error"
-            self._undelivered.append(self._finish(seq, "", []))
 
     # Shutdown ------------------------------------------------------------------------
 

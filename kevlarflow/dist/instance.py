@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from kevlarflow.engine.block_manager import BlockManager
 from kevlarflow.engine.scheduler import ScheduledBatch, Scheduler
-from kevlarflow.engine.sequence import Sequence
+from kevlarflow.engine.sequence import Sequence, Status
 
 
 class PipelineBlocks:
@@ -58,8 +58,12 @@ class PipelineInstance:
     def __init__(self, index: int, workers: list[str], pools: list[BlockManager],
                  max_num_batched_tokens: int, max_num_seqs: int, max_in_flight: int):
         self.index = index
-        self.workers = workers              # worker names, stage order
+        self.home = list(workers)           # its own workers, stage order
+        self.workers = workers              # the workers it runs on now (some borrowed)
         self.group = f"pipe{index}"         # the communicator of this pipeline
+        self.generation = -1                # of that communicator; -1: none yet
+        self.failed_at: float | None = None     # when it lost a worker, until it steps again
+        self.suspect_since: float | None = None  # a member reported a communicator error
         self.blocks = PipelineBlocks(pools)
         self.scheduler = Scheduler(self.blocks, max_num_batched_tokens, max_num_seqs)
         self.max_in_flight = max_in_flight
@@ -77,6 +81,25 @@ class PipelineInstance:
     def add(self, seq: Sequence) -> None:
         self.sequences.add(seq)
         self.scheduler.add(seq)
+
+    def preempt_all(self) -> None:
+        """Drop the KV of every sequence (it is recomputed, prompt plus the
+        tokens generated so far, when scheduled again); nothing is in flight."""
+        self.in_flight.clear()
+        self.busy.clear()
+        sched = self.scheduler
+        for seq in sched.running:
+            self.blocks.free_sequence(seq)
+            seq.num_computed_tokens = 0
+            seq.status = Status.WAITING
+            seq.num_preemptions += 1
+        # Oldest first, ahead of those that never ran.
+        sched.waiting.extendleft(sorted(sched.running, key=lambda q: q.arrival_time, reverse=True))
+        sched.running = []
+
+    def use_workers(self, workers: list[str], pools: list[BlockManager]) -> None:
+        self.workers = list(workers)
+        self.blocks.pools = pools
 
     def can_dispatch(self) -> bool:
         return self.serving and len(self.in_flight) < self.max_in_flight \

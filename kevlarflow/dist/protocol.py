@@ -38,18 +38,25 @@ TO_CONTROLLER = {
     # Tokens sampled by a last stage, in the order of the step's sampled rows.
     "result": {"step": int, "tokens": [int], "logprobs": [Opt((float, [(int, float)]))]},
     "error": {"step": Opt(int), "kind": str, "message": str},
+    # From a worker's heartbeat thread, on a socket of its own, every interval.
+    "heartbeat": {"worker": str},
 }
 
 # Controller -> worker.
 TO_WORKER = {
     "assign": {"worker": str, "instance": int, "stage": int, "num_stages": int, "model": str,
                "dtype": Opt(str), "block_size": int, "num_blocks": int, "max_model_len": int,
-               "store_port": int, "deadline_s": float, "attention_backend": str, "threads": int},
+               "store_port": int, "deadline_s": float, "attention_backend": str, "threads": int,
+               "heartbeat_s": float},
     "build_group": {"group": str, "members": [str], "generation": int},
+    # To the heartbeat socket, so that it acts even while the worker is blocked
+    # in an op of that group: abort it; its queued steps are then skipped.
+    "abort_group": {"group": str, "generation": int},
     # One micro-batch for one stage. seqs: (tokens this step, first position,
     # this stage's block table). token_ids on the first stage only; sample on
     # the last only: one entry per sequence whose last token is computed now.
-    "step": {"step": int, "group": str, "seqs": [(int, int, [int])], "token_ids": Opt([int]),
+    "step": {"step": int, "group": str, "generation": int, "seqs": [(int, int, [int])],
+             "token_ids": Opt([int]),
              "sample": Opt([Opt(_SAMPLING)])},
     "shutdown": {},
 }

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import threading
 import time
 from collections import deque
 from datetime import timedelta
@@ -37,6 +38,29 @@ class BadStep(ValueError):
     """A step message that is well-formed but cannot be executed here."""
 
 
+class Heartbeat(threading.Thread):
+    """Tells the controller every interval that this process is alive, on a
+    socket of its own, and carries out abort_group at once: the main thread
+    may be blocked in an op of that very group (a SIGSTOPped process sends
+    no heartbeats, which is how the controller tells a hang)."""
+
+    def __init__(self, worker: "Worker", controller: str, interval_s: float):
+        super().__init__(name="kevlarflow-heartbeat", daemon=True)
+        self.worker, self.interval_ms = worker, max(1, int(interval_s * 1000))
+        self.endpoint = WorkerEndpoint(controller)
+        self.stopping = threading.Event()
+
+    def run(self) -> None:
+        try:
+            while not self.stopping.is_set():
+                self.endpoint.send("heartbeat", worker=self.worker.name)
+                message = self.endpoint.recv(self.interval_ms)
+                if message is not None and message["type"] == "abort_group":
+                    self.worker.abort_generation(message["group"], message["generation"])
+        finally:
+            self.endpoint.close()
+
+
 class Worker:
     def __init__(self, controller: str, instance: int | None = None, stage: int | None = None,
                  threads: int = 1, parent_pid: int | None = None):
@@ -48,6 +72,9 @@ class Worker:
         self.stage = None
         self.comm = None
         self.groups: dict[str, list[str]] = {}
+        self.generations: dict[str, int] = {}  # current generation of each group
+        self.controller = controller
+        self.heartbeat: Heartbeat | None = None
         self.pending_sends: deque = deque()
         self.sampler = Sampler()
         self.endpoint.send("register", pid=os.getpid(), host=socket.gethostname(),
@@ -85,6 +112,9 @@ class Worker:
             self._step(m)
 
     def close(self) -> None:
+        if self.heartbeat is not None:
+            self.heartbeat.stopping.set()
+            self.heartbeat.join(timeout=5)
         try:
             self._drain_sends()
         except Exception as error:  # noqa: BLE001  (a dead next stage: nothing left to do)
@@ -110,6 +140,8 @@ class Worker:
         self.attention_backend = m["attention_backend"]
         self.max_model_len = m["max_model_len"]
         self.store_port, self.deadline_s = m["store_port"], m["deadline_s"]
+        self.heartbeat = Heartbeat(self, self.controller, m["heartbeat_s"])
+        self.heartbeat.start()
         load_s = time.perf_counter() - start
         log.info("%s: stage %d layers [%d, %d) loaded in %.2f s, %d KV blocks", self.name,
                  m["stage"], self.spec.first_layer, self.spec.end_layer, load_s, self.num_blocks)
@@ -120,16 +152,38 @@ class Worker:
         if self.name not in members:
             log.warning("%s: asked to join %s, whose members %s exclude it", self.name, group, members)
             return
+        self.abort_group(group)  # a rebuild replaces whatever generation was there
         try:
             if len(members) > 1:  # a one-member pipeline talks to no one
-                comm = self._comm()
-                comm.abort(group)  # a rebuild replaces whatever generation was there
-                comm.build(group, members, generation=m["generation"])
+                self._comm().build(group, members, generation=m["generation"])
         except CommError as error:
             self.endpoint.send("error", step=None, kind="comm", message=str(error))
             return
         self.groups[group] = members
+        self.generations[group] = m["generation"]
         self.endpoint.send("group_ready", group=group, generation=m["generation"])
+
+    def abort_generation(self, group: str, generation: int) -> None:
+        """From the heartbeat thread: give up on that generation of group, if
+        it is still the current one, and wake the main thread if it is blocked
+        in an op of it. (A newer generation may already be built or being
+        built: then this is old news and touches nothing.)"""
+        # While a build runs its group has no current generation (abort_group
+        # below cleared it): an abort can never hit a generation being built.
+        if self.generations.get(group) != generation:
+            return
+        self.generations.pop(group, None)
+        if self.comm is not None:
+            self.comm.abort(group)
+
+    def abort_group(self, group: str) -> None:
+        """Stop using the current generation of group: ops blocked in it fail
+        at once, its queued steps are skipped, its unsent hidden states dropped.
+        Called from the heartbeat thread as well as the main one."""
+        self.generations.pop(group, None)
+        if self.comm is not None:
+            self.comm.abort(group)
+        self.pending_sends = deque(p for p in self.pending_sends if p[0] != group)
 
     def _comm(self):
         """The communicator manager, made when the first group needs it: the
@@ -158,6 +212,11 @@ class Worker:
         members = self.groups.get(m["group"])
         if members is None:
             raise BadStep(f"not a member of group {m['group']!r}")
+        if m["generation"] != self.generations.get(m["group"]):
+            return  # sent before the group was aborted or rebuilt: nobody waits for it
+        self._run_step(m, members)
+
+    def _run_step(self, m: dict, members: list[str]) -> None:
         chunks = self._check_chunks(m["seqs"])
         num_tokens = sum(n for n, _, _ in chunks)
         meta = attention_metadata(chunks, self.block_size)
@@ -207,12 +266,21 @@ class Worker:
 
     def _send_hidden(self, group: str, dst: str, hidden: torch.Tensor) -> None:
         while len(self.pending_sends) >= MAX_PENDING_SENDS:
-            self.pending_sends.popleft().wait()
-        self.pending_sends.append(self.comm.isend(group, hidden.contiguous().view(torch.uint8), dst))
+            self._wait_oldest_send()
+        op = self.comm.isend(group, hidden.contiguous().view(torch.uint8), dst)
+        self.pending_sends.append((group, self.generations.get(group), op))
+
+    def _wait_oldest_send(self) -> None:
+        group, generation, op = self.pending_sends.popleft()
+        try:
+            op.wait()
+        except CommError:
+            if generation == self.generations.get(group):
+                raise  # else: a generation given up on meanwhile; nobody waits for it
 
     def _drain_sends(self) -> None:
         while self.pending_sends:
-            self.pending_sends.popleft().wait()
+            self._wait_oldest_send()
 
     # Sampling on the last stage ---------------------------------------------------
 

@@ -1,0 +1,132 @@
+"""Failures of real worker processes (SIGKILL, SIGSTOP) under a load of
+requests: every request completes with the tokens of a failure-free run,
+through rerouting (KevlarFlow) or through restarting the instance (the
+baseline), and the hard cases end in clear errors, never hangs."""
+import random
+import time
+
+import pytest
+
+from kevlarflow import LLM, SamplingParams
+from kevlarflow.ft.router import NoInstanceServing
+from models import tiny_model
+
+ARGS = dict(max_num_batched_tokens=32, block_size=4, kv_cache_memory=1 << 20,
+            hang_timeout_s=1.0)
+
+
+def _workload(n=10, seed=0):
+    rng = random.Random(seed)
+    prompts = [[rng.randrange(16, 1000) for _ in range(rng.randrange(3, 40))] for _ in range(n)]
+    params = [SamplingParams(max_tokens=rng.randrange(16, 40), temperature=0, ignore_eos=True)
+              for _ in range(n)]
+    return prompts, params
+
+
+@pytest.fixture(scope="module")
+def expected():
+    prompts, params = _workload()
+    with LLM(tiny_model(), **{k: v for k, v in ARGS.items() if k != "hang_timeout_s"}) as llm:
+        return [o.token_ids for o in llm.generate(prompts, params)]
+
+
+def _run_until_done(engine, outputs, timeout_s=120):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if not engine.has_unfinished():
+            return
+        for out in engine.step():
+            assert out.request_id not in outputs or not outputs[out.request_id].finished
+            outputs.setdefault(out.request_id, out)
+            streamed = outputs[out.request_id]
+            if out is not streamed:  # check the stream: no token missing, none twice
+                assert out.token_ids[:-len(out.new_token_ids) or None] == streamed.token_ids
+                outputs[out.request_id] = out
+    raise AssertionError("requests did not finish")
+
+
+def _serve_with_fault(stage, kind, recovery="kevlarflow", victim_instance=0):
+    prompts, params = _workload()
+    with LLM(tiny_model(), num_instances=2, pp_size=2, recovery=recovery, **ARGS) as llm:
+        engine = llm.engine
+        seqs = [engine.add_request(p, sp) for p, sp in zip(prompts, params)]
+        outputs = {}
+        victims = [s for s in seqs if engine.owner[s].index == victim_instance]
+        # Fail once the victim instance's requests are generating.
+        while not any(len(s.output_token_ids) >= 3 for s in victims):
+            for out in engine.step():
+                outputs[out.request_id] = out
+        engine.inject_fault(victim_instance, stage, kind)
+        _run_until_done(engine, outputs)
+        events = list(engine.events.events)
+        # Wait for the replacement to join, so that what it does is tested too.
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if engine.events.of("rejoined") and all(
+                    inst.serving and inst.workers == inst.home for inst in engine.instances):
+                break
+            engine.step()
+        else:
+            raise AssertionError("the replacement never rejoined")
+        # The deployment serves on, with every instance back on its own workers.
+        again = llm.generate(prompts[:4], params[:4])
+    return [outputs[s.request_id] for s in seqs], again, events
+
+
+@pytest.mark.parametrize("stage", [0, 1])
+@pytest.mark.parametrize("kind", ["kill", "hang"])
+def test_reroute_keeps_every_request(expected, stage, kind):
+    outs, again, events = _serve_with_fault(stage, kind)
+    assert [o.token_ids for o in outs] == expected
+    assert all(o.finish_reason == "length" for o in outs)
+    assert [o.token_ids for o in again] == expected[:4]
+    kinds = [e.kind for e in events]
+    for k in ("failed", "detected", "aborted", "replacement_started", "rerouted",
+              "first_step_after_failure"):
+        assert k in kinds, (k, kinds)
+    assert kinds.index("failed") < kinds.index("detected") < kinds.index("rerouted") \
+        < kinds.index("first_step_after_failure")
+    detected = next(e for e in events if e.kind == "detected")
+    assert detected.worker == f"w0.{stage}"
+    assert ("heartbeat" in detected.detail) == (kind == "hang")
+    # The instance borrowed instance 1's worker of the failed stage.
+    rerouted = next(e for e in events if e.kind == "rerouted")
+    assert f"w1.{stage}" in rerouted.detail.split(" -> ")
+
+
+def test_restart_baseline_recovers_too(expected):
+    outs, again, events = _serve_with_fault(1, "kill", recovery="restart")
+    assert [o.token_ids for o in outs] == expected
+    assert [o.token_ids for o in again] == expected[:4]
+    kinds = [e.kind for e in events]
+    assert "rerouted" not in kinds
+    # The whole instance was replaced: a replacement for each of its workers.
+    assert sorted(e.worker for e in events if e.kind == "replacement_started") == ["w0.0", "w0.1"]
+
+
+def test_no_live_worker_for_a_stage_ends_requests_with_an_error():
+    """Both workers of stage 0 die: no pipeline can be formed. The requests in
+    flight end with finish_reason "error" and new ones are refused with a
+    clear exception, until replacements join; then service resumes."""
+    prompts, params = _workload(6)
+    with LLM(tiny_model(), num_instances=2, pp_size=1, **ARGS) as llm:
+        engine = llm.engine
+        seqs = [engine.add_request(p, sp) for p, sp in zip(prompts, params)]
+        engine.step()
+        engine.inject_fault(0, 0, "kill")
+        engine.inject_fault(1, 0, "kill")
+        outputs = {}
+        _run_until_done(engine, outputs)
+        assert {outputs[s.request_id].finish_reason for s in seqs} == {"error"}
+        if not any(inst.serving for inst in engine.instances):
+            with pytest.raises(NoInstanceServing):
+                engine.add_request(prompts[0], params[0])
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if all(inst.serving for inst in engine.instances):
+                break
+            engine.step()
+        else:
+            raise AssertionError("replacements never joined")
+        out = llm.generate(prompts[:2], params[:2])
+        assert all(o.finish_reason == "length" for o in out)
