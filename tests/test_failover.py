@@ -130,3 +130,75 @@ def test_no_live_worker_for_a_stage_ends_requests_with_an_error():
             raise AssertionError("replacements never joined")
         out = llm.generate(prompts[:2], params[:2])
         assert all(o.finish_reason == "length" for o in out)
+
+
+def _wait(engine, predicate, what, timeout_s=120):
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        engine.step()
+
+
+def test_borrowed_worker_fails_too(expected):
+    """(0, 1) dies, instance 0 borrows w1.1, then w1.1 dies as well, before
+    (0, 1)'s replacement has joined. Every request still ends, either with the
+    failure-free tokens or, if no stage-1 worker was left at that moment,
+    with finish_reason "error"; nothing hangs and no output is wrong."""
+    prompts, params = _workload()
+    with LLM(tiny_model(), num_instances=2, pp_size=2, **ARGS) as llm:
+        engine = llm.engine
+        seqs = [engine.add_request(p, sp) for p, sp in zip(prompts, params)]
+        outputs = {}
+        _wait(engine, lambda: any(len(s.output_token_ids) >= 2 for s in seqs), "tokens")
+        engine.inject_fault(0, 1, "kill")
+        _wait(engine, lambda: engine.events.of("rerouted"), "the reroute")
+        engine.inject_fault(1, 1, "hang")
+        _run_until_done(engine, outputs)
+        for seq, want in zip(seqs, expected):
+            out = outputs[seq.request_id]
+            assert out.finish_reason in ("length", "error")
+            if out.finish_reason == "length":
+                assert out.token_ids == want
+            else:
+                assert out.token_ids == want[:len(out.token_ids)]
+        _wait(engine, lambda: all(i.serving and i.workers == i.home for i in engine.instances),
+              "both replacements")
+        assert [o.token_ids for o in llm.generate(prompts[:3], params[:3])] == expected[:3]
+
+
+def test_five_failures_in_a_row_under_load(expected):
+    """Kills and hangs of every position, one after another, each while
+    requests are running and the previous recovery may still be under way."""
+    prompts, params = _workload()
+    rng = random.Random(1)
+    with LLM(tiny_model(), num_instances=2, pp_size=2, **ARGS) as llm:
+        engine = llm.engine
+        faults = [(0, 0, "kill"), (1, 1, "hang"), (0, 1, "kill"), (1, 0, "kill"), (0, 0, "hang")]
+        for round_, (instance, stage, kind) in enumerate(faults):
+            seqs = [engine.add_request(p, sp) for p, sp in zip(prompts, params)]
+            outputs = {}
+            _wait(engine, lambda: any(len(s.output_token_ids) >= rng.randrange(1, 6) for s in seqs),
+                  "tokens")
+            engine.inject_fault(instance, stage, kind)
+            _run_until_done(engine, outputs)
+            assert [outputs[s.request_id].token_ids for s in seqs] == expected, round_
+            _wait(engine, lambda: all(i.serving and i.workers == i.home for i in engine.instances),
+                  "the rejoin")
+        assert len(engine.events.of("detected")) == 5
+
+
+def test_a_replacement_that_dies_while_loading_is_replaced_again(expected):
+    prompts, params = _workload(4)
+    with LLM(tiny_model(), num_instances=2, pp_size=1, **ARGS) as llm:
+        engine = llm.engine
+        engine.inject_fault(0, 0, "kill")
+        _wait(engine, lambda: engine.events.of("replacement_started"), "a replacement")
+        # Kill the replacement before it can register and load.
+        proc = engine.launcher.procs[(0, 0)]
+        proc.kill()
+        _wait(engine, lambda: len(engine.events.of("replacement_started")) >= 2
+              or engine.events.of("rejoined"), "a second replacement")
+        outs = llm.generate(prompts, params)  # served meanwhile by the borrowed worker
+        assert all(o.finish_reason == "length" for o in outs)
+        _wait(engine, lambda: all(i.serving and i.workers == i.home for i in engine.instances),
+              "the rejoin")
