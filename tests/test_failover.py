@@ -202,3 +202,33 @@ def test_a_replacement_that_dies_while_loading_is_replaced_again(expected):
         assert all(o.finish_reason == "length" for o in outs)
         _wait(engine, lambda: all(i.serving and i.workers == i.home for i in engine.instances),
               "the rejoin")
+
+
+def test_a_caller_that_pauses_is_no_failure():
+    """Heartbeats queue up while the caller does not step; a pause longer than
+    the hang timeout must not make healthy workers look hung."""
+    prompts, params = _workload(2)
+    with LLM(tiny_model(), num_instances=1, pp_size=2, **ARGS) as llm:
+        llm.generate(prompts, params)
+        time.sleep(2.5 * ARGS["hang_timeout_s"])
+        outs = llm.generate(prompts, params)
+        assert all(o.finish_reason == "length" for o in outs)
+        assert not llm.engine.events.of("detected")
+
+
+def test_an_idle_async_engine_still_notices_a_hang():
+    from kevlarflow import AsyncEngine
+    from kevlarflow.dist.engine import DeploymentConfig
+
+    engine = AsyncEngine(tiny_model(), DeploymentConfig(num_instances=2, pp_size=1, **ARGS))
+    try:
+        deployment = engine.engine
+        deployment.inject_fault(1, 0, "hang")  # no request anywhere: only polling can see it
+        deadline = time.monotonic() + 30
+        while not deployment.events.of("rejoined"):
+            assert time.monotonic() < deadline, "the hang was never noticed"
+            time.sleep(0.05)
+        detected = deployment.events.of("detected")[0]
+        assert detected.worker == "w1.0" and "heartbeat" in detected.detail
+    finally:
+        engine.shutdown()

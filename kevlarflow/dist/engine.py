@@ -80,6 +80,8 @@ class DeploymentError(RuntimeError):
 
 
 class DistributedEngine(RecoveryMixin, RequestFrontend):
+    poll_interval_s = 0.05  # how often an idle caller should still step (health, recovery)
+
     def __init__(self, model: str, config: DeploymentConfig | None = None, tokenizer=None):
         from transformers import AutoTokenizer
 
@@ -292,8 +294,11 @@ class DistributedEngine(RecoveryMixin, RequestFrontend):
     def step(self, timeout_s: float = 0.1) -> list[RequestOutput]:
         """Fill every serving pipeline with micro-batches, then collect what
         comes back within timeout_s. Returns the outputs of this round."""
+        # What arrived while nobody was stepping first: heartbeats queued during
+        # a pause of the caller must count before the deadline is checked.
+        outputs = self._drain()
         self._check_processes()
-        outputs, self._undelivered = self._undelivered, []
+        outputs, self._undelivered = self._undelivered + outputs, []
         for inst in self.instances:
             while inst.can_dispatch():
                 batch = inst.schedule()
@@ -304,6 +309,13 @@ class DistributedEngine(RecoveryMixin, RequestFrontend):
         waiting = self.replacing or any(inst.in_flight or not inst.serving
                                         for inst in self.instances)
         received = self.endpoint.recv(int(timeout_s * 1000) if waiting else 0)
+        if received is not None:
+            outputs += self._handle(received) + self._drain()
+        return outputs
+
+    def _drain(self) -> list[RequestOutput]:
+        outputs = []
+        received = self.endpoint.recv(0)
         while received is not None:
             outputs += self._handle(received)
             received = self.endpoint.recv(0)

@@ -99,16 +99,20 @@ class AsyncEngine:
     def _loop(self) -> None:
         try:
             while True:
+                # A deployment is stepped even when idle, at its poll interval:
+                # its health checks and recoveries run in step().
+                poll = getattr(self.engine, "poll_interval_s", None)
                 with self._wake:
                     while not (self._commands or self._stopping or self.engine.has_unfinished()):
-                        self._wake.wait()
+                        if not self._wake.wait(timeout=poll) and poll is not None:
+                            break
                     if self._stopping:
                         break
                     commands = list(self._commands)
                     self._commands.clear()
                 for command in commands:
                     self._apply(command)
-                if self.engine.has_unfinished():
+                if self.engine.has_unfinished() or poll is not None:
                     for out in self.engine.step():
                         self._deliver(out.request_id, out)
         except BaseException as error:  # noqa: BLE001  (reported to every caller)
