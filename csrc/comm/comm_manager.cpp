@@ -325,28 +325,29 @@ void CommManager::run(const std::string& group, const std::string& op, const Tar
   }
 }
 
+std::unique_ptr<Work> CommManager::start(const std::string& group, const std::string& op,
+                                         const Target& target,
+                                         const std::function<std::unique_ptr<Work>()>& issue) {
+  try {
+    return issue();
+  } catch (const TransportError& e) {
+    fail_op(group, op, target, e);
+  }
+}
+
 void CommManager::send(const std::string& group, const at::Tensor& t, const std::string& dst,
                        std::optional<Millis> deadline) {
   Millis d = resolve(deadline);
   Target tg = target(group, "send", t, &dst);
-  std::unique_ptr<Work> w;
-  try {
-    w = tg.transport->send(handle_of(t), tg.peer_rank, d);
-  } catch (const TransportError& e) {
-    fail_op(group, "send", tg, e);
-  }
-  run(group, "send", tg, std::move(w), d);
+  run(group, "send", tg,
+      start(group, "send", tg, [&] { return tg.transport->send(handle_of(t), tg.peer_rank, d); }), d);
 }
 
 std::shared_ptr<PendingOp> CommManager::isend(const std::string& group, const at::Tensor& t,
                                               const std::string& dst) {
   Target tg = target(group, "isend", t, &dst);
-  std::unique_ptr<Work> w;
-  try {
-    w = tg.transport->send(handle_of(t), tg.peer_rank, deadline_);
-  } catch (const TransportError& e) {
-    fail_op(group, "isend", tg, e);
-  }
+  auto w = start(group, "isend", tg,
+                 [&] { return tg.transport->send(handle_of(t), tg.peer_rank, deadline_); });
   return std::make_shared<PendingOp>(weak_from_this(), group, tg.generation, "isend", tg.peer, t,
                                      std::move(w));
 }
@@ -355,39 +356,26 @@ void CommManager::recv(const std::string& group, const at::Tensor& t, const std:
                        std::optional<Millis> deadline) {
   Millis d = resolve(deadline);
   Target tg = target(group, "recv", t, &src);
-  std::unique_ptr<Work> w;
-  try {
-    w = tg.transport->recv(handle_of(t), tg.peer_rank, d);
-  } catch (const TransportError& e) {
-    fail_op(group, "recv", tg, e);
-  }
-  run(group, "recv", tg, std::move(w), d);
+  run(group, "recv", tg,
+      start(group, "recv", tg, [&] { return tg.transport->recv(handle_of(t), tg.peer_rank, d); }), d);
 }
 
 void CommManager::allreduce(const std::string& group, const at::Tensor& t,
                             std::optional<Millis> deadline) {
   Millis d = resolve(deadline);
   Target tg = target(group, "allreduce", t, nullptr);
-  std::unique_ptr<Work> w;
-  try {
-    w = tg.transport->allreduce_sum(handle_of(t), d);
-  } catch (const TransportError& e) {
-    fail_op(group, "allreduce", tg, e);
-  }
-  run(group, "allreduce", tg, std::move(w), d);
+  run(group, "allreduce", tg,
+      start(group, "allreduce", tg, [&] { return tg.transport->allreduce_sum(handle_of(t), d); }), d);
 }
 
 void CommManager::broadcast(const std::string& group, const at::Tensor& t, const std::string& root,
                             std::optional<Millis> deadline) {
   Millis d = resolve(deadline);
   Target tg = target(group, "broadcast", t, &root);
-  std::unique_ptr<Work> w;
-  try {
-    w = tg.transport->broadcast(handle_of(t), tg.peer_rank, d);
-  } catch (const TransportError& e) {
-    fail_op(group, "broadcast", tg, e);
-  }
-  run(group, "broadcast", tg, std::move(w), d);
+  run(group, "broadcast", tg,
+      start(group, "broadcast", tg,
+            [&] { return tg.transport->broadcast(handle_of(t), tg.peer_rank, d); }),
+      d);
 }
 
 // ---- PendingOp ------------------------------------------------------------

@@ -7,6 +7,7 @@
 #pragma once
 #include <ATen/ATen.h>
 
+#include <functional>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -121,6 +122,10 @@ class CommManager : public std::enable_shared_from_this<CommManager> {
   Target target(const std::string& group, const std::string& op, const at::Tensor& t,
                 const std::string* peer);
   Millis resolve(std::optional<Millis> deadline) const;
+  // Issues an op on the transport; a transport that refuses it breaks the group.
+  std::unique_ptr<Work> start(const std::string& group, const std::string& op,
+                              const Target& target,
+                              const std::function<std::unique_ptr<Work>()>& issue);
   void run(const std::string& group, const std::string& op, const Target& target,
            std::unique_ptr<Work> work, Millis deadline);
   [[noreturn]] void fail_op(const std::string& group, const std::string& op, const Target& target,

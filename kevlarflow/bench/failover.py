@@ -92,6 +92,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--prompt-len", type=int, default=64)
     parser.add_argument("--output-len", type=int, default=48)
     parser.add_argument("--chunk", type=int, default=256, help="max_num_batched_tokens")
+    parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args(argv)
 
     model = ensure_model(args.preset, args.flavour)
@@ -100,29 +101,37 @@ def main(argv: list[str] | None = None) -> None:
     vocab = ModelConfig.from_pretrained(model).vocab_size
     trace = make_trace(args.rate, args.duration, args.prompt_len, args.output_len, vocab)
     victim = (0, args.stage, args.fault)
-    results = {}
-    for mode in ("kevlarflow", "restart"):
-        print(f"running {mode} ({len(trace)} requests, {args.fault} of worker (0, {args.stage}) at "
-              f"{args.fail_at:.0f} s) ...", flush=True)
-        results[mode] = run_mode(model, mode, trace, args.fail_at, victim, args)
+    runs = {"kevlarflow": [], "restart": []}
+    for r in range(args.repeats):
+        for mode in runs:  # alternating, so that drift on the machine hits both
+            print(f"repeat {r + 1}/{args.repeats}: {mode} ({len(trace)} requests, {args.fault} of "
+                  f"worker (0, {args.stage}) at {args.fail_at:.0f} s) ...", flush=True)
+            runs[mode].append(run_mode(model, mode, trace, args.fail_at, victim, args))
+
+    def spread(values, scale=1.0, digits=2):
+        values = [v * scale for v in values if v is not None]
+        if not values:
+            return "-"
+        return f"{statistics.median(values):.{digits}f} ({min(values):.{digits}f}-{max(values):.{digits}f})"
+
+    def next_token(r):  # the median over the affected requests of one run
+        return statistics.median(r["next_token_s"]) if r["next_token_s"] else None
 
     print(f"\n{args.preset} {args.flavour}, 2 instances x 2 stages, {len(trace)} requests at "
           f"{args.rate}/s, {args.fault} of worker (0, {args.stage}) at {args.fail_at:.0f} s; "
-          f"{cpu_model()}")
-    print(f"{'mode':12} {'detect ms':>10} {'MTTR s':>8} {'next token s (median, max)':>28} "
-          f"{'affected':>9} {'errors':>7}")
-    for mode, r in results.items():
-        nt = r["next_token_s"]
-        nt_text = f"{statistics.median(nt):.2f}, {max(nt):.2f}" if nt else "-"
-        mttr = f"{r['mttr_s']:.2f}" if r["mttr_s"] is not None else "-"
-        print(f"{mode:12} {1000 * r['detect_s']:10.1f} {mttr:>8} {nt_text:>28} "
-              f"{r['affected']:9d} {r['errors']:7d}")
-    k, b = results["kevlarflow"], results["restart"]
-    if k["mttr_s"] and b["mttr_s"]:
-        print(f"restart / kevlarflow: MTTR {b['mttr_s'] / k['mttr_s']:.1f}x", end="")
-        if k["next_token_s"] and b["next_token_s"]:
-            print(f", median time to next token {statistics.median(b['next_token_s']) / statistics.median(k['next_token_s']):.1f}x", end="")
-        print()
+          f"{cpu_model()}; median (min-max) over {args.repeats} runs")
+    print(f"{'mode':11} {'detect ms':>18} {'MTTR s':>18} {'next token s':>18} {'affected':>9} "
+          f"{'errors':>7}")
+    for mode, rs in runs.items():
+        print(f"{mode:11} {spread([r['detect_s'] for r in rs], 1000, 1):>18} "
+              f"{spread([r['mttr_s'] for r in rs]):>18} {spread([next_token(r) for r in rs]):>18} "
+              f"{sum(r['affected'] for r in rs):9d} {sum(r['errors'] for r in rs):7d}")
+    ratios = [b["mttr_s"] / k["mttr_s"] for k, b in zip(runs["kevlarflow"], runs["restart"])
+              if k["mttr_s"] and b["mttr_s"]]
+    tokens = [next_token(b) / next_token(k) for k, b in zip(runs["kevlarflow"], runs["restart"])
+              if next_token(k) and next_token(b)]
+    print(f"restart / kevlarflow, per run: MTTR {spread(ratios, digits=1)}x, "
+          f"time to next token {spread(tokens, digits=1)}x")
 
 
 if __name__ == "__main__":
