@@ -5,6 +5,7 @@ baseline), and the hard cases end in clear errors, never hangs."""
 import random
 import time
 
+import psutil
 import pytest
 
 from kevlarflow import LLM, SamplingParams
@@ -70,6 +71,9 @@ def _serve_with_fault(stage, kind, recovery="kevlarflow", victim_instance=0):
             raise AssertionError("the replacement never rejoined")
         # The deployment serves on, with every instance back on its own workers.
         again = llm.generate(prompts[:4], params[:4])
+    # Failed workers, hung ones included, and replacements: all reaped.
+    assert not [p for p in psutil.Process().children(recursive=True)
+                if p.status() != psutil.STATUS_ZOMBIE]
     return [outputs[s.request_id] for s in seqs], again, events
 
 
