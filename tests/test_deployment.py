@@ -95,3 +95,23 @@ def test_logprobs_and_streaming_through_a_pipeline():
     for a, b in zip(remote, local.logprobs):
         assert a.logprob == pytest.approx(b.logprob, abs=1e-4)
         assert [i for i, _ in a.top] == [i for i, _ in b.top]
+
+
+def test_a_worker_that_cannot_start_fails_the_deployment_at_once(tmp_path):
+    """A checkpoint the workers cannot load (the controller can read its
+    config): a clear error within seconds, not a wait for the start timeout."""
+    import shutil
+    import time
+
+    from kevlarflow.dist.engine import DeploymentError
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model(), broken)
+    for weights in broken.glob("*.safetensors"):
+        weights.write_bytes(b"not safetensors")
+    start = time.monotonic()
+    before = _children()
+    with pytest.raises(DeploymentError, match="exited with code"):
+        LLM(str(broken), num_instances=1, pp_size=2, start_timeout_s=300)
+    assert time.monotonic() - start < 60
+    assert not (_children() - before)

@@ -134,6 +134,7 @@ class DistributedEngine(RecoveryMixin, RequestFrontend):
         self._group_acks: dict[str, set[str]] = {}
         self._undelivered: list[RequestOutput] = []  # ended outside a result (failures)
         self._closed = False
+        self._started = False
         self.launcher = None
 
         self.store = torch.distributed.TCPStore(config.host, config.store_port, is_master=True,
@@ -153,6 +154,7 @@ class DistributedEngine(RecoveryMixin, RequestFrontend):
                 log.info("waiting for %d workers: start each with `kevlarflow worker --controller "
                          "%s`", len(self.slot_of), self.address)
             self._wait_until_serving(config.start_timeout_s)
+            self._started = True
         except BaseException:
             self.shutdown()
             raise
@@ -182,6 +184,9 @@ class DistributedEngine(RecoveryMixin, RequestFrontend):
         if self.launcher:
             for (i, s), code in self.launcher.exited().items():
                 name = f"w{i}.{s}"
+                if not self._started:  # a worker that cannot even start: fail fast
+                    raise DeploymentError(f"worker {name} exited with code {code} while the "
+                                          "deployment was starting (its log is above)")
                 if name in self.peer_of or name in self.ready:
                     self.worker_failed(name, f"process exited with code {code}")
                 elif name in self.replacing:  # died before it even registered
