@@ -15,6 +15,7 @@ import socket
 import threading
 import time
 from collections import deque
+from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
@@ -36,6 +37,18 @@ MAX_PENDING_SENDS = 4  # hidden states on their way to the next stage
 
 class BadStep(ValueError):
     """A step message that is well-formed but cannot be executed here."""
+
+
+@dataclass
+class _Prepared:
+    """A step whose inputs are in hand, ready for the forward pass."""
+    message: dict
+    members: list[str]
+    me: int                     # this worker's index in members
+    chunks: list[tuple[int, int, list[int]]]
+    num_tokens: int
+    inputs: torch.Tensor        # token ids (first stage) or hidden states
+    rows: torch.Tensor | None   # rows to sample, last stage only
 
 
 class Heartbeat(threading.Thread):
@@ -76,6 +89,8 @@ class Worker:
         self.controller = controller
         self.heartbeat: Heartbeat | None = None
         self.pending_sends: deque = deque()
+        self.backlog: deque = deque()  # messages read ahead while looking for a step to merge
+        self.merged_steps = 0
         self.sampler = Sampler()
         self.endpoint.send("register", pid=os.getpid(), host=socket.gethostname(),
                            instance=instance, stage=stage)
@@ -88,7 +103,7 @@ class Worker:
                 if self.parent_pid is not None and os.getppid() != self.parent_pid:
                     log.warning("%s: the controller process is gone; exiting", self.name)
                     return
-                message = self.endpoint.recv(POLL_MS)
+                message = self.backlog.popleft() if self.backlog else self.endpoint.recv(POLL_MS)
                 if message is None:
                     continue
                 if message["type"] == "shutdown":
@@ -199,28 +214,86 @@ class Worker:
     # One micro-batch ----------------------------------------------------------
 
     def _step(self, m: dict) -> None:
-        try:
-            self._execute(m)
-        except BadStep as error:
-            log.warning("%s: rejected step %d: %s", self.name, m["step"], error)
-            self.endpoint.send("error", step=m["step"], kind="bad_step", message=str(error))
-        except CommError as error:
-            log.warning("%s: step %d: %s", self.name, m["step"], error)
-            self.endpoint.send("error", step=m["step"], kind="comm", message=str(error))
+        steps = [m]
+        if len(self.groups) > 1:  # borrowed: serving two pipelines
+            partner = self._merge_partner(m["group"])
+            if partner is not None:
+                steps.append(partner)
+                self.merged_steps += 1
+                if self.merged_steps == 1:
+                    log.info("%s: merging the steps of %s and %s into one forward pass",
+                             self.name, m["group"], partner["group"])
+        prepared = []
+        for step in steps:
+            try:
+                inputs = self._prepare(step)
+            except (BadStep, CommError) as error:
+                self._report(step, error)
+                continue
+            if inputs is not None:
+                prepared.append(inputs)
+        if not prepared:
+            return
+        # One forward pass over the micro-batches of both pipelines: decode is
+        # bound by reading the weights, so the larger batch costs little more.
+        chunks = [c for p in prepared for c in p.chunks]
+        inputs = torch.cat([p.inputs for p in prepared])
+        rows, offset = None, 0
+        if self.spec.is_last:
+            parts = []
+            for p in prepared:
+                parts.append(p.rows + offset)
+                offset += p.num_tokens
+            rows = torch.cat(parts)
+        out = self.stage(inputs, attention_metadata(chunks, self.block_size), self.kv_caches,
+                         logits_indices=rows, attention_backend=self.attention_backend)
+        start = 0
+        for p in prepared:
+            size = len(p.rows) if self.spec.is_last else p.num_tokens
+            try:
+                self._finish_step(p, out[start:start + size])
+            except CommError as error:
+                self._report(p.message, error)
+            start += size
 
-    def _execute(self, m: dict) -> None:
+    def _report(self, m: dict, error: Exception) -> None:
+        kind = "bad_step" if isinstance(error, BadStep) else "comm"
+        log.warning("%s: step %d: %s: %s", self.name, m["step"], kind, error)
+        self.endpoint.send("error", step=m["step"], kind=kind, message=str(error))
+
+    def _merge_partner(self, group: str) -> dict | None:
+        """The next step of another pipeline, if it is already queued and
+        nothing that must run before it (a rebuild, a shutdown) is in the way."""
+        while True:  # take in what has arrived, without waiting
+            message = self.endpoint.recv(0)
+            if message is None:
+                break
+            self.backlog.append(message)
+        for i, message in enumerate(self.backlog):
+            if message["type"] != "step":
+                return None
+            if message["group"] != group:
+                del self.backlog[i]
+                return message
+        return None
+
+    def _prepare(self, m: dict) -> "_Prepared | None":
+        """Check a step and gather its inputs; None for a stale step."""
         members = self.groups.get(m["group"])
         if members is None:
             raise BadStep(f"not a member of group {m['group']!r}")
         if m["generation"] != self.generations.get(m["group"]):
-            return  # sent before the group was aborted or rebuilt: nobody waits for it
-        self._run_step(m, members)
-
-    def _run_step(self, m: dict, members: list[str]) -> None:
+            return None  # sent before the group was aborted or rebuilt: nobody waits for it
         chunks = self._check_chunks(m["seqs"])
         num_tokens = sum(n for n, _, _ in chunks)
-        meta = attention_metadata(chunks, self.block_size)
         me = members.index(self.name)
+        rows = None
+        if self.spec.is_last:
+            sample = m["sample"]
+            if sample is None or len(sample) != len(chunks):
+                raise BadStep("the last stage needs one sample entry per sequence")
+            ends = torch.tensor([n for n, _, _ in chunks]).cumsum(0) - 1
+            rows = ends[[i for i, s in enumerate(sample) if s is not None]]
         if self.spec.is_first:
             ids = m["token_ids"]
             if ids is None or len(ids) != num_tokens or \
@@ -229,19 +302,14 @@ class Worker:
             inputs = torch.tensor(ids, dtype=torch.int64)
         else:
             inputs = self._recv_hidden(m["group"], members[me - 1], num_tokens)
-        rows = None
-        if self.spec.is_last:
-            sample = m["sample"]
-            if sample is None or len(sample) != len(chunks):
-                raise BadStep("the last stage needs one sample entry per sequence")
-            ends = torch.tensor([n for n, _, _ in chunks]).cumsum(0) - 1
-            rows = ends[[i for i, s in enumerate(sample) if s is not None]]
-        out = self.stage(inputs, meta, self.kv_caches, logits_indices=rows,
-                         attention_backend=self.attention_backend)
+        return _Prepared(m, members, me, chunks, num_tokens, inputs, rows)
+
+    def _finish_step(self, p: "_Prepared", out: torch.Tensor) -> None:
         if not self.spec.is_last:
-            self._send_hidden(m["group"], members[me + 1], out)
+            self._send_hidden(p.message["group"], p.members[p.me + 1], out)
         else:
-            self._sample_and_reply(m["step"], [s for s in m["sample"] if s is not None], out)
+            self._sample_and_reply(p.message["step"],
+                                   [s for s in p.message["sample"] if s is not None], out)
 
     def _check_chunks(self, seqs: list) -> list[tuple[int, int, list[int]]]:
         if not seqs:
