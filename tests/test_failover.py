@@ -86,11 +86,11 @@ def test_reroute_keeps_every_request(expected, stage, kind):
     assert all(o.finish_reason == "length" for o in outs)
     assert [o.token_ids for o in again] == expected[:4]
     kinds = [e.kind for e in events]
-    for k in ("failed", "detected", "aborted", "replacement_started", "rerouted",
+    for k in ("failed", "detected", "aborted", "replacement_started", "rerouted", "resumed",
               "first_step_after_failure"):
         assert k in kinds, (k, kinds)
     assert kinds.index("failed") < kinds.index("detected") < kinds.index("rerouted") \
-        < kinds.index("first_step_after_failure")
+        < kinds.index("resumed") < kinds.index("first_step_after_failure")
     detected = next(e for e in events if e.kind == "detected")
     assert detected.worker == f"w0.{stage}"
     assert ("heartbeat" in detected.detail) == (kind == "hang")

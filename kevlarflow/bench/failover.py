@@ -6,7 +6,9 @@ seeded lengths) and, at the same moment of the trace, delivers the same fault
 to the same worker. Reported per mode: the time to detect the failure, MTTR
 (from the failure until the failed instance completes a forward step again),
 and for each request that was in flight on the failed instance, the time from
-the failure until its next token; then the ratios restart / KevlarFlow."""
+the failure until its next token; then the ratios restart / KevlarFlow.
+"resumed" is when the failed instance's communicator was up again (rerouted,
+or restarted), before its first step."""
 from __future__ import annotations
 
 import argparse
@@ -66,6 +68,7 @@ def run_mode(model: str, recovery: str, trace, fail_at_s: float, victim: tuple[i
         failed = events.of("failed")[0].time
         detected = events.of("detected")[0].time
         recovered = [e.time for e in events.of("first_step_after_failure") if e.instance == victim[0]]
+        resumed = [e.time for e in events.of("resumed") if e.instance == victim[0]]
         affected = [rid for rid, inst in owner_at_failure.items() if inst == victim[0]]
         next_token = []
         for rid in affected:
@@ -74,6 +77,7 @@ def run_mode(model: str, recovery: str, trace, fail_at_s: float, victim: tuple[i
                 next_token.append(after[0] - failed)
         errors = sum(1 for q in seqs if q.finish_reason == "error")
         return dict(detect_s=detected - failed, mttr_s=(recovered[0] - failed) if recovered else None,
+                    resume_s=(resumed[0] - failed) if resumed else None,
                     next_token_s=next_token, affected=len(affected), requests=len(seqs),
                     errors=errors)
     finally:
@@ -120,10 +124,11 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\n{args.preset} {args.flavour}, 2 instances x 2 stages, {len(trace)} requests at "
           f"{args.rate}/s, {args.fault} of worker (0, {args.stage}) at {args.fail_at:.0f} s; "
           f"{cpu_model()}; median (min-max) over {args.repeats} runs")
-    print(f"{'mode':11} {'detect ms':>18} {'MTTR s':>18} {'next token s':>18} {'affected':>9} "
-          f"{'errors':>7}")
+    print(f"{'mode':11} {'detect ms':>18} {'resumed s':>18} {'MTTR s':>18} {'next token s':>18} "
+          f"{'affected':>9} {'errors':>7}")
     for mode, rs in runs.items():
         print(f"{mode:11} {spread([r['detect_s'] for r in rs], 1000, 1):>18} "
+              f"{spread([r['resume_s'] for r in rs]):>18} "
               f"{spread([r['mttr_s'] for r in rs]):>18} {spread([next_token(r) for r in rs]):>18} "
               f"{sum(r['affected'] for r in rs):9d} {sum(r['errors'] for r in rs):7d}")
     ratios = [b["mttr_s"] / k["mttr_s"] for k, b in zip(runs["kevlarflow"], runs["restart"])

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 log = logging.getLogger("kevlarflow.ft")
 
 # The kinds, in the order a recovery goes through them.
-KINDS = ("failed", "detected", "aborted", "rerouted", "first_step_after_failure",
+KINDS = ("failed", "detected", "aborted", "rerouted", "resumed", "first_step_after_failure",
          "replacement_started", "replacement_loaded", "rejoined", "requests_failed")
 
 

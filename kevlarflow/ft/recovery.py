@@ -172,7 +172,9 @@ class RecoveryMixin:
                 self.events.record("rejoined", worker=name, instance=inst.index)
 
     def instance_serving(self, inst) -> None:
-        """Its communicator is up: nothing to do but note it."""
+        """Its communicator is up again after a failure: it can take steps."""
+        if inst.failed_at is not None:
+            self.events.record("resumed", instance=inst.index, detail=" -> ".join(inst.workers))
 
     def step_completed(self, inst) -> None:
         if inst.failed_at is not None:
