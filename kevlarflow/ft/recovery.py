@@ -130,8 +130,8 @@ class RecoveryMixin:
             if own in self.ready:
                 route.append(own)
                 continue
-            donor = next((o.home[s] for o in self.instances if o is not inst and o.home[s] in self.ready),
-                         None)
+            donor = next((o.home[s] for o in self.instances
+                          if o is not inst and o.home[s] in self.ready), None)
             if donor is None:
                 inst.serving = False
                 self._fail_requests(inst, f"no live worker for stage {s}")
