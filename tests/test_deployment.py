@@ -1,6 +1,5 @@
 """Deployments of real worker processes on loopback: pipeline outputs equal
 the single-process engine's, instances share the load, nothing is orphaned."""
-import os
 
 import psutil
 import pytest

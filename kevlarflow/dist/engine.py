@@ -25,7 +25,7 @@ from kevlarflow.engine.block_manager import BlockManager
 from kevlarflow.engine.frontend import RequestFrontend
 from kevlarflow.engine.llm_engine import EngineConfig
 from kevlarflow.engine.outputs import RequestOutput, TokenLogprob
-from kevlarflow.engine.sequence import Sequence, Status
+from kevlarflow.engine.sequence import Sequence
 from kevlarflow.ft.events import EventLog
 from kevlarflow.ft.health import HealthMonitor
 from kevlarflow.ft.recovery import RecoveryMixin
@@ -109,16 +109,16 @@ class DistributedEngine(RecoveryMixin, RequestFrontend):
         super().__init__(tokenizer or AutoTokenizer.from_pretrained(model), cfg.vocab_size,
                          cfg.eos_token_ids, max_model_len, min(self.stage_blocks) * bs)
 
+        # Worker name -> its slot (instance, stage), and the allocator of its KV pool.
+        self.slot_of = {f"w{i}.{s}": (i, s) for i in range(config.num_instances)
+                        for s in range(config.pp_size)}
+        self.pools: dict[str, BlockManager] = {w: self._new_pool(w) for w in self.slot_of}
         self.instances = []
-        self.pools: dict[str, BlockManager] = {}  # worker name -> the allocator of its KV pool
         for i in range(config.num_instances):
             workers = [f"w{i}.{s}" for s in range(config.pp_size)]
-            for s, name in enumerate(workers):
-                self.pools[name] = self._new_pool(name)
             self.instances.append(PipelineInstance(
                 i, workers, [self.pools[w] for w in workers], config.max_num_batched_tokens,
                 config.max_num_seqs, config.max_in_flight or config.pp_size))
-        self.slot_of = {w: (i.index, s) for i in self.instances for s, w in enumerate(i.workers)}
         self.peer_of: dict[str, bytes] = {}   # worker name -> its control socket identity
         self.worker_of: dict[bytes, str] = {}
         self.heartbeat_peer_of: dict[str, bytes] = {}
@@ -126,7 +126,6 @@ class DistributedEngine(RecoveryMixin, RequestFrontend):
         self.ready: set[str] = set()          # registered, loaded, not failed since
         self.health = HealthMonitor(config.hang_timeout_s)
         self.events = EventLog()
-        self.step_owner: dict[int, PipelineInstance] = {}
         self.replacing: dict[str, int] = {}   # worker slot -> replacements started for it
         self.owner: dict[Sequence, PipelineInstance] = {}
         self._steps = itertools.count()
@@ -160,7 +159,7 @@ class DistributedEngine(RecoveryMixin, RequestFrontend):
             raise
 
     def _new_pool(self, worker: str) -> BlockManager:
-        stage = int(worker.rsplit(".", 1)[1])
+        stage = self.slot_of[worker][1]
         return BlockManager(self.stage_blocks[stage], self.config.block_size,
                             self.config.enable_prefix_caching, pool=worker)
 
@@ -282,14 +281,9 @@ class DistributedEngine(RecoveryMixin, RequestFrontend):
     def _release(self, seq: Sequence) -> None:
         inst = self.owner.pop(seq)
         inst.sequences.discard(seq)
-        sched = inst.scheduler
-        if seq in sched.running:
-            sched.running.remove(seq)
-        elif seq in sched.waiting:
-            sched.waiting.remove(seq)
+        inst.scheduler.drop(seq)
         if seq not in inst.busy:  # else a stage may still write its blocks: freed on return
             inst.blocks.free_sequence(seq)
-        seq.status = Status.FINISHED
 
     def has_unfinished(self) -> bool:
         return bool(self.sequences)
@@ -331,14 +325,17 @@ class DistributedEngine(RecoveryMixin, RequestFrontend):
         messages, sampled = inst.stage_messages(step, batch)
         for worker, message in zip(inst.workers, messages):
             self.endpoint.send(self.peer_of[worker], "step", generation=inst.generation, **message)
-        self.step_owner[step] = inst
         inst.in_flight[step] = MicroBatch(step, batch, sampled, time.monotonic())
         inst.steps_dispatched += 1
         inst.peak_in_flight = max(inst.peak_in_flight, len(inst.in_flight))
         inst.busy.update(seq for seq, _ in batch.items)
 
+    def instance_of_step(self, step: int | None) -> PipelineInstance | None:
+        """The instance with that step in flight; None if it was given up on."""
+        return next((inst for inst in self.instances if step in inst.in_flight), None)
+
     def _on_result(self, name: str, m: dict) -> list[RequestOutput]:
-        inst = self.step_owner.pop(m["step"], None)
+        inst = self.instance_of_step(m["step"])
         mb = inst.in_flight.get(m["step"]) if inst else None
         if mb is None or name != inst.workers[-1] or len(m["tokens"]) != len(mb.sampled) \
                 or len(m["logprobs"]) != len(mb.sampled):

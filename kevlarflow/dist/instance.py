@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from kevlarflow.engine.block_manager import BlockManager
 from kevlarflow.engine.scheduler import ScheduledBatch, Scheduler
-from kevlarflow.engine.sequence import Sequence, Status
+from kevlarflow.engine.sequence import Sequence
 
 
 class PipelineBlocks:
@@ -87,15 +87,7 @@ class PipelineInstance:
         tokens generated so far, when scheduled again); nothing is in flight."""
         self.in_flight.clear()
         self.busy.clear()
-        sched = self.scheduler
-        for seq in sched.running:
-            self.blocks.free_sequence(seq)
-            seq.num_computed_tokens = 0
-            seq.status = Status.WAITING
-            seq.num_preemptions += 1
-        # Oldest first, ahead of those that never ran.
-        sched.waiting.extendleft(sorted(sched.running, key=lambda q: q.arrival_time, reverse=True))
-        sched.running = []
+        self.scheduler.preempt_all()
 
     def use_workers(self, workers: list[str], pools: list[BlockManager]) -> None:
         self.workers = list(workers)
@@ -116,7 +108,9 @@ class PipelineInstance:
     def stage_messages(self, step: int, batch: ScheduledBatch) -> tuple[list[dict], list[Sequence]]:
         """The step message of each stage (fields of protocol's "step"), and
         the sequences whose next token this batch samples."""
-        sampled = [seq for seq, n in batch.items if seq.num_computed_tokens + n == seq.num_tokens]
+        # A chunk that reaches its sequence's end yields the next token.
+        samples = [seq.num_computed_tokens + n == seq.num_tokens for seq, n in batch.items]
+        sampled = [seq for (seq, _), s in zip(batch.items, samples) if s]
         messages = []
         last = len(self.workers) - 1
         for stage, pool in enumerate(self.blocks.pools):
@@ -126,8 +120,8 @@ class PipelineInstance:
                              for t in seq.token_ids(seq.num_computed_tokens, seq.num_computed_tokens + n)]
             sample = None
             if stage == last:
-                sample = [_sampling_row(seq) if seq.num_computed_tokens + n == seq.num_tokens else None
-                          for seq, n in batch.items]
+                sample = [_sampling_row(seq) if s else None
+                          for (seq, _), s in zip(batch.items, samples)]
             messages.append(dict(step=step, group=self.group, token_ids=token_ids, sample=sample,
                                  seqs=[[n, seq.num_computed_tokens, pool.table(seq)]
                                        for seq, n in batch.items]))

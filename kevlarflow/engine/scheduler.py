@@ -93,9 +93,21 @@ class Scheduler:
         seq.num_preemptions += 1
         self.waiting.appendleft(seq)
 
+    def preempt_all(self) -> None:
+        """Preempt every running sequence; they go back to the front of the
+        waiting queue, oldest first."""
+        for seq in sorted(self.running, key=lambda s: s.arrival_time, reverse=True):
+            self._preempt(seq)
+        self.running = []
+
     def finish(self, seq: Sequence) -> None:
         """Release a sequence that finished (or was aborted)."""
         self.blocks.free_sequence(seq)
+        self.drop(seq)
+
+    def drop(self, seq: Sequence) -> None:
+        """Take a finished sequence out of the queues; its blocks are the
+        caller's to free."""
         if seq in self.running:
             self.running.remove(seq)
         elif seq in self.waiting:

@@ -185,8 +185,8 @@ class RecoveryMixin:
     # Errors reported by workers --------------------------------------------------------------
 
     def _on_error(self, name: str, m: dict) -> None:
-        inst = self.step_owner.get(m["step"]) if m["step"] is not None else None
-        if m["step"] is not None and (inst is None or m["step"] not in inst.in_flight):
+        inst = self.instance_of_step(m["step"])
+        if m["step"] is not None and inst is None:
             return  # about a step given up on already
         log.warning("%s: %s: %s", name, m["kind"], m["message"])
         if m["kind"] == "comm":
