@@ -57,7 +57,7 @@ def test_worker_rejects_garbage_and_keeps_serving(lone_worker):
     endpoint.send(peer, "assign", worker="w0.0", instance=0, stage=0, num_stages=1,
                   model=tiny_model(), dtype=None, block_size=4, num_blocks=8, max_model_len=64,
                   store_port=1, deadline_s=5.0, attention_backend="native", threads=1,
-                  heartbeat_s=0.1)
+                  heartbeat_s=0.1, replica_blocks=0, replication_transfer_bytes=1 << 20)
     _expect(endpoint, "ready")
     endpoint.send(peer, "build_group", group="pipe0", members=["w0.0"], generation=0)
     _expect(endpoint, "group_ready")
@@ -68,15 +68,15 @@ def test_worker_rejects_garbage_and_keeps_serving(lone_worker):
                       ([[2, 0, [0]]], [1]),           # token ids missing
                       ([[2, 0, [0]]], [1, 10**6])]:   # token id past the vocabulary
         endpoint.send(peer, "step", step=1, group="pipe0", generation=0, seqs=seqs, token_ids=ids,
-                      sample=[sample])
+                      sample=[sample], replicate=None)
         _, reply = _expect(endpoint, "error")
         assert reply["kind"] == "bad_step" and reply["step"] == 1
     endpoint.send(peer, "step", step=2, group="nope", generation=0, seqs=[[2, 0, [0]]], token_ids=[1, 2],
-                  sample=[sample])
+                  sample=[sample], replicate=None)
     assert _expect(endpoint, "error")[1]["kind"] == "bad_step"
     # And a good one is answered with a token.
     endpoint.send(peer, "step", step=3, group="pipe0", generation=0, seqs=[[2, 0, [0]]], token_ids=[1, 2],
-                  sample=[sample])
+                  sample=[sample], replicate=None)
     _, result = _expect(endpoint, "result")
     assert result["step"] == 3 and len(result["tokens"]) == 1
     endpoint.send(peer, "shutdown")

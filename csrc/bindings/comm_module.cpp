@@ -10,11 +10,13 @@
 #include "comm_error.h"
 #include "comm_manager.h"
 #include "gloo_transport.h"
+#include "kv_replicator.h"
 #include "nccl_transport.h"
 #include "reaper.h"
 
 namespace py = pybind11;
 using namespace kevlarflow::comm;
+using kevlarflow::replication::KVReplicator;
 
 namespace {
 
@@ -188,6 +190,45 @@ PYBIND11_MODULE(_comm, m) {
       .def("broken", &CommManager::broken)
       .def("groups", &CommManager::groups)
       .def("inflight", &CommManager::inflight);
+
+  py::class_<KVReplicator, std::shared_ptr<KVReplicator>>(m, "KVReplicator")
+      .def(py::init([](const std::shared_ptr<CommManager>& manager, std::vector<at::Tensor> caches,
+                       int64_t max_transfer_bytes, double keepalive_s) {
+             return std::make_shared<KVReplicator>(manager, std::move(caches), max_transfer_bytes,
+                                                   *to_millis(keepalive_s, "keepalive_s"));
+           }),
+           py::arg("manager"), py::arg("caches"), py::arg("max_transfer_bytes"),
+           py::arg("keepalive_s"))
+      .def("start", &KVReplicator::start, py::arg("group"), py::arg("backup"), Release())
+      .def("stop", &KVReplicator::stop, Release())
+      .def("submit", &KVReplicator::submit, py::arg("src"), py::arg("dst"), py::arg("step"),
+           Release())
+      .def(
+          "receive",
+          [](KVReplicator& self, const std::string& group, const std::string& source,
+             std::optional<double> deadline_s) {
+            auto d = to_millis(deadline_s, "deadline_s");
+            py::gil_scoped_release release;
+            return self.receive(group, source, d);
+          },
+          py::arg("group"), py::arg("source"), py::arg("deadline_s") = py::none())
+      .def("stats",
+           [](const KVReplicator& self) {
+             auto s = self.stats();
+             py::dict d;
+             d["transfers"] = s.transfers;
+             d["blocks_sent"] = s.blocks_sent;
+             d["bytes_sent"] = s.bytes_sent;
+             d["blocks_submitted"] = s.blocks_submitted;
+             d["blocks_coalesced"] = s.blocks_coalesced;
+             d["pending_blocks"] = s.pending_blocks;
+             d["blocks_received"] = s.blocks_received;
+             d["send_seconds"] = s.send_seconds;
+             d["error"] = s.error;
+             return d;
+           })
+      .def_property_readonly("num_blocks", &KVReplicator::num_blocks)
+      .def_property_readonly("block_bytes", &KVReplicator::block_bytes);
 
   m.def("nccl_unique_id", [] { return py::bytes(nccl_unique_id()); },
         "A fresh ncclUniqueId (128 bytes).");

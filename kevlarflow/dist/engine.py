@@ -29,6 +29,7 @@ from kevlarflow.engine.sequence import Sequence
 from kevlarflow.ft.events import EventLog
 from kevlarflow.ft.health import HealthMonitor
 from kevlarflow.ft.recovery import RecoveryMixin
+from kevlarflow.ft.replication import Replication
 from kevlarflow.ft.router import pick_instance
 from kevlarflow.model.config import DTYPES, ModelConfig
 from kevlarflow.model.stage import StageSpec
@@ -55,6 +56,12 @@ class DeploymentConfig(EngineConfig):
     recovery: str = "kevlarflow"    # or "restart": the baseline of today's stacks
     heartbeat_s: float = 0.1        # interval of worker heartbeats
     hang_timeout_s: float = 1.0     # a worker silent this long is declared hung
+    # KV replication to the backup worker (recovery="kevlarflow", two or more
+    # instances): each worker's replica pool in bytes (None: as large as its
+    # live pool, kv_cache_memory; 0: no replication), and the most bytes one
+    # transfer carries.
+    replica_memory: int | None = None
+    replication_transfer_bytes: int = 16 << 20
 
     def validate(self) -> None:
         super().validate()
@@ -71,6 +78,12 @@ class DeploymentConfig(EngineConfig):
             raise ValueError(f"recovery must be one of {RECOVERY_MODES}, got {self.recovery!r}")
         if not (0 < self.heartbeat_s < self.hang_timeout_s):
             raise ValueError("need 0 < heartbeat_s < hang_timeout_s")
+        if self.replica_memory is not None and (not isinstance(self.replica_memory, int)
+                                                or self.replica_memory < 0):
+            raise ValueError(f"replica_memory must be None or bytes >= 0, got {self.replica_memory!r}")
+        if not isinstance(self.replication_transfer_bytes, int) or self.replication_transfer_bytes < 1:
+            raise ValueError("replication_transfer_bytes must be a positive int, got "
+                             f"{self.replication_transfer_bytes!r}")
         if self.device != "cpu":
             raise ValueError("distributed deployments run on the CPU for now (device='cpu')")
 
@@ -98,11 +111,20 @@ class DistributedEngine(RecoveryMixin, RequestFrontend):
                             cfg.max_position_embeddings)
         # Each stage's pool: kv_cache_memory bytes for that stage's layers only.
         bs = config.block_size
-        self.stage_blocks = []
+        replicate = config.recovery == "kevlarflow" and config.num_instances > 1
+        replica_memory = config.kv_cache_memory if config.replica_memory is None \
+            else config.replica_memory
+        self.stage_blocks, self.stage_block_bytes, replica_blocks = [], [], []
         for s in range(config.pp_size):
             spec = StageSpec.split(cfg.num_layers, config.pp_size, s)
             per_token = cfg.kv_bytes_per_token * (spec.end_layer - spec.first_layer) // cfg.num_layers
             self.stage_blocks.append(config.kv_cache_memory // (bs * per_token))
+            self.stage_block_bytes.append(bs * per_token)
+            replica_blocks.append(replica_memory // (bs * per_token) if replicate else 0)
+        if replicate and replica_memory and \
+                config.replication_transfer_bytes < max(self.stage_block_bytes):
+            raise ValueError(f"replication_transfer_bytes={config.replication_transfer_bytes} is "
+                             f"below one KV block ({max(self.stage_block_bytes)} bytes)")
         if min(self.stage_blocks) < 1:
             raise ValueError(f"kv_cache_memory={config.kv_cache_memory} bytes holds no block of {bs} "
                              f"tokens on some stage")
@@ -112,13 +134,15 @@ class DistributedEngine(RecoveryMixin, RequestFrontend):
         # Worker name -> its slot (instance, stage), and the allocator of its KV pool.
         self.slot_of = {f"w{i}.{s}": (i, s) for i in range(config.num_instances)
                         for s in range(config.pp_size)}
+        self.replication = Replication(self, replica_blocks)
         self.pools: dict[str, BlockManager] = {w: self._new_pool(w) for w in self.slot_of}
         self.instances = []
         for i in range(config.num_instances):
             workers = [f"w{i}.{s}" for s in range(config.pp_size)]
             self.instances.append(PipelineInstance(
                 i, workers, [self.pools[w] for w in workers], config.max_num_batched_tokens,
-                config.max_num_seqs, config.max_in_flight or config.pp_size))
+                config.max_num_seqs, config.max_in_flight or config.pp_size,
+                on_free=self.replication.forget))
         self.peer_of: dict[str, bytes] = {}   # worker name -> its control socket identity
         self.worker_of: dict[bytes, str] = {}
         self.heartbeat_peer_of: dict[str, bytes] = {}
@@ -127,6 +151,7 @@ class DistributedEngine(RecoveryMixin, RequestFrontend):
         self.health = HealthMonitor(config.hang_timeout_s)
         self.events = EventLog()
         self.replacing: dict[str, int] = {}   # worker slot -> replacements started for it
+        self.rejoining: dict[int, tuple[float, str]] = {}  # instance -> (since, who joined)
         self.owner: dict[Sequence, PipelineInstance] = {}
         self._steps = itertools.count()
         self._generations = itertools.count()
@@ -160,8 +185,10 @@ class DistributedEngine(RecoveryMixin, RequestFrontend):
 
     def _new_pool(self, worker: str) -> BlockManager:
         stage = self.slot_of[worker][1]
-        return BlockManager(self.stage_blocks[stage], self.config.block_size,
-                            self.config.enable_prefix_caching, pool=worker)
+        pool = BlockManager(self.stage_blocks[stage] + self.replication.replica_blocks[stage],
+                            self.config.block_size, self.config.enable_prefix_caching, pool=worker)
+        self.replication.new_pool(worker, pool)
+        return pool
 
     def _local_address(self) -> str:
         host = "127.0.0.1" if self.config.host in ("0.0.0.0", "") else self.config.host
@@ -196,6 +223,7 @@ class DistributedEngine(RecoveryMixin, RequestFrontend):
         for name, silent_s in self.health.silent():
             self.worker_failed(name, f"no heartbeat for {silent_s:.2f} s")
         self.check_suspects()
+        self.check_rejoins()
 
     def _handle(self, received) -> list[RequestOutput]:
         if received is None:
@@ -204,6 +232,10 @@ class DistributedEngine(RecoveryMixin, RequestFrontend):
         kind = m["type"]
         if kind == "register":
             self._register(peer, m)
+            return []
+        if kind == "replicated":  # from a backup's receiver thread
+            if m["worker"] in self.ready:
+                self.replication.acknowledged(m)
             return []
         if kind == "heartbeat":
             if m["worker"] in self.peer_of:
@@ -244,7 +276,9 @@ class DistributedEngine(RecoveryMixin, RequestFrontend):
                            num_blocks=self.stage_blocks[s], max_model_len=self.max_model_len,
                            store_port=self.store.port, deadline_s=float(c.comm_deadline_s),
                            attention_backend=c.attention_backend, threads=c.worker_threads,
-                           heartbeat_s=float(c.heartbeat_s))
+                           heartbeat_s=float(c.heartbeat_s),
+                           replica_blocks=self.replication.replica_blocks[s],
+                           replication_transfer_bytes=c.replication_transfer_bytes)
 
     def _on_ready(self, name: str, m: dict) -> None:
         log.info("%s: loaded in %.2f s", name, m["load_s"])
@@ -261,6 +295,8 @@ class DistributedEngine(RecoveryMixin, RequestFrontend):
                                members=inst.workers, generation=inst.generation)
 
     def _on_group_ready(self, name: str, m: dict) -> None:
+        if self.replication.group_ready(name, m["group"], m["generation"]):
+            return
         inst = next((i for i in self.instances if i.group == m["group"]), None)
         if inst is None or m["generation"] != inst.generation or name not in inst.workers:
             return  # an acknowledgement of an older generation
@@ -282,6 +318,7 @@ class DistributedEngine(RecoveryMixin, RequestFrontend):
         inst = self.owner.pop(seq)
         inst.sequences.discard(seq)
         inst.scheduler.drop(seq)
+        self.replication.forget(seq)
         if seq not in inst.busy:  # else a stage may still write its blocks: freed on return
             inst.blocks.free_sequence(seq)
 
@@ -324,7 +361,8 @@ class DistributedEngine(RecoveryMixin, RequestFrontend):
         step = next(self._steps)
         messages, sampled = inst.stage_messages(step, batch)
         for worker, message in zip(inst.workers, messages):
-            self.endpoint.send(self.peer_of[worker], "step", generation=inst.generation, **message)
+            self.endpoint.send(self.peer_of[worker], "step", generation=inst.generation,
+                               replicate=self.replication.pairs(worker, batch.items, step), **message)
         inst.in_flight[step] = MicroBatch(step, batch, sampled, time.monotonic())
         inst.steps_dispatched += 1
         inst.peak_in_flight = max(inst.peak_in_flight, len(inst.in_flight))

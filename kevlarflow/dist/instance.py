@@ -18,9 +18,10 @@ class PipelineBlocks:
     """The scheduler's view of the pools of all stages: a sequence gets blocks
     in every stage's pool or in none."""
 
-    def __init__(self, pools: list[BlockManager]):
+    def __init__(self, pools: list[BlockManager], on_free=None):
         self.pools = pools
         self.block_size = pools[0].block_size
+        self.on_free = on_free  # told of every sequence whose KV is dropped
 
     def allocate(self, seq: Sequence, num_tokens: int) -> bool:
         if any(p.blocks_needed(seq, num_tokens) > p.num_free_blocks for p in self.pools):
@@ -32,6 +33,8 @@ class PipelineBlocks:
     def free_sequence(self, seq: Sequence) -> None:
         for p in self.pools:
             p.free_sequence(seq)
+        if self.on_free is not None:
+            self.on_free(seq)
 
     def reuse_cached_prefix(self, seq: Sequence) -> int:
         # Only the prefix cached at every stage is reusable.
@@ -56,7 +59,8 @@ class MicroBatch:
 
 class PipelineInstance:
     def __init__(self, index: int, workers: list[str], pools: list[BlockManager],
-                 max_num_batched_tokens: int, max_num_seqs: int, max_in_flight: int):
+                 max_num_batched_tokens: int, max_num_seqs: int, max_in_flight: int,
+                 on_free=None):
         self.index = index
         self.home = list(workers)           # its own workers, stage order
         self.workers = workers              # the workers it runs on now (some borrowed)
@@ -64,7 +68,7 @@ class PipelineInstance:
         self.generation = -1                # of that communicator; -1: none yet
         self.failed_at: float | None = None     # when it lost a worker, until it steps again
         self.suspect_since: float | None = None  # a member reported a communicator error
-        self.blocks = PipelineBlocks(pools)
+        self.blocks = PipelineBlocks(pools, on_free)
         self.scheduler = Scheduler(self.blocks, max_num_batched_tokens, max_num_seqs)
         self.max_in_flight = max_in_flight
         self.in_flight: dict[int, MicroBatch] = {}
@@ -85,9 +89,23 @@ class PipelineInstance:
     def preempt_all(self) -> None:
         """Drop the KV of every sequence (it is recomputed, prompt plus the
         tokens generated so far, when scheduled again); nothing is in flight."""
+        self.abandon_in_flight()
+        self.scheduler.preempt_all()
+
+    def abandon_in_flight(self) -> None:
+        """Its micro-batches in flight will never come back: their sequences
+        are scheduled again (from their computed tokens, which they did not
+        advance), and those that ended meanwhile give their blocks back."""
+        for mb in self.in_flight.values():
+            for seq, _ in mb.batch.items:
+                if seq.is_finished:
+                    self.blocks.free_sequence(seq)
         self.in_flight.clear()
         self.busy.clear()
-        self.scheduler.preempt_all()
+
+    def running(self) -> list[Sequence]:
+        """Sequences that hold KV."""
+        return [seq for seq in self.scheduler.running if seq.num_computed_tokens]
 
     def use_workers(self, workers: list[str], pools: list[BlockManager]) -> None:
         self.workers = list(workers)

@@ -40,6 +40,9 @@ TO_CONTROLLER = {
     "error": {"step": Opt(int), "kind": str, "message": str},
     # From a worker's heartbeat thread, on a socket of its own, every interval.
     "heartbeat": {"worker": str},
+    # From a backup's receiver thread: the KV these steps wrote at the source
+    # (the other member of the link group) is now in the backup's replica blocks.
+    "replicated": {"worker": str, "group": str, "generation": int, "steps": [int]},
 }
 
 # Controller -> worker.
@@ -47,17 +50,21 @@ TO_WORKER = {
     "assign": {"worker": str, "instance": int, "stage": int, "num_stages": int, "model": str,
                "dtype": Opt(str), "block_size": int, "num_blocks": int, "max_model_len": int,
                "store_port": int, "deadline_s": float, "attention_backend": str, "threads": int,
-               "heartbeat_s": float},
+               "heartbeat_s": float, "replica_blocks": int, "replication_transfer_bytes": int},
     "build_group": {"group": str, "members": [str], "generation": int},
     # To the heartbeat socket, so that it acts even while the worker is blocked
     # in an op of that group: abort it; its queued steps are then skipped.
     "abort_group": {"group": str, "generation": int},
+    # Leave a group for good; sent before its replica blocks become live.
+    "leave_group": {"group": str},
     # One micro-batch for one stage. seqs: (tokens this step, first position,
     # this stage's block table). token_ids on the first stage only; sample on
     # the last only: one entry per sequence whose last token is computed now.
+    # replicate: (block, backup's block) pairs to copy to the backup afterwards.
     "step": {"step": int, "group": str, "generation": int, "seqs": [(int, int, [int])],
              "token_ids": Opt([int]),
-             "sample": Opt([Opt(_SAMPLING)])},
+             "sample": Opt([Opt(_SAMPLING)]),
+             "replicate": Opt([(int, int)])},
     "shutdown": {},
 }
 

@@ -22,6 +22,7 @@ import torch
 
 from kevlarflow.dist.comm import CommError
 from kevlarflow.dist.control import WorkerEndpoint
+from kevlarflow.dist.replication import LINK_PREFIX, WorkerReplication
 from kevlarflow.engine.model_runner import allocate_kv_cache, attention_metadata
 from kevlarflow.engine.params import SamplingParams
 from kevlarflow.engine.sampler import Sampler, request_generator
@@ -84,6 +85,7 @@ class Worker:
         self.name = "unassigned"
         self.stage = None
         self.comm = None
+        self.replication: WorkerReplication | None = None
         self.groups: dict[str, list[str]] = {}
         self.generations: dict[str, int] = {}  # current generation of each group
         self.controller = controller
@@ -123,6 +125,8 @@ class Worker:
             log.warning("unassigned worker: ignored %s", kind)
         elif kind == "build_group":
             self._build_group(m)
+        elif kind == "leave_group":
+            self._leave_group(m["group"])
         elif kind == "step":
             self._step(m)
 
@@ -134,6 +138,8 @@ class Worker:
             self._drain_sends()
         except Exception as error:  # noqa: BLE001  (a dead next stage: nothing left to do)
             log.info("%s: unsent hidden states at exit: %s", self.name, error)
+        if self.replication is not None:
+            self.replication.close()
         if self.comm is not None:
             self.comm.close()
         self.endpoint.close()
@@ -151,7 +157,11 @@ class Worker:
                                 max_positions=m["max_model_len"])
         self.cfg = self.stage.cfg
         self.block_size, self.num_blocks = m["block_size"], m["num_blocks"]
-        self.kv_caches = allocate_kv_cache(self.stage, self.num_blocks, self.block_size)
+        # Replica blocks follow the live ones in the same caches: after a
+        # failure the controller makes them live blocks without a copy.
+        self.total_blocks = self.num_blocks + m["replica_blocks"]
+        self.transfer_bytes = m["replication_transfer_bytes"]
+        self.kv_caches = allocate_kv_cache(self.stage, self.total_blocks, self.block_size)
         self.attention_backend = m["attention_backend"]
         self.max_model_len = m["max_model_len"]
         self.store_port, self.deadline_s = m["store_port"], m["deadline_s"]
@@ -167,6 +177,8 @@ class Worker:
         if self.name not in members:
             log.warning("%s: asked to join %s, whose members %s exclude it", self.name, group, members)
             return
+        if group.startswith(LINK_PREFIX):
+            self._leave_group(group)
         self.abort_group(group)  # a rebuild replaces whatever generation was there
         try:
             if len(members) > 1:  # a one-member pipeline talks to no one
@@ -176,7 +188,24 @@ class Worker:
             return
         self.groups[group] = members
         self.generations[group] = m["generation"]
+        if group.startswith(LINK_PREFIX):
+            self._replication().joined(group, members, m["generation"])
         self.endpoint.send("group_ready", group=group, generation=m["generation"])
+
+    def _leave_group(self, group: str) -> None:
+        """Stop using group for good; for a replication link, also wait until
+        its threads are done (its blocks may become live blocks next)."""
+        if self.replication is not None:
+            self.replication.leave(group)
+        self.abort_group(group)
+        self.groups.pop(group, None)
+
+    def _replication(self) -> WorkerReplication:
+        if self.replication is None:
+            self.replication = WorkerReplication(self.name, self.controller, self._comm(),
+                                                 self.kv_caches, self.transfer_bytes,
+                                                 self.deadline_s)
+        return self.replication
 
     def abort_generation(self, group: str, generation: int) -> None:
         """From the heartbeat thread: give up on that generation of group, if
@@ -247,6 +276,9 @@ class Worker:
             rows = torch.cat(parts)
         out = self.stage(inputs, attention_metadata(chunks, self.block_size), self.kv_caches,
                          logits_indices=rows, attention_backend=self.attention_backend)
+        if self.replication is not None:  # the KV of these steps is written: copy it out
+            for p in prepared:
+                self.replication.submit(p.message["replicate"] or [], p.message["step"])
         start = 0
         for p in prepared:
             size = len(p.rows) if self.spec.is_last else p.num_tokens
@@ -320,8 +352,8 @@ class Worker:
                               f"{len(table)} blocks")
             if start + n > self.max_model_len:
                 raise BadStep(f"positions up to {start + n} exceed max_model_len {self.max_model_len}")
-            if not all(0 <= b < self.num_blocks for b in table):
-                raise BadStep(f"block ids must be in [0, {self.num_blocks})")
+            if not all(0 <= b < self.total_blocks for b in table):
+                raise BadStep(f"block ids must be in [0, {self.total_blocks})")
         return [(n, start, table) for n, start, table in seqs]
 
     # Hidden states between stages -----------------------------------------------

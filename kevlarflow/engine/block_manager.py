@@ -67,6 +67,27 @@ class BlockManager:
                 self.free[block] = None
         del hashes[num_blocks:]
 
+    # Blocks lent out (replica blocks) ----------------------------------------
+
+    def lend(self, n: int) -> list[int]:
+        """Take up to n free blocks out of this pool's use (they then hold
+        replicas for another worker) and return their ids."""
+        lent = []
+        while len(lent) < n and self.free:
+            block, _ = self.free.popitem(last=False)
+            self._forget(block)
+            lent.append(block)
+        return lent
+
+    def adopt(self, seq: Sequence, blocks: list[int]) -> None:
+        """Lent blocks come back as seq's first blocks (they hold its KV)."""
+        table = self.table(seq)
+        if table:
+            raise ValueError("adopt: the sequence already has blocks in this pool")
+        for block in blocks:
+            self.ref_counts[block] = 1
+            table.append(block)
+
     # Prefix caching ---------------------------------------------------------
 
     def _forget(self, block: int) -> None:

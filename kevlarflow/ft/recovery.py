@@ -4,15 +4,22 @@ KevlarFlow's recovery (recovery="kevlarflow"): the failed worker's
 communicators are aborted on every survivor (through their heartbeat
 sockets, so a survivor blocked in an op of that group wakes at once); each
 instance that ran on the failed worker borrows the same-stage worker of a
-healthy instance, which then serves both pipelines from one KV pool under the
-controller's accounting; only the affected instance's communicator is
-rebuilt; survivors keep their weights (nothing is reloaded). The affected
-requests keep every token they produced and recompute their KV (prompt plus
-generated tokens, as a chunked prefill), which gives the same tokens. A
-replacement for the failed worker starts at once, loads its stage in the
-background and joins; then the instance moves back to its own workers (its
-requests in flight recompute their KV once more: the simple choice, to be
-replaced by migration when KV replicas exist).
+healthy instance (its backup in the replication ring, when it has one), which
+then serves both pipelines from one KV pool under the controller's
+accounting; only the affected instance's communicator is rebuilt; survivors
+keep their weights and their KV (nothing is reloaded). The affected requests
+keep every token they produced. At the failed stage, the borrowed worker's
+replicas of the failed worker become live blocks, and each request recomputes
+only the tokens past its replication watermark (without replicas: all of
+them), as a chunked prefill through the pipeline; that gives the same tokens.
+
+A replacement for the failed worker starts at once, loads its stage in the
+background and joins. The instance moves back to its own workers once the
+borrowed worker's replicas of its requests on the replacement have caught up
+(the ring makes the replacement that worker's backup): the move is a
+takeover like the one after a failure, so requests in flight keep running
+and recompute at most their replication lag. Without such a link (no
+replication, or a ring of three or more), they recompute at the move.
 
 The baseline (recovery="restart") is today's stacks: the whole instance goes
 down, every one of its workers is replaced (new processes, weights loaded from
@@ -68,6 +75,7 @@ class RecoveryMixin:
         self._start_replacement(name)
         for inst in affected:
             self._reroute(inst)
+        self.replication.reform()
 
     def _forget_worker(self, name: str) -> None:
         """No message of this process is trusted again; a hung one is killed
@@ -93,7 +101,11 @@ class RecoveryMixin:
             if peer is not None and inst.generation >= 0:
                 self.endpoint.send(peer, "abort_group", group=inst.group, generation=inst.generation)
         inst.generation = -1  # steps of the old generation are stale everywhere
-        inst.preempt_all()
+        self.rejoining.pop(inst.index, None)
+        if self.config.recovery == "restart":
+            inst.preempt_all()
+        else:  # survivors keep their KV: _reroute decides what moves and what recomputes
+            inst.abandon_in_flight()
         self.events.record("aborted", instance=inst.index, detail=reason)
 
     def _start_replacement(self, name: str) -> None:
@@ -122,7 +134,7 @@ class RecoveryMixin:
 
     # Rerouting --------------------------------------------------------------------------
 
-    def _reroute(self, inst) -> None:
+    def _reroute(self, inst) -> str:
         """Run inst on live workers, its own where it can, else a healthy
         instance's worker of the same stage; rebuild its communicator."""
         route = []
@@ -130,17 +142,47 @@ class RecoveryMixin:
             if own in self.ready:
                 route.append(own)
                 continue
-            donor = next((o.home[s] for o in self.instances
-                          if o is not inst and o.home[s] in self.ready), None)
+            backup = self.replication.links.get(inst.workers[s])
+            candidates = ([backup.backup] if backup else []) + \
+                [o.home[s] for o in self.instances if o is not inst]
+            donor = next((w for w in candidates if w in self.ready), None)
             if donor is None:
                 inst.serving = False
                 self._fail_requests(inst, f"no live worker for stage {s}")
-                return
+                return "requests failed"
             route.append(donor)
-        inst.use_workers(route, [self.pools[w] for w in route])
+        moved = self._move_kv(inst, route)
         self._build_group(inst)
         if route != inst.home:
-            self.events.record("rerouted", instance=inst.index, detail=" -> ".join(route))
+            self.events.record("rerouted", instance=inst.index,
+                               detail=" -> ".join(route) + f"; {moved}")
+        return moved
+
+    def _move_kv(self, inst, route: list[str]) -> str:
+        """Switch inst to the workers of route. At a stage whose worker
+        changes, the new worker takes over its replicas of the old one; every
+        request then recomputes from the fewest tokens any stage kept."""
+        seqs = list(inst.scheduler.running)
+        kept = {seq: seq.num_computed_tokens for seq in seqs}
+        for s, (old, new) in enumerate(zip(inst.workers, route)):
+            if old == new:
+                continue
+            for seq, tokens in self.replication.take_over(old, new, seqs).items():
+                kept[seq] = min(kept[seq], tokens)
+            for seq in seqs:  # old is dead, or keeps serving other requests only
+                self.pools[old].free_sequence(seq)
+                self.replication.forget_on(old, seq)
+        inst.use_workers(route, [self.pools[w] for w in route])
+        stats = self.replication.stats
+        restored = recomputed = 0
+        for seq in seqs:
+            recomputed += seq.num_computed_tokens - kept[seq]
+            restored += kept[seq]
+            stats["requests_restored"] += bool(kept[seq])
+            seq.num_computed_tokens = kept[seq]
+        stats["tokens_restored"] += restored
+        stats["tokens_recomputed"] += recomputed
+        return f"{len(seqs)} requests keep {restored} tokens of KV, recompute {recomputed}"
 
     def _fail_requests(self, inst, reason: str) -> None:
         """The instance's requests end with an error (never a hang)."""
@@ -160,16 +202,49 @@ class RecoveryMixin:
         if replacement:
             del self.replacing[name]
             self.events.record("replacement_loaded", worker=name, instance=self.slot_of[name][0])
+        self.replication.reform()
         for inst in self.instances:
             if name not in inst.home or not self.ready.issuperset(inst.home):
                 continue
             if inst.workers == inst.home and inst.generation >= 0:
                 continue  # already running on its own workers
-            if inst.generation >= 0:  # it ran on a borrowed worker until now
-                self._break_instance(inst, f"{name} rejoins", failure=False)
-            self._reroute(inst)
-            if replacement:
-                self.events.record("rejoined", worker=name, instance=inst.index)
+            if inst.generation >= 0 and self._can_migrate(inst):
+                self.rejoining[inst.index] = (time.monotonic(), name)  # once replicas caught up
+                continue
+            self._rejoin(inst, name if replacement else None)
+
+    def _rejoin(self, inst, replacement: str | None) -> None:
+        """Move inst back to its own workers."""
+        if inst.generation >= 0:  # it ran on a borrowed worker until now
+            self._break_instance(inst, f"{replacement or 'its own worker'} rejoins", failure=False)
+        moved = self._reroute(inst)
+        self.replication.reform()
+        if replacement:
+            self.events.record("rejoined", worker=replacement, instance=inst.index, detail=moved)
+
+    def _can_migrate(self, inst) -> bool:
+        """Each borrowed worker of inst replicates to inst's own worker."""
+        return all(self.replication.links.get(now) is not None
+                   and self.replication.links[now].backup == own
+                   for own, now in zip(inst.home, inst.workers) if own != now)
+
+    def check_rejoins(self) -> None:
+        """Instances waiting to move back do so once their requests' KV is at
+        their own workers up to a block of lag (or after the hang timeout)."""
+        for index, (since, name) in list(self.rejoining.items()):
+            inst = self.instances[index]
+            if not self._can_migrate(inst):
+                del self.rejoining[index]
+                self._rejoin(inst, name)
+                continue
+            links = [self.replication.links[now] for own, now in zip(inst.home, inst.workers)
+                     if own != now]
+            caught_up = all(link.ready for link in links) and all(
+                seq.num_computed_tokens - link.watermark(seq) <= self.config.block_size
+                for link in links for seq in inst.running())
+            if caught_up or time.monotonic() - since > self.config.hang_timeout_s:
+                del self.rejoining[index]
+                self._rejoin(inst, name)
 
     def instance_serving(self, inst) -> None:
         """Its communicator is up again after a failure: it can take steps."""

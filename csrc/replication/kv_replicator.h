@@ -1,0 +1,106 @@
+// Background replication of a worker's KV blocks to its backup.
+//
+// The forward pass only calls submit(): (source block, backup block) pairs
+// and the step that wrote them. A dedicated thread packs pending blocks into
+// a staging buffer (pack_blocks) and sends them through the communicator
+// manager; the backup's receive() unpacks them into its replica blocks and
+// returns the steps that are now durable there.
+//
+// Bounded memory by construction: pending work is keyed by backup block, so
+// a worker that falls behind coalesces (a block written by several steps is
+// sent once, with its latest contents) and never holds more entries than the
+// backup has blocks; one transfer holds at most max_transfer_bytes.
+//
+// A step is acknowledged once every pair submitted up to it has been sent:
+// entries keep their place in line when resubmitted, and a transfer takes the
+// oldest entries first, so "nothing older than the step is pending" is exact.
+#pragma once
+#include <ATen/ATen.h>
+
+#include <condition_variable>
+#include <cstdint>
+#include <deque>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "comm_manager.h"
+
+namespace kevlarflow::replication {
+
+struct ReplicatorStats {
+  int64_t transfers = 0;         // sent, keepalives excluded
+  int64_t blocks_sent = 0;
+  int64_t bytes_sent = 0;
+  int64_t blocks_submitted = 0;
+  int64_t blocks_coalesced = 0;  // submitted while the same block was still pending
+  int64_t pending_blocks = 0;
+  int64_t blocks_received = 0;
+  double send_seconds = 0;       // packing and sending, on the replication thread
+  std::string error;             // why the link stopped, if it did
+};
+
+class KVReplicator {
+ public:
+  // caches: every K and V cache of this worker, each [num_blocks, ...],
+  // contiguous, CPU, one shape and dtype.
+  KVReplicator(std::shared_ptr<comm::CommManager> comm, std::vector<at::Tensor> caches,
+               int64_t max_transfer_bytes, comm::Millis keepalive);
+  ~KVReplicator();
+
+  // Start sending to `backup` on `group` (a link of two members); a link
+  // already running is stopped first.
+  void start(const std::string& group, const std::string& backup);
+  // Stops the link: aborts its group (a send blocked on a hung backup fails
+  // at once), joins the thread, drops what is pending. Never blocks on a peer.
+  void stop();
+  // Queue src[k] -> backup block dst[k]; `step` is acknowledged by the
+  // backup once they arrived. Returns false (and queues nothing) when no link
+  // is running.
+  bool submit(const std::vector<int64_t>& src, const std::vector<int64_t>& dst, int64_t step);
+
+  // One transfer from `source` on `group`, unpacked into this worker's
+  // caches; returns the steps it completes (empty for a keepalive). Block ids
+  // outside [0, num_blocks) are refused before anything is written.
+  std::vector<int64_t> receive(const std::string& group, const std::string& source,
+                               std::optional<comm::Millis> deadline);
+
+  ReplicatorStats stats() const;
+  int64_t num_blocks() const { return num_blocks_; }
+  int64_t block_bytes() const { return block_bytes_ * static_cast<int64_t>(ptrs_.size()); }
+
+ private:
+  struct Entry {
+    int64_t src;
+    uint64_t order;  // place in line: kept when the block is submitted again
+  };
+  void loop(std::string group, std::string backup);
+  void send_transfer(const std::string& group, const std::string& backup,
+                     const std::vector<std::pair<int64_t, int64_t>>& pairs,
+                     const std::vector<int64_t>& steps);
+
+  std::shared_ptr<comm::CommManager> comm_;
+  std::vector<at::Tensor> caches_;  // held so the pointers below stay valid
+  std::vector<void*> ptrs_;
+  int64_t num_blocks_ = 0;
+  int64_t block_bytes_ = 0;         // of one block of one cache
+  int64_t max_blocks_per_transfer_ = 1;
+  comm::Millis keepalive_;
+
+  mutable std::mutex mu_;
+  std::condition_variable wake_;
+  std::map<int64_t, Entry> pending_;                 // backup block -> entry
+  std::map<uint64_t, int64_t> line_;                 // order -> backup block
+  std::deque<std::pair<uint64_t, int64_t>> steps_;   // (last order of the step, step)
+  uint64_t next_order_ = 0;
+  bool running_ = false;
+  std::string group_;
+  std::thread thread_;
+  ReplicatorStats stats_;
+};
+
+}  // namespace kevlarflow::replication

@@ -1,0 +1,252 @@
+"""The controller's side of KV replication: the backup ring, the replica
+blocks each backup lends to its link, and the watermarks.
+
+Each live home worker of stage s replicates to the next live home worker of
+stage s in instance order (a ring): the worker that the router borrows when
+the source fails. The ring is re-formed after every change of membership.
+
+Every worker's pool lends a fixed number of its blocks (the replica pool) to
+the link it receives on; the controller allocates them per sequence, block
+for block, like live blocks. A step message tells the source which of its
+blocks to copy to which of the backup's, and the backup acknowledges steps
+once their KV has arrived: the watermark of a sequence on a link is the
+number of its tokens whose KV is then durable at the backup.
+
+Policy when the replica pool is full: a sequence that needs a replica block
+and finds none loses its replicas on that link until it finishes (the
+earliest requests keep theirs); on failure it recomputes instead. Replicas
+are freed as soon as their sequence finishes, is preempted or moves.
+
+After a failure, the borrowed worker takes the failed worker's replicas over:
+their blocks become live blocks of its pool, and the sequences recompute only
+the tokens past their watermark."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from kevlarflow.dist.replication import link_group
+from kevlarflow.engine.block_manager import BlockManager
+from kevlarflow.engine.sequence import Sequence
+
+log = logging.getLogger("kevlarflow.replication")
+
+
+@dataclass(eq=False)
+class Record:
+    """One sequence on one link."""
+    durable: int = 0      # tokens whose KV is at the backup (acknowledged)
+    sent: int = 0         # tokens whose blocks were handed to the source to copy
+    dropped: bool = False  # the replica pool was full: no replicas until it ends
+
+
+@dataclass
+class ReplicaLink:
+    source: str
+    backup: str
+    generation: int
+    ids: list[int]                 # the backup's blocks lent to this link
+    block_size: int
+    acks: set[str] = field(default_factory=set)
+    records: dict[Sequence, Record] = field(default_factory=dict)
+    by_step: dict[int, list[tuple[Record, int]]] = field(default_factory=dict)
+    blocks_sent: int = 0           # handed to the source
+    blocks_acked: int = 0
+    dropped: int = 0               # sequences that found the replica pool full
+
+    def __post_init__(self):
+        self.group = link_group(self.source)
+        self.alloc = BlockManager(max(1, len(self.ids)), self.block_size,
+                                  pool=f"replica {self.source}")
+        self.step_blocks: dict[int, int] = {}
+
+    @property
+    def ready(self) -> bool:
+        return self.acks >= {self.source, self.backup}
+
+    def plan(self, seq: Sequence, n: int, table: list[int], step: int) -> list[list[int]]:
+        """(source block, backup block) pairs that seq's chunk of n tokens in
+        this step makes to copy; blocks written before the link existed go
+        along the first time."""
+        record = self.records.setdefault(seq, Record())
+        if record.dropped:
+            return []
+        start = seq.num_computed_tokens
+        end = start + n
+        if not self.ids or not self.alloc.allocate(seq, end):
+            self.alloc.free_sequence(seq)
+            record.dropped, record.durable = True, 0
+            self.dropped += 1
+            return []
+        replicas = self.alloc.table(seq)
+        bs = self.block_size
+        pairs = [[table[k], self.ids[replicas[k]]]
+                 for k in range(min(start, record.sent) // bs, -(-end // bs))]
+        record.sent = max(record.sent, end)
+        self.by_step.setdefault(step, []).append((record, end))
+        self.step_blocks[step] = self.step_blocks.get(step, 0) + len(pairs)
+        self.blocks_sent += len(pairs)
+        return pairs
+
+    def acknowledged(self, steps: list[int]) -> None:
+        for step in steps:
+            self.blocks_acked += self.step_blocks.pop(step, 0)
+            for record, end in self.by_step.pop(step, []):
+                if not record.dropped:
+                    record.durable = max(record.durable, end)
+
+    def watermark(self, seq: Sequence) -> int:
+        record = self.records.get(seq)
+        return 0 if record is None or record.dropped else record.durable
+
+    def forget(self, seq: Sequence) -> None:
+        if self.records.pop(seq, None) is not None:
+            self.alloc.free_sequence(seq)
+
+    def take(self, seq: Sequence, tokens: int) -> list[int]:
+        """The backup's blocks that hold seq's first `tokens` tokens; they
+        leave the link (they become live blocks of the backup)."""
+        keep = -(-tokens // self.block_size)
+        taken = [self.ids[r] for r in self.alloc.table(seq)[:keep]]
+        self.forget(seq)
+        return taken
+
+
+class Replication:
+    """The engine's replication state; the engine calls it at each event."""
+
+    def __init__(self, engine, replica_blocks: list[int]):
+        self.engine = engine
+        self.replica_blocks = replica_blocks   # per stage
+        self.enabled = any(replica_blocks)
+        self.links: dict[str, ReplicaLink] = {}  # by source
+        self.reserve: dict[str, list[int]] = {}  # worker -> its blocks kept for replicas
+        self.stats = dict(bytes_replicated=0, tokens_restored=0, tokens_recomputed=0,
+                          requests_restored=0)
+
+    # Membership ---------------------------------------------------------------------
+
+    def new_pool(self, worker: str, pool: BlockManager) -> None:
+        """A worker's fresh pool lends its replica blocks at once."""
+        self.reserve[worker] = pool.lend(self.replica_blocks[self.engine.slot_of[worker][1]])
+
+    def ring(self) -> dict[str, str]:
+        """source -> backup over the live home workers of each stage."""
+        ring = {}
+        for s in range(len(self.replica_blocks)):
+            live = [inst.home[s] for inst in self.engine.instances if inst.home[s] in self.engine.ready]
+            if len(live) >= 2:
+                ring.update({w: live[(k + 1) % len(live)] for k, w in enumerate(live)})
+        return ring
+
+    def reform(self) -> None:
+        if not self.enabled:
+            return
+        ring = self.ring()
+        for source, link in list(self.links.items()):
+            if ring.get(source) != link.backup:
+                self.close(source)
+        for source, backup in ring.items():
+            if source not in self.links:
+                self._open(source, backup)
+
+    def _open(self, source: str, backup: str) -> None:
+        engine = self.engine
+        want = self.replica_blocks[engine.slot_of[backup][1]]
+        reserve = self.reserve[backup]
+        reserve += engine.pools[backup].lend(want - len(reserve))  # refill what was taken over
+        link = ReplicaLink(source, backup, next(engine._generations), list(reserve),
+                           engine.config.block_size)
+        self.links[source] = link
+        for w in (source, backup):
+            engine.endpoint.send(engine.peer_of[w], "build_group", group=link.group,
+                                 members=[source, backup], generation=link.generation)
+
+    def close(self, source: str) -> None:
+        """Stop a link; live ends leave its group before anything else."""
+        link = self.links.pop(source)
+        for w in (link.source, link.backup):
+            if w in self.engine.peer_of:
+                self.engine.endpoint.send(self.engine.peer_of[w], "leave_group", group=link.group)
+        for seq in list(link.records):
+            link.forget(seq)
+
+    def group_ready(self, worker: str, group: str, generation: int) -> bool:
+        """True if the acknowledgement was a link's."""
+        link = next((l for l in self.links.values() if l.group == group), None)
+        if link is None:
+            return group.startswith("repl.")
+        if generation == link.generation:
+            link.acks.add(worker)
+        return True
+
+    # Steps ----------------------------------------------------------------------------
+
+    def pairs(self, worker: str, items, step: int) -> list[list[int]] | None:
+        link = self.links.get(worker)
+        if link is None or not link.ready:
+            return None
+        pool = self.engine.pools[worker]
+        pairs = [p for seq, n in items for p in link.plan(seq, n, pool.table(seq), step)]
+        return pairs or None
+
+    def acknowledged(self, m: dict) -> None:
+        link = next((l for l in self.links.values() if l.group == m["group"]), None)
+        if link is not None and link.generation == m["generation"] and link.backup == m["worker"]:
+            before = link.blocks_acked
+            link.acknowledged(m["steps"])
+            stage = self.engine.slot_of[link.source][1]
+            self.stats["bytes_replicated"] += (link.blocks_acked - before) * \
+                self.engine.stage_block_bytes[stage]
+
+    def forget(self, seq: Sequence) -> None:
+        for link in self.links.values():
+            link.forget(seq)
+
+    def forget_on(self, source: str, seq: Sequence) -> None:
+        """seq's KV left worker source: its replicas from there are void."""
+        link = self.links.get(source)
+        if link is not None:
+            link.forget(seq)
+
+    def watermark(self, seq: Sequence, worker: str) -> int | None:
+        """Tokens of seq durable at the backup of worker; None without a link."""
+        link = self.links.get(worker)
+        return None if link is None else link.watermark(seq)
+
+    # Recovery -------------------------------------------------------------------------
+
+    def take_over(self, old: str, new: str, seqs: list[Sequence]) -> dict[Sequence, int]:
+        """Stage KV of seqs moves from worker old (dead, or given back) to new:
+        new adopts the replicas it holds of old, and the link closes (its
+        receiver stops before new runs another step). Returns the tokens of
+        each sequence whose KV new now holds."""
+        link = self.links.get(old)
+        kept = {seq: 0 for seq in seqs}
+        if link is None or link.backup != new:
+            return kept
+        pool = self.engine.pools[new]
+        taken = set()
+        for seq in seqs:
+            tokens = min(link.watermark(seq), seq.num_computed_tokens)
+            blocks = link.take(seq, tokens) if tokens else []
+            pool.adopt(seq, blocks)
+            taken.update(blocks)
+            kept[seq] = tokens
+        self.reserve[new] = [b for b in self.reserve[new] if b not in taken]
+        self.close(old)
+        return kept
+
+    def lag(self) -> list[int]:
+        """Tokens computed but not yet durable at the backup, per sequence and
+        link, over the running sequences of every instance."""
+        lags = []
+        for inst in self.engine.instances:
+            for s, worker in enumerate(inst.workers):
+                link = self.links.get(worker)
+                if link is None:
+                    continue
+                for seq in inst.sequences:
+                    if seq.num_computed_tokens and not link.records.get(seq, Record()).dropped:
+                        lags.append(max(0, seq.num_computed_tokens - link.watermark(seq)))
+        return lags
