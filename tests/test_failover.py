@@ -8,46 +8,20 @@ import time
 import psutil
 import pytest
 
-from kevlarflow import LLM, SamplingParams
+from kevlarflow import LLM
 from kevlarflow.ft.router import NoInstanceServing
+from failover_util import ARGS, run_until_done, wait, workload
 from models import tiny_model
-
-ARGS = dict(max_num_batched_tokens=32, block_size=4, kv_cache_memory=1 << 20,
-            hang_timeout_s=1.0)
-
-
-def _workload(n=10, seed=0):
-    rng = random.Random(seed)
-    prompts = [[rng.randrange(16, 1000) for _ in range(rng.randrange(3, 40))] for _ in range(n)]
-    params = [SamplingParams(max_tokens=rng.randrange(16, 40), temperature=0, ignore_eos=True)
-              for _ in range(n)]
-    return prompts, params
-
 
 @pytest.fixture(scope="module")
 def expected():
-    prompts, params = _workload()
+    prompts, params = workload()
     with LLM(tiny_model(), **{k: v for k, v in ARGS.items() if k != "hang_timeout_s"}) as llm:
         return [o.token_ids for o in llm.generate(prompts, params)]
 
 
-def _run_until_done(engine, outputs, timeout_s=120):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if not engine.has_unfinished():
-            return
-        for out in engine.step():
-            assert out.request_id not in outputs or not outputs[out.request_id].finished
-            outputs.setdefault(out.request_id, out)
-            streamed = outputs[out.request_id]
-            if out is not streamed:  # check the stream: no token missing, none twice
-                assert out.token_ids[:-len(out.new_token_ids) or None] == streamed.token_ids
-                outputs[out.request_id] = out
-    raise AssertionError("requests did not finish")
-
-
 def _serve_with_fault(stage, kind, recovery="kevlarflow", victim_instance=0):
-    prompts, params = _workload()
+    prompts, params = workload()
     before = {p.pid for p in psutil.Process().children(recursive=True)}
     with LLM(tiny_model(), num_instances=2, pp_size=2, recovery=recovery, **ARGS) as llm:
         engine = llm.engine
@@ -59,7 +33,7 @@ def _serve_with_fault(stage, kind, recovery="kevlarflow", victim_instance=0):
             for out in engine.step():
                 outputs[out.request_id] = out
         engine.inject_fault(victim_instance, stage, kind)
-        _run_until_done(engine, outputs)
+        run_until_done(engine, outputs)
         events = list(engine.events.events)
         # Wait for the replacement to join, so that what it does is tested too.
         deadline = time.monotonic() + 120
@@ -113,7 +87,7 @@ def test_no_live_worker_for_a_stage_ends_requests_with_an_error():
     """Both workers of stage 0 die: no pipeline can be formed. The requests in
     flight end with finish_reason "error" and new ones are refused with a
     clear exception, until replacements join; then service resumes."""
-    prompts, params = _workload(6)
+    prompts, params = workload(6)
     with LLM(tiny_model(), num_instances=2, pp_size=1, **ARGS) as llm:
         engine = llm.engine
         seqs = [engine.add_request(p, sp) for p, sp in zip(prompts, params)]
@@ -121,7 +95,7 @@ def test_no_live_worker_for_a_stage_ends_requests_with_an_error():
         engine.inject_fault(0, 0, "kill")
         engine.inject_fault(1, 0, "kill")
         outputs = {}
-        _run_until_done(engine, outputs)
+        run_until_done(engine, outputs)
         assert {outputs[s.request_id].finish_reason for s in seqs} == {"error"}
         if not any(inst.serving for inst in engine.instances):
             with pytest.raises(NoInstanceServing):
@@ -137,28 +111,21 @@ def test_no_live_worker_for_a_stage_ends_requests_with_an_error():
         assert all(o.finish_reason == "length" for o in out)
 
 
-def _wait(engine, predicate, what, timeout_s=120):
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        engine.step()
-
-
 def test_borrowed_worker_fails_too(expected):
     """(0, 1) dies, instance 0 borrows w1.1, then w1.1 dies as well, before
     (0, 1)'s replacement has joined. Every request still ends, either with the
     failure-free tokens or, if no stage-1 worker was left at that moment,
     with finish_reason "error"; nothing hangs and no output is wrong."""
-    prompts, params = _workload()
+    prompts, params = workload()
     with LLM(tiny_model(), num_instances=2, pp_size=2, **ARGS) as llm:
         engine = llm.engine
         seqs = [engine.add_request(p, sp) for p, sp in zip(prompts, params)]
         outputs = {}
-        _wait(engine, lambda: any(len(s.output_token_ids) >= 2 for s in seqs), "tokens")
+        wait(engine, lambda: any(len(s.output_token_ids) >= 2 for s in seqs), "tokens")
         engine.inject_fault(0, 1, "kill")
-        _wait(engine, lambda: engine.events.of("rerouted"), "the reroute")
+        wait(engine, lambda: engine.events.of("rerouted"), "the reroute")
         engine.inject_fault(1, 1, "hang")
-        _run_until_done(engine, outputs)
+        run_until_done(engine, outputs)
         for seq, want in zip(seqs, expected):
             out = outputs[seq.request_id]
             assert out.finish_reason in ("length", "error")
@@ -166,7 +133,7 @@ def test_borrowed_worker_fails_too(expected):
                 assert out.token_ids == want
             else:
                 assert out.token_ids == want[:len(out.token_ids)]
-        _wait(engine, lambda: all(i.serving and i.workers == i.home for i in engine.instances),
+        wait(engine, lambda: all(i.serving and i.workers == i.home for i in engine.instances),
               "both replacements")
         assert [o.token_ids for o in llm.generate(prompts[:3], params[:3])] == expected[:3]
 
@@ -174,7 +141,7 @@ def test_borrowed_worker_fails_too(expected):
 def test_five_failures_in_a_row_under_load(expected):
     """Kills and hangs of every position, one after another, each while
     requests are running and the previous recovery may still be under way."""
-    prompts, params = _workload()
+    prompts, params = workload()
     rng = random.Random(1)
     with LLM(tiny_model(), num_instances=2, pp_size=2, **ARGS) as llm:
         engine = llm.engine
@@ -182,37 +149,37 @@ def test_five_failures_in_a_row_under_load(expected):
         for round_, (instance, stage, kind) in enumerate(faults):
             seqs = [engine.add_request(p, sp) for p, sp in zip(prompts, params)]
             outputs = {}
-            _wait(engine, lambda: any(len(s.output_token_ids) >= rng.randrange(1, 6) for s in seqs),
+            wait(engine, lambda: any(len(s.output_token_ids) >= rng.randrange(1, 6) for s in seqs),
                   "tokens")
             engine.inject_fault(instance, stage, kind)
-            _run_until_done(engine, outputs)
+            run_until_done(engine, outputs)
             assert [outputs[s.request_id].token_ids for s in seqs] == expected, round_
-            _wait(engine, lambda: all(i.serving and i.workers == i.home for i in engine.instances),
+            wait(engine, lambda: all(i.serving and i.workers == i.home for i in engine.instances),
                   "the rejoin")
         assert len(engine.events.of("detected")) == 5
 
 
 def test_a_replacement_that_dies_while_loading_is_replaced_again(expected):
-    prompts, params = _workload(4)
+    prompts, params = workload(4)
     with LLM(tiny_model(), num_instances=2, pp_size=1, **ARGS) as llm:
         engine = llm.engine
         engine.inject_fault(0, 0, "kill")
-        _wait(engine, lambda: engine.events.of("replacement_started"), "a replacement")
+        wait(engine, lambda: engine.events.of("replacement_started"), "a replacement")
         # Kill the replacement before it can register and load.
         proc = engine.launcher.procs[(0, 0)]
         proc.kill()
-        _wait(engine, lambda: len(engine.events.of("replacement_started")) >= 2
+        wait(engine, lambda: len(engine.events.of("replacement_started")) >= 2
               or engine.events.of("rejoined"), "a second replacement")
         outs = llm.generate(prompts, params)  # served meanwhile by the borrowed worker
         assert all(o.finish_reason == "length" for o in outs)
-        _wait(engine, lambda: all(i.serving and i.workers == i.home for i in engine.instances),
+        wait(engine, lambda: all(i.serving and i.workers == i.home for i in engine.instances),
               "the rejoin")
 
 
 def test_a_caller_that_pauses_is_no_failure():
     """Heartbeats queue up while the caller does not step; a pause longer than
     the hang timeout must not make healthy workers look hung."""
-    prompts, params = _workload(2)
+    prompts, params = workload(2)
     with LLM(tiny_model(), num_instances=1, pp_size=2, **ARGS) as llm:
         llm.generate(prompts, params)
         time.sleep(2.5 * ARGS["hang_timeout_s"])

@@ -119,8 +119,13 @@ class PipelineInstance:
         batch = self.scheduler.schedule(self.busy)
         if not batch and not self.in_flight and self.scheduler.waiting \
                 and not self.scheduler.running:
-            raise RuntimeError(f"instance {self.index}: the KV pools cannot hold the next "
-                               "waiting request")
+            # Idle, yet the next request does not fit: an error if it never
+            # can; else a borrowed worker's pool is full of the other
+            # pipeline's requests, which free it as they finish.
+            seq = self.scheduler.waiting[0]
+            if any(p.blocks_needed(seq, seq.num_tokens) > p.capacity for p in self.blocks.pools):
+                raise RuntimeError(f"instance {self.index}: the KV pools cannot hold the next "
+                                   "waiting request")
         return batch
 
     def stage_messages(self, step: int, batch: ScheduledBatch) -> tuple[list[dict], list[Sequence]]:

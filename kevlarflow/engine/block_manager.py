@@ -26,10 +26,16 @@ class BlockManager:
         self.free: OrderedDict[int, None] = OrderedDict((b, None) for b in range(num_blocks))
         self.cached: dict[bytes, int] = {}      # block hash -> block id
         self.block_hash: dict[int, bytes] = {}  # block id -> its hash while cached
+        self.lent = 0  # blocks taken out of use by lend()
 
     @property
     def num_free_blocks(self) -> int:
         return len(self.free)
+
+    @property
+    def capacity(self) -> int:
+        """Blocks this pool can hand out at most (those not lent)."""
+        return self.num_blocks - self.lent
 
     def table(self, seq: Sequence) -> list[int]:
         return seq.block_table if self.pool is None else seq.pool_tables.setdefault(self.pool, [])
@@ -77,6 +83,7 @@ class BlockManager:
             block, _ = self.free.popitem(last=False)
             self._forget(block)
             lent.append(block)
+        self.lent += len(lent)
         return lent
 
     def adopt(self, seq: Sequence, blocks: list[int]) -> None:
@@ -87,6 +94,7 @@ class BlockManager:
         for block in blocks:
             self.ref_counts[block] = 1
             table.append(block)
+        self.lent -= len(blocks)
 
     # Prefix caching ---------------------------------------------------------
 

@@ -123,6 +123,8 @@ class Replication:
         self.reserve: dict[str, list[int]] = {}  # worker -> its blocks kept for replicas
         self.stats = dict(bytes_replicated=0, tokens_restored=0, tokens_recomputed=0,
                           requests_restored=0)
+        # request id -> (tokens it had computed, tokens of KV it kept) at its last move
+        self.moves: dict[str, tuple[int, int]] = {}
 
     # Membership ---------------------------------------------------------------------
 
