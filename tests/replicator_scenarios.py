@@ -62,14 +62,18 @@ def _finish_source(rep, store) -> dict:
     """Once the backup has everything: stats while the link is still up, then
     stop, then let the backup go (it must not close the link under our stats)."""
     store.wait(["backup_done"])
+    # A transfer is counted once its last send returns, which may be a moment
+    # after the backup has it.
+    received = int(store.get("backup_done"))
+    _wait_until(lambda: rep.stats()["blocks_sent"] >= received, "the sender counting its sends")
     stats = rep.stats()
     rep.stop()
     store.set("source_done", "1")
     return stats
 
 
-def _finish_backup(store) -> None:
-    store.set("backup_done", "1")
+def _finish_backup(rep, store) -> None:
+    store.set("backup_done", str(rep.stats()["blocks_received"]))
     store.wait(["source_done"])
 
 
@@ -87,7 +91,7 @@ def copies_blocks(mgr, store, me, members, dtype, steps):
     caches = make_caches(dtype=dtype)
     rep = _link(mgr, members, caches)
     acked = _receive_until(rep, source, len(steps))
-    _finish_backup(store)
+    _finish_backup(rep, store)
     return dict(blocks=block_bytes(caches), acked=acked, stats=rep.stats())
 
 
@@ -115,7 +119,7 @@ def coalesces(mgr, store, me, members, num_steps):
     rep = _link(mgr, members, caches)
     store.wait(["submitted"])  # the link backs up meanwhile
     acked = _receive_until(rep, source, num_steps)
-    _finish_backup(store)
+    _finish_backup(rep, store)
     return dict(blocks=block_bytes(caches), acked=acked, stats=rep.stats())
 
 
@@ -137,8 +141,8 @@ def bounded_transfers(mgr, store, me, members, step, src, dst, blocks_per_transf
         calls.append((got, received - sum(c[1] for c in calls), written))
 
     acked = _receive_until(rep, source, 1, on_call=record)
-    _finish_backup(store)
-    return dict(blocks=block_bytes(caches), acked=acked, calls=calls)
+    _finish_backup(rep, store)
+    return dict(blocks=block_bytes(caches), acked=acked, calls=calls, stats=rep.stats())
 
 
 def hung_backup(mgr, store, me, members, shape, steps, pairs_per_step):
@@ -193,8 +197,8 @@ def keepalive(mgr, store, me, members, keepalive_s, receive_deadline_s, idle_s):
     store.set("idle_done", "1")
     # A keepalive may still come before the step.
     acked = _receive_until(rep, source, 1, deadline_s=receive_deadline_s)
-    _finish_backup(store)
-    return dict(blocks=block_bytes(caches), idle=idle, acked=acked, idle_s=time.monotonic() - t0)
+    _finish_backup(rep, store)
+    return dict(blocks=block_bytes(caches), idle=idle, acked=acked, stats=rep.stats())
 
 
 def refuses_out_of_range(mgr, store, me, members, src, dst, backup_blocks):

@@ -127,6 +127,7 @@ def test_keepalives_keep_an_idle_link_alive():
     assert dst["acked"] == [42]
     assert dst["blocks"][2] == src["blocks"][4]
     assert src["stats"]["transfers"] == 1  # keepalives are not counted
+    assert src["stats"]["blocks_sent"] == dst["stats"]["blocks_received"] == 1
 
 
 def test_backup_refuses_block_ids_it_does_not_have():
