@@ -52,8 +52,8 @@ class KVReplicator {
                int64_t max_transfer_bytes, comm::Millis keepalive);
   ~KVReplicator();
 
-  // Start sending to `backup` on `group` (a link of two members); a link
-  // already running is stopped first.
+  // Start sending to `backup` on `group` (a link of two members). Refused
+  // (std::logic_error) while a link is running: stop() it first.
   void start(const std::string& group, const std::string& backup);
   // Stops the link: aborts its group (a send blocked on a hung backup fails
   // at once), joins the thread, drops what is pending. Never blocks on a peer.
