@@ -12,6 +12,11 @@ from failover_util import ARGS, run_until_done, wait, workload
 from kevlarflow import LLM
 from models import tiny_model
 
+# The tiny model decodes a token in milliseconds: transfers every 50 ms keep
+# the replication lag at tens of tokens, as the default keeps it at a few on
+# real models.
+ARGS = dict(ARGS, replication_interval_s=0.05)
+
 
 @pytest.fixture(scope="module")
 def expected():
@@ -110,7 +115,8 @@ def test_requests_move_back_without_losing_their_kv(expected):
         # in-process engine too: the linear layers are not batch-invariant.)
         p.max_tokens = 120
     prompts, params = prompts[:4], params[:4]
-    with LLM(tiny_model(), num_instances=2, pp_size=2, **ARGS) as llm:
+    # A transfer after every step: the lag is then a token or two.
+    with LLM(tiny_model(), num_instances=2, pp_size=2, **dict(ARGS, replication_interval_s=0)) as llm:
         engine = llm.engine
         seqs = _start(engine, prompts, params)
         engine.inject_fault(0, 1, "kill")

@@ -193,12 +193,17 @@ PYBIND11_MODULE(_comm, m) {
 
   py::class_<KVReplicator, std::shared_ptr<KVReplicator>>(m, "KVReplicator")
       .def(py::init([](const std::shared_ptr<CommManager>& manager, std::vector<at::Tensor> caches,
-                       int64_t max_transfer_bytes, double keepalive_s) {
+                       int64_t max_transfer_bytes, double keepalive_s, double interval_s) {
+             if (!(interval_s >= 0))
+               throw std::invalid_argument("interval_s must be >= 0, got " +
+                                           std::to_string(interval_s));
+             auto interval = Millis(static_cast<int64_t>(std::ceil(interval_s * 1000.0)));
              return std::make_shared<KVReplicator>(manager, std::move(caches), max_transfer_bytes,
-                                                   *to_millis(keepalive_s, "keepalive_s"));
+                                                   *to_millis(keepalive_s, "keepalive_s"),
+                                                   interval);
            }),
            py::arg("manager"), py::arg("caches"), py::arg("max_transfer_bytes"),
-           py::arg("keepalive_s"))
+           py::arg("keepalive_s"), py::arg("interval_s") = 0.0)
       .def("start", &KVReplicator::start, py::arg("group"), py::arg("backup"), Release())
       .def("stop", &KVReplicator::stop, Release())
       .def("submit", &KVReplicator::submit, py::arg("src"), py::arg("dst"), py::arg("step"),

@@ -25,11 +25,14 @@ at::Tensor header(int64_t num_blocks, int64_t num_steps) {
 }  // namespace
 
 KVReplicator::KVReplicator(std::shared_ptr<comm::CommManager> comm, std::vector<at::Tensor> caches,
-                           int64_t max_transfer_bytes, comm::Millis keepalive)
-    : comm_(std::move(comm)), caches_(std::move(caches)), keepalive_(keepalive) {
+                           int64_t max_transfer_bytes, comm::Millis keepalive,
+                           comm::Millis interval)
+    : comm_(std::move(comm)), caches_(std::move(caches)), keepalive_(keepalive),
+      interval_(interval) {
   if (!comm_) throw std::invalid_argument("KVReplicator: no communicator manager");
   if (caches_.empty()) throw std::invalid_argument("KVReplicator: no caches");
   if (keepalive_.count() <= 0) throw std::invalid_argument("KVReplicator: keepalive must be positive");
+  if (interval_.count() < 0) throw std::invalid_argument("KVReplicator: interval must be >= 0");
   const at::Tensor& first = caches_.front();
   for (const at::Tensor& c : caches_) {
     if (!c.defined() || c.device().type() != at::kCPU || !c.is_contiguous() || c.dim() < 1)
@@ -116,6 +119,7 @@ bool KVReplicator::submit(const std::vector<int64_t>& src, const std::vector<int
 }
 
 void KVReplicator::loop(std::string group, std::string backup) {
+  auto last_transfer = std::chrono::steady_clock::now() - interval_;
   try {
     while (true) {
       std::vector<std::pair<int64_t, int64_t>> pairs;  // (src, dst)
@@ -124,6 +128,11 @@ void KVReplicator::loop(std::string group, std::string backup) {
         std::unique_lock<std::mutex> lock(mu_);
         wake_.wait_for(lock, keepalive_, [&] { return !running_ || !line_.empty(); });
         if (!running_) return;
+        if (!line_.empty()) {  // let the steps of one interval coalesce
+          wake_.wait_until(lock, last_transfer + interval_, [&] { return !running_; });
+          if (!running_) return;
+          last_transfer = std::chrono::steady_clock::now();
+        }
         while (!line_.empty() && static_cast<int64_t>(pairs.size()) < max_blocks_per_transfer_) {
           auto first = line_.begin();
           auto entry = pending_.find(first->second);

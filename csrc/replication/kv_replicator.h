@@ -9,7 +9,9 @@
 // Bounded memory by construction: pending work is keyed by backup block, so
 // a worker that falls behind coalesces (a block written by several steps is
 // sent once, with its latest contents) and never holds more entries than the
-// backup has blocks; one transfer holds at most max_transfer_bytes.
+// backup has blocks; one transfer holds at most max_transfer_bytes. Transfers
+// start at most every `interval`, so that the blocks a decode step touches
+// (the last one of each request) are sent once per interval, not once a step.
 //
 // A step is acknowledged once every pair submitted up to it has been sent:
 // entries keep their place in line when resubmitted, and a transfer takes the
@@ -49,7 +51,8 @@ class KVReplicator {
   // caches: every K and V cache of this worker, each [num_blocks, ...],
   // contiguous, CPU, one shape and dtype.
   KVReplicator(std::shared_ptr<comm::CommManager> comm, std::vector<at::Tensor> caches,
-               int64_t max_transfer_bytes, comm::Millis keepalive);
+               int64_t max_transfer_bytes, comm::Millis keepalive,
+               comm::Millis interval = comm::Millis(0));
   ~KVReplicator();
 
   // Start sending to `backup` on `group` (a link of two members). Refused
@@ -90,6 +93,7 @@ class KVReplicator {
   int64_t block_bytes_ = 0;         // of one block of one cache
   int64_t max_blocks_per_transfer_ = 1;
   comm::Millis keepalive_;
+  comm::Millis interval_;
 
   mutable std::mutex mu_;
   std::condition_variable wake_;

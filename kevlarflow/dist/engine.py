@@ -58,10 +58,13 @@ class DeploymentConfig(EngineConfig):
     hang_timeout_s: float = 1.0     # a worker silent this long is declared hung
     # KV replication to the backup worker (recovery="kevlarflow", two or more
     # instances): each worker's replica pool in bytes (None: as large as its
-    # live pool, kv_cache_memory; 0: no replication), and the most bytes one
-    # transfer carries.
+    # live pool, kv_cache_memory; 0: no replication), the most bytes one
+    # transfer carries, and the least time between two transfers of a worker
+    # (the KV of the steps in between is sent once, coalesced: fewer, larger
+    # transfers cost less; a failure recomputes about an interval of tokens).
     replica_memory: int | None = None
     replication_transfer_bytes: int = 16 << 20
+    replication_interval_s: float = 0.5
 
     def validate(self) -> None:
         super().validate()
@@ -84,6 +87,10 @@ class DeploymentConfig(EngineConfig):
         if not isinstance(self.replication_transfer_bytes, int) or self.replication_transfer_bytes < 1:
             raise ValueError("replication_transfer_bytes must be a positive int, got "
                              f"{self.replication_transfer_bytes!r}")
+        if not (isinstance(self.replication_interval_s, (int, float))
+                and 0 <= self.replication_interval_s <= 10):
+            raise ValueError("replication_interval_s must be in [0, 10] seconds, got "
+                             f"{self.replication_interval_s!r}")
         if self.device != "cpu":
             raise ValueError("distributed deployments run on the CPU for now (device='cpu')")
 
@@ -278,7 +285,8 @@ class DistributedEngine(RecoveryMixin, RequestFrontend):
                            attention_backend=c.attention_backend, threads=c.worker_threads,
                            heartbeat_s=float(c.heartbeat_s),
                            replica_blocks=self.replication.replica_blocks[s],
-                           replication_transfer_bytes=c.replication_transfer_bytes)
+                           replication_transfer_bytes=c.replication_transfer_bytes,
+                           replication_interval_s=float(c.replication_interval_s))
 
     def _on_ready(self, name: str, m: dict) -> None:
         log.info("%s: loaded in %.2f s", name, m["load_s"])

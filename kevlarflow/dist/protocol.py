@@ -50,7 +50,8 @@ TO_WORKER = {
     "assign": {"worker": str, "instance": int, "stage": int, "num_stages": int, "model": str,
                "dtype": Opt(str), "block_size": int, "num_blocks": int, "max_model_len": int,
                "store_port": int, "deadline_s": float, "attention_backend": str, "threads": int,
-               "heartbeat_s": float, "replica_blocks": int, "replication_transfer_bytes": int},
+               "heartbeat_s": float, "replica_blocks": int, "replication_transfer_bytes": int,
+               "replication_interval_s": float},
     "build_group": {"group": str, "members": [str], "generation": int},
     # To the heartbeat socket, so that it acts even while the worker is blocked
     # in an op of that group: abort it; its queued steps are then skipped.

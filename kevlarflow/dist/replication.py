@@ -55,11 +55,12 @@ class ReplicaReceiver(threading.Thread):
 
 class WorkerReplication:
     def __init__(self, me: str, controller: str, comm, kv_caches, transfer_bytes: int,
-                 deadline_s: float):
+                 interval_s: float, deadline_s: float):
         caches = [t for pair in kv_caches for t in pair]
         self.me, self.controller, self.comm, self.deadline_s = me, controller, comm, deadline_s
         # Keepalives well inside the deadline: an idle link is not a dead one.
-        self.native = _comm.KVReplicator(comm._core, caches, transfer_bytes, deadline_s / 4)
+        self.native = _comm.KVReplicator(comm._core, caches, transfer_bytes, deadline_s / 4,
+                                         interval_s)
         self.sending: str | None = None
         self.receivers: dict[str, ReplicaReceiver] = {}
 

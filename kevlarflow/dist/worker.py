@@ -161,6 +161,7 @@ class Worker:
         # failure the controller makes them live blocks without a copy.
         self.total_blocks = self.num_blocks + m["replica_blocks"]
         self.transfer_bytes = m["replication_transfer_bytes"]
+        self.replication_interval_s = m["replication_interval_s"]
         self.kv_caches = allocate_kv_cache(self.stage, self.total_blocks, self.block_size)
         self.attention_backend = m["attention_backend"]
         self.max_model_len = m["max_model_len"]
@@ -204,7 +205,7 @@ class Worker:
         if self.replication is None:
             self.replication = WorkerReplication(self.name, self.controller, self._comm(),
                                                  self.kv_caches, self.transfer_bytes,
-                                                 self.deadline_s)
+                                                 self.replication_interval_s, self.deadline_s)
         return self.replication
 
     def abort_generation(self, group: str, generation: int) -> None:

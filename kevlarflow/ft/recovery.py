@@ -230,8 +230,10 @@ class RecoveryMixin:
                    for own, now in zip(inst.home, inst.workers) if own != now)
 
     def check_rejoins(self) -> None:
-        """Instances waiting to move back do so once their requests' KV is at
-        their own workers up to a block of lag (or after the hang timeout)."""
+        """Instances waiting to move back do so once every running request
+        has KV acknowledged at its own workers (then it recomputes only its
+        replication lag; waiting longer would not shrink that), or after the
+        hang timeout."""
         for index, (since, name) in list(self.rejoining.items()):
             inst = self.instances[index]
             if not self._can_migrate(inst):
@@ -241,8 +243,7 @@ class RecoveryMixin:
             links = [self.replication.links[now] for own, now in zip(inst.home, inst.workers)
                      if own != now]
             caught_up = all(link.ready for link in links) and all(
-                seq.num_computed_tokens - link.watermark(seq) <= self.config.block_size
-                for link in links for seq in inst.running())
+                link.watermark(seq) > 0 for link in links for seq in inst.running())
             if caught_up or time.monotonic() - since > self.config.hang_timeout_s:
                 del self.rejoining[index]
                 self._rejoin(inst, name)
