@@ -1,0 +1,85 @@
+"""What /health and /status report, read from the engine without locking.
+
+The engine is stepped on its own thread (a deployment even when idle: its
+health checks run there), so every read here copies what it needs, and a copy
+that races with the engine thread (a set or dict that changed size while it
+was copied) is simply taken again."""
+from __future__ import annotations
+
+import time
+
+
+def retry(read, attempts: int = 20):
+    for _ in range(attempts - 1):
+        try:
+            return read()
+        except (RuntimeError, KeyError, IndexError):  # changed under us: read again
+            time.sleep(0.001)
+    return read()
+
+
+def is_deployment(engine) -> bool:
+    return hasattr(engine, "instances")
+
+
+def health(async_engine) -> tuple[bool, dict]:
+    """(healthy, body). A deployment is healthy while every instance serves
+    (rerouting keeps requests going with an instance down, but at reduced
+    capacity and without a backup); the in-process engine while its loop runs."""
+    if not async_engine.alive:
+        return False, {"status": "unhealthy", "reason": "the engine loop is not running"}
+    engine = async_engine.engine
+    if is_deployment(engine):
+        down = retry(lambda: [inst.index for inst in list(engine.instances) if not inst.serving])
+        if down:
+            return False, {"status": "unhealthy",
+                           "reason": f"instance(s) {down} not serving (a worker failed; "
+                                     "rerouting or replacement in progress)",
+                           "instances_down": down}
+    return True, {"status": "ok"}
+
+
+def _lag_summary(lags: list[int]) -> dict:
+    return {"sequences": len(lags), "max_tokens": max(lags, default=0),
+            "mean_tokens": (sum(lags) / len(lags)) if lags else 0.0}
+
+
+def status(async_engine, model_name: str) -> dict:
+    engine = async_engine.engine
+    ok, _ = health(async_engine)
+    body = {"model": model_name, "healthy": ok, "engine_alive": async_engine.alive,
+            "max_model_len": engine.max_model_len}
+    if not is_deployment(engine):
+        scheduler = engine.scheduler
+        body.update(engine="in-process", running=retry(lambda: len(scheduler.running)),
+                    waiting=retry(lambda: len(scheduler.waiting)))
+        return body
+
+    def read():
+        ready = set(engine.ready)
+        pids = dict(engine.pid_of)
+        replacing = dict(engine.replacing)
+        workers = {name: {"instance": i, "stage": s, "live": name in ready, "pid": pids.get(name),
+                          "replacements": replacing.get(name, 0)}
+                   for name, (i, s) in dict(engine.slot_of).items()}
+        instances = []
+        for inst in list(engine.instances):
+            current, home = list(inst.workers), list(inst.home)
+            instances.append({"index": inst.index, "serving": bool(inst.serving),
+                              "workers": current, "home": home,
+                              "borrowed": [w for w in current if w not in home],
+                              "requests": len(inst.sequences)})
+        return workers, instances
+
+    workers, instances = retry(read)
+    replication = engine.replication
+    lags = retry(lambda: replication.lag())
+    events = retry(lambda: list(engine.events.events)[-20:])
+    body.update(engine="deployment", num_instances=engine.config.num_instances,
+                pp_size=engine.config.pp_size, recovery=engine.config.recovery,
+                workers=workers, instances=instances,
+                replication={"enabled": replication.enabled, "stats": dict(replication.stats),
+                             "lag": _lag_summary(lags)},
+                recent_events=[{"kind": e.kind, "time": e.time, "worker": e.worker,
+                                "instance": e.instance, "detail": e.detail} for e in events])
+    return body
