@@ -23,20 +23,42 @@ def is_deployment(engine) -> bool:
 
 
 def health(async_engine) -> tuple[bool, dict]:
-    """(healthy, body). A deployment is healthy while every instance serves
-    (rerouting keeps requests going with an instance down, but at reduced
-    capacity and without a backup); the in-process engine while its loop runs."""
+    """(healthy, body). The in-process engine is healthy while its loop runs.
+    A deployment is healthy while every instance serves on its own workers
+    and every worker slot is live: after a failure it answers 503 until the
+    replacement has joined and the instance has moved back, even though
+    rerouting keeps requests going meanwhile (body "serving": true), at
+    reduced capacity and without a backup for the borrowed worker."""
     if not async_engine.alive:
-        return False, {"status": "unhealthy", "reason": "the engine loop is not running"}
+        return False, {"status": "unhealthy", "reason": "the engine loop is not running",
+                       "serving": False}
     engine = async_engine.engine
-    if is_deployment(engine):
-        down = retry(lambda: [inst.index for inst in list(engine.instances) if not inst.serving])
-        if down:
-            return False, {"status": "unhealthy",
-                           "reason": f"instance(s) {down} not serving (a worker failed; "
-                                     "rerouting or replacement in progress)",
-                           "instances_down": down}
-    return True, {"status": "ok"}
+    if not is_deployment(engine):
+        return True, {"status": "ok"}
+
+    def read():
+        ready = set(engine.ready)
+        instances = [(inst.index, bool(inst.serving), list(inst.workers), list(inst.home))
+                     for inst in list(engine.instances)]
+        return ready, instances
+
+    ready, instances = retry(read)
+    down = [i for i, serving, _, _ in instances if not serving]
+    borrowing = {i: [w for w in workers if w not in home]
+                 for i, _, workers, home in instances if workers != home}
+    dead = sorted(w for _, _, _, home in instances for w in home if w not in ready)
+    if not (down or borrowing or dead):
+        return True, {"status": "ok"}
+    reasons = []
+    if dead:
+        reasons.append(f"worker(s) {dead} failed, replacement pending")
+    if borrowing:
+        reasons.append("instance(s) " + ", ".join(f"{i} borrowing {w}" for i, w in borrowing.items()))
+    if down:
+        reasons.append(f"instance(s) {down} not serving")
+    return False, {"status": "unhealthy", "reason": "; ".join(reasons),
+                   "serving": len(down) < len(instances), "instances_down": down,
+                   "workers_down": dead}
 
 
 def _lag_summary(lags: list[int]) -> dict:
