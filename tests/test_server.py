@@ -287,6 +287,7 @@ def test_metrics(http, client):
     assert "kevlarflow_time_to_first_token_seconds_count" in text
     assert "kevlarflow_e2e_request_latency_seconds_bucket" in text
     assert "kevlarflow_requests_running 0.0" in text and "kevlarflow_requests_waiting" in text
+    assert "kevlarflow_http_requests_in_progress 0.0" in text
 
 
 FIELDS = ["model", "prompt", "messages", "max_tokens", "temperature", "top_p", "top_k", "min_p",

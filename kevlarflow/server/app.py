@@ -33,14 +33,16 @@ class EventStream(StreamingResponse):
     """A stream whose generator is always closed, whatever ended the response
     (a client that left included): closing it aborts the engine requests."""
 
-    def __init__(self, content, **kwargs):
+    def __init__(self, content, cleanup, **kwargs):
         super().__init__(content, media_type="text/event-stream", **kwargs)
+        self.cleanup = cleanup
 
     async def __call__(self, scope, receive, send):
         try:
             await super().__call__(scope, receive, send)
         finally:
             await self.body_iterator.aclose()
+            await self.cleanup()  # also when the stream never started
 
 
 def _parse(model_cls, body: bytes):
@@ -118,8 +120,17 @@ def build_app(engine, model_name: str, *, api_key: str | None = None,
             raise
         metrics.prompt_tokens.inc(len(prompt_ids))
         if req.stream:
+            cleaned = []
+
+            async def cleanup(outcome: str = "aborted") -> None:
+                if not cleaned:
+                    cleaned.append(outcome)
+                    count(path, outcome)
+                    metrics.in_progress.dec()
+                    await outputs.aclose()
+
             return EventStream(stream(path, req, chat, request_id, created, len(prompt_ids),
-                                      first, outputs, choices))
+                                      first, outputs, choices, cleanup), cleanup)
         try:
             return await complete(path, req, chat, request_id, created, len(prompt_ids),
                                   first, outputs, choices)
@@ -169,7 +180,7 @@ def build_app(engine, model_name: str, *, api_key: str | None = None,
                 "usage": usage(prompt_tokens, choices.completion_tokens())}
 
     async def stream(path, req, chat, request_id, created, prompt_tokens, first, outputs,
-                     choices):
+                     choices, cleanup):
         base = {"id": request_id, "object": "chat.completion.chunk" if chat else "text_completion",
                 "created": created, "model": model_name}
         with_usage = req.include_usage
@@ -231,9 +242,7 @@ def build_app(engine, model_name: str, *, api_key: str | None = None,
             yield sse(errors.error_body(e.status, e.message, e.param, e.code, e.type))
             yield "data: [DONE]\n\n"
         finally:
-            count(path, outcome)
-            metrics.in_progress.dec()
-            await outputs.aclose()
+            await cleanup(outcome)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
