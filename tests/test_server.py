@@ -281,6 +281,7 @@ def test_client_disconnect_aborts_the_request(http, engine):
 
 def test_metrics(http, client):
     client.completions.create(model="tiny", prompt="count me", max_tokens=2, **GREEDY)
+    assert http.post("/v1/completions", json={"prompt": 3}).status_code == 400
     text = http.get("/metrics").text
     assert 'kevlarflow_requests_total{endpoint="/v1/completions",outcome="ok"}' in text
     assert 'kevlarflow_requests_total{endpoint="/v1/completions",outcome="invalid"}' in text
