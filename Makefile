@@ -15,7 +15,7 @@ $(VENV)/.deps:
 	# The CPU wheel of torch, pinned: an unpinned torch would pull a CUDA build.
 	$(PIP) install -q torch==$(TORCH_VERSION)
 	$(PIP) install -q "scikit-build-core>=0.10" "pybind11>=2.12" ninja cmake numpy \
-		"pytest>=8" "hypothesis>=6" psutil "triton>=3.0"
+		"pytest>=8" "hypothesis>=6" psutil "triton>=3.0" "openai>=1.0" "httpx>=0.27"
 	touch $@
 
 # Built against the torch above, hence --no-build-isolation.

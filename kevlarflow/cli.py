@@ -106,6 +106,79 @@ def _add_worker(subparsers) -> None:
     parser.set_defaults(run=run)
 
 
+def _add_serve(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "serve", help="serve a model over an OpenAI-compatible HTTP API",
+        description="Serve MODEL_PATH at /v1/completions and /v1/chat/completions (plus /health, "
+                    "/status, /metrics). With --instances or --pp above 1 the model runs in a "
+                    "fault-tolerant deployment of worker processes; else in this process.")
+    parser.add_argument("model", help="a Hugging Face checkpoint folder")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--served-model-name", default=None,
+                        help="the model name clients send (default: MODEL_PATH as given)")
+    parser.add_argument("--api-key", default=None,
+                        help="require 'Authorization: Bearer KEY' on every route but /health "
+                             "(default: $KEVLARFLOW_API_KEY if set)")
+    parser.add_argument("--instances", type=int, default=1, help="pipeline instances")
+    parser.add_argument("--pp", type=int, default=1, help="pipeline stages per instance")
+    parser.add_argument("--enable-fault-injection", action="store_true",
+                        help="add POST /v1/fault {instance, stage, kind} (kill or hang a worker)")
+    parser.add_argument("--max-model-len", type=int, default=None)
+    parser.add_argument("--kv-cache-memory", type=int, default=256 << 20,
+                        help="bytes of KV pool (per worker in a deployment)")
+    parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument("--max-num-seqs", type=int, default=64)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=512)
+    parser.add_argument("--dtype", default=None)
+    parser.add_argument("--hang-timeout", type=float, default=1.0,
+                        help="seconds of silence before a worker is declared hung")
+    parser.add_argument("--recovery", choices=("kevlarflow", "restart"), default="kevlarflow")
+    parser.add_argument("--max-body-bytes", type=int, default=1 << 20)
+    parser.add_argument("--log-level", default="info")
+
+    def run(args):
+        import logging
+        import os
+
+        if args.instances < 1 or args.pp < 1:
+            parser.error("--instances and --pp must be >= 1")
+        import uvicorn
+
+        from kevlarflow.engine.async_engine import AsyncEngine
+        from kevlarflow.engine.llm_engine import EngineConfig
+        from kevlarflow.server import build_app
+
+        logging.basicConfig(level=args.log_level.upper(),
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        common = dict(dtype=args.dtype, block_size=args.block_size,
+                      kv_cache_memory=args.kv_cache_memory, max_num_seqs=args.max_num_seqs,
+                      max_num_batched_tokens=args.max_num_batched_tokens,
+                      max_model_len=args.max_model_len)
+        if args.instances * args.pp > 1:
+            from kevlarflow.dist.engine import DeploymentConfig
+            config = DeploymentConfig(num_instances=args.instances, pp_size=args.pp,
+                                      hang_timeout_s=args.hang_timeout, recovery=args.recovery,
+                                      **common)
+        else:
+            config = EngineConfig(**common)
+        engine = AsyncEngine(args.model, config)
+        api_key = args.api_key if args.api_key is not None else os.environ.get("KEVLARFLOW_API_KEY")
+        app = build_app(engine, args.served_model_name or args.model, api_key=api_key,
+                        enable_fault_injection=args.enable_fault_injection,
+                        max_body_bytes=args.max_body_bytes)
+        # uvicorn turns SIGTERM/SIGINT into a graceful shutdown; the app's
+        # lifespan then stops the engine and reaps a deployment's workers.
+        try:
+            uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
+                        timeout_graceful_shutdown=10)
+        finally:
+            engine.shutdown()  # again if the lifespan did: it is idempotent
+        return 0
+
+    parser.set_defaults(run=run)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kevlarflow", description=__doc__.splitlines()[0])
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -113,6 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_demo(subparsers)
     _add_bench(subparsers)
     _add_worker(subparsers)
+    _add_serve(subparsers)
     return parser
 
 

@@ -16,6 +16,7 @@ from typing import AsyncIterator
 from kevlarflow.engine.llm_engine import EngineConfig, LLMEngine
 from kevlarflow.engine.outputs import RequestOutput
 from kevlarflow.engine.params import SamplingParams
+from kevlarflow.ft.router import NoInstanceServing
 
 
 class EngineDeadError(RuntimeError):
@@ -70,6 +71,11 @@ class AsyncEngine:
             self._listeners.pop(request_id, None)
             if not finished:
                 self._submit(("abort", request_id))
+
+    @property
+    def alive(self) -> bool:
+        """The engine loop runs: not shut down, and no step has raised."""
+        return self._thread.is_alive() and self._error is None and not self._stopping
 
     def shutdown(self) -> None:
         with self._wake:
@@ -127,7 +133,9 @@ class AsyncEngine:
             _, prompt, params, request_id, token_ids = command
             try:
                 self.engine.add_request(prompt, params, request_id, prompt_token_ids=token_ids)
-            except ValueError as error:
+            except (ValueError, NoInstanceServing) as error:
+                # Refused (a deployment with no instance serving): that request
+                # fails, the loop goes on.
                 self._deliver(request_id, error)
         elif command[0] == "abort":
             self.engine.abort(command[1])

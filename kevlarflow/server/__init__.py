@@ -1,0 +1,4 @@
+"""OpenAI-compatible HTTP server over an AsyncEngine (`kevlarflow serve`)."""
+from kevlarflow.server.app import build_app
+
+__all__ = ["build_app"]

@@ -1,0 +1,292 @@
+"""The OpenAI-compatible app: build_app(engine) -> a FastAPI application.
+
+Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models,
+GET /health, GET /status, GET /metrics, and POST /v1/fault when fault
+injection is enabled."""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+import pydantic
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from kevlarflow.server import errors
+from kevlarflow.server.chat import chat_prompt
+from kevlarflow.server.errors import APIError
+from kevlarflow.server.generation import (ENGINE_FAILED, Choices, TokenText, api_error_of,
+                                          chat_logprobs, completion_logprobs, merged, new_id,
+                                          now, sse, usage)
+from kevlarflow.server.guard import Guard
+from kevlarflow.server.metrics import ServerMetrics
+from kevlarflow.server.protocol import (ChatCompletionRequest, CompletionRequest, FaultRequest)
+from kevlarflow.server.state import health, is_deployment, status
+
+log = logging.getLogger("kevlarflow.server")
+
+MAX_BODY_BYTES = 1 << 20
+
+
+class EventStream(StreamingResponse):
+    """A stream whose generator is always closed, whatever ended the response
+    (a client that left included): closing it aborts the engine requests."""
+
+    def __init__(self, content, cleanup, **kwargs):
+        super().__init__(content, media_type="text/event-stream", **kwargs)
+        self.cleanup = cleanup
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.body_iterator.aclose()
+            await self.cleanup()  # also when the stream never started
+
+
+def _parse(model_cls, body: bytes):
+    if not body.strip():
+        raise APIError(400, "the request body is empty: send a JSON object")
+    return model_cls.model_validate_json(body)
+
+
+def build_app(engine, model_name: str, *, api_key: str | None = None,
+              enable_fault_injection: bool = False, max_body_bytes: int = MAX_BODY_BYTES,
+              shutdown_engine: bool = True) -> FastAPI:
+    """engine: an AsyncEngine. shutdown_engine: stop it (and reap a
+    deployment's workers) when the app shuts down."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        try:
+            yield
+        finally:
+            if shutdown_engine:
+                log.info("shutting the engine down")
+                await asyncio.get_running_loop().run_in_executor(None, engine.shutdown)
+
+    app = FastAPI(title="KevlarFlow", lifespan=lifespan, docs_url=None, redoc_url=None,
+                  openapi_url=None)
+    metrics = ServerMetrics(engine)
+    app.state.engine, app.state.metrics, app.state.model_name = engine, metrics, model_name
+    frontend = engine.engine
+    token_text = TokenText(frontend.tokenizer)
+
+    def count(path: str, outcome: str) -> None:
+        metrics.requests.labels(path if path.startswith("/v1/") else "other", outcome).inc()
+
+    def on_error(request: Request, status_code: int) -> None:
+        count(request.url.path, "invalid" if status_code < 500 else "error")
+
+    errors.install(app, on_error)
+
+    @app.exception_handler(pydantic.ValidationError)
+    async def _invalid_body(request: Request, exc: pydantic.ValidationError):
+        from fastapi.exceptions import RequestValidationError
+        return await app.exception_handlers[RequestValidationError](
+            request, RequestValidationError(exc.errors(include_url=False)))
+
+    app.add_middleware(Guard, api_key=api_key, max_body_bytes=max_body_bytes,
+                       on_reject=count)
+
+    def check_model(model: str | None) -> None:
+        if model is not None and model != model_name:
+            raise APIError(404, f"the model {model!r} does not exist; this server serves "
+                                f"{model_name!r}", param="model", code="model_not_found")
+
+    async def generate(path: str, req, prompt, logprobs: int | None, default_max: int | None,
+                       chat: bool):
+        check_model(req.model)
+        req.check_best_of()
+        prompt_ids = frontend.prepare_prompt(prompt)  # ValueError (too long...) -> 400
+        room = frontend.max_seq_len - len(prompt_ids)
+        max_tokens = default_max if default_max is not None else max(1, room)
+        params = [req.sampling_params(i, max_tokens, logprobs) for i in range(req.n)]
+        request_id = new_id("chatcmpl" if chat else "cmpl")
+        created = now()
+        outputs = merged(engine, prompt_ids, params, request_id)
+        choices = Choices(req.n)
+        metrics.in_progress.inc()
+        try:
+            first = await outputs.__anext__()
+        except StopAsyncIteration:
+            first = None
+        except BaseException as error:
+            metrics.in_progress.dec()
+            await outputs.aclose()
+            if isinstance(error, Exception):
+                raise api_error_of(error) from error
+            raise
+        metrics.prompt_tokens.inc(len(prompt_ids))
+        if req.stream:
+            cleaned = []
+
+            async def cleanup(outcome: str = "aborted") -> None:
+                if not cleaned:
+                    cleaned.append(outcome)
+                    count(path, outcome)
+                    metrics.in_progress.dec()
+                    await outputs.aclose()
+
+            return EventStream(stream(path, req, chat, request_id, created, len(prompt_ids),
+                                      first, outputs, choices, cleanup), cleanup)
+        try:
+            return await complete(path, req, chat, request_id, created, len(prompt_ids),
+                                  first, outputs, choices)
+        finally:
+            metrics.in_progress.dec()
+            await outputs.aclose()
+
+    def finished(out) -> None:
+        metrics.finished(out)
+
+    async def complete(path, req, chat, request_id, created, prompt_tokens, first, outputs,
+                       choices):
+        items = [first] if first is not None else []
+        try:
+            while True:
+                if items:
+                    index, out = items.pop()
+                else:
+                    index, out = await outputs.__anext__()
+                choices.last[index] = out
+                if out.finished:
+                    finished(out)
+        except StopAsyncIteration:
+            pass
+        except Exception as error:
+            count(path, "error")
+            raise api_error_of(error) from error
+        if any(o is None or o.finish_reason == "error" for o in choices.last):
+            count(path, "error")
+            raise APIError(503, ENGINE_FAILED, code="engine_error")
+        body_choices = []
+        for i, out in enumerate(choices.last):
+            if chat:
+                choice = {"index": i, "message": {"role": "assistant", "content": out.text},
+                          "logprobs": chat_logprobs(out.logprobs, token_text)
+                          if out.logprobs is not None else None,
+                          "finish_reason": out.finish_reason}
+            else:
+                choice = {"index": i, "text": out.text,
+                          "logprobs": completion_logprobs(out.logprobs, token_text)
+                          if out.logprobs is not None else None,
+                          "finish_reason": out.finish_reason}
+            body_choices.append(choice)
+        count(path, "ok")
+        return {"id": request_id, "object": "chat.completion" if chat else "text_completion",
+                "created": created, "model": model_name, "choices": body_choices,
+                "usage": usage(prompt_tokens, choices.completion_tokens())}
+
+    async def stream(path, req, chat, request_id, created, prompt_tokens, first, outputs,
+                     choices, cleanup):
+        base = {"id": request_id, "object": "chat.completion.chunk" if chat else "text_completion",
+                "created": created, "model": model_name}
+        with_usage = req.include_usage
+
+        def chunk(choice: dict) -> str:
+            body = dict(base, choices=[choice])
+            if with_usage:
+                body["usage"] = None
+            return sse(body)
+
+        def delta(index: int, out) -> str | None:
+            lps = None
+            if out.logprobs is not None:
+                new = out.logprobs[choices.logprobs_sent[index]:]
+                choices.logprobs_sent[index] = len(out.logprobs)
+                if new:
+                    lps = chat_logprobs(new, token_text) if chat else \
+                        completion_logprobs(new, token_text)
+            reason = out.finish_reason if out.finished else None
+            if not (out.new_text or reason or lps):
+                return None
+            if chat:
+                d = {"content": out.new_text} if out.new_text else {}
+                return chunk({"index": index, "delta": d, "logprobs": lps, "finish_reason": reason})
+            return chunk({"index": index, "text": out.new_text, "logprobs": lps,
+                          "finish_reason": reason})
+
+        outcome = "aborted"
+        try:
+            if chat:
+                for i in range(req.n):
+                    yield chunk({"index": i, "delta": {"role": "assistant", "content": ""},
+                                 "logprobs": None, "finish_reason": None})
+            pending = [first] if first is not None else []
+            while True:
+                if pending:
+                    index, out = pending.pop()
+                else:
+                    try:
+                        index, out = await outputs.__anext__()
+                    except StopAsyncIteration:
+                        break
+                choices.last[index] = out
+                if out.finished:
+                    finished(out)
+                    if out.finish_reason == "error":
+                        raise APIError(503, ENGINE_FAILED, code="engine_error")
+                text = delta(index, out)
+                if text is not None:
+                    yield text
+            if with_usage:
+                yield sse(dict(base, choices=[], usage=usage(prompt_tokens,
+                                                              choices.completion_tokens())))
+            outcome = "ok"
+            yield "data: [DONE]\n\n"
+        except Exception as error:  # noqa: BLE001 (told to the client in the stream)
+            outcome = "error"
+            e = api_error_of(error)
+            yield sse(errors.error_body(e.status, e.message, e.param, e.code, e.type))
+            yield "data: [DONE]\n\n"
+        finally:
+            await cleanup(outcome)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        req = _parse(CompletionRequest, await request.body())
+        return await generate("/v1/completions", req, req.single_prompt(), req.logprobs,
+                              16 if req.max_tokens is None else req.max_tokens, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        req = _parse(ChatCompletionRequest, await request.body())
+        logprobs = req.engine_logprobs()
+        prompt = chat_prompt(frontend.tokenizer, req.messages)
+        max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None \
+            else req.max_tokens
+        return await generate("/v1/chat/completions", req, prompt, logprobs, max_tokens,
+                              chat=True)
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0,
+                                            "owned_by": "kevlarflow",
+                                            "max_model_len": frontend.max_model_len}]}
+
+    @app.get("/health")
+    async def health_route():
+        ok, body = health(engine)
+        return JSONResponse(body, status_code=200 if ok else 503)
+
+    @app.get("/status")
+    async def status_route():
+        return status(engine, model_name)
+
+    @app.get("/metrics")
+    async def metrics_route():
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    if enable_fault_injection:
+        @app.post("/v1/fault")
+        async def fault(request: Request):
+            req = _parse(FaultRequest, await request.body())
+            if not is_deployment(frontend):
+                raise APIError(400, "fault injection needs a deployment (--instances or --pp "
+                                    "above 1)")
+            frontend.inject_fault(req.instance, req.stage, req.kind)  # ValueError -> 400
+            return {"injected": {"instance": req.instance, "stage": req.stage, "kind": req.kind}}
+
+    return app
