@@ -62,6 +62,38 @@ class _EngineCollector:
             live.add_metric([name], 1.0 if name in ready else 0.0)
         yield serving
         yield live
+        yield from _recovery_metrics(engine, events)
+
+
+def _recovery_metrics(engine, events):
+    """MTTR of the last failure and what replication moved and saved."""
+    last_mttr = GaugeMetricFamily("kevlarflow_last_mttr_seconds",
+                                  "From the last failure until its instance completed a step")
+    stepped = [e for e in events if e.kind == "first_step_after_failure"]
+    if stepped:
+        last = stepped[-1]
+        # From the injected fault if there was one, else from its detection.
+        before = [e for e in events if e.instance == last.instance and e.time <= last.time]
+        start = next((e.time for e in reversed(before) if e.kind == "failed"), None) or \
+            next((e.time for e in reversed(before) if e.kind == "detected"), None)
+        if start is not None:
+            last_mttr.add_metric([], last.time - start)
+    yield last_mttr
+    stats = retry(lambda: dict(engine.replication.stats))
+    for key, name, text in (
+            ("bytes_replicated", "kevlarflow_replicated_bytes", "KV bytes acknowledged by backups"),
+            ("tokens_recomputed", "kevlarflow_recomputed_tokens",
+             "Tokens of KV recomputed after failures and moves"),
+            ("tokens_restored", "kevlarflow_restored_tokens",
+             "Tokens of KV kept through failures and moves (survivors and replicas)")):
+        counter = CounterMetricFamily(name, text)
+        counter.add_metric([], stats[key])
+        yield counter
+    lags = retry(engine.replication.lag)
+    lag = GaugeMetricFamily("kevlarflow_replication_lag_tokens",
+                            "Largest replication lag over running requests")
+    lag.add_metric([], max(lags, default=0))
+    yield lag
 
 
 class ServerMetrics:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import time
 
+LATE_MIN_S = 0.3  # heartbeats later than this (or three intervals) mark a worker silent
+
 
 def retry(read, attempts: int = 20):
     for _ in range(attempts - 1):
@@ -24,41 +26,48 @@ def is_deployment(engine) -> bool:
 
 def health(async_engine) -> tuple[bool, dict]:
     """(healthy, body). The in-process engine is healthy while its loop runs.
-    A deployment is healthy while every instance serves on its own workers
-    and every worker slot is live: after a failure it answers 503 until the
-    replacement has joined and the instance has moved back, even though
-    rerouting keeps requests going meanwhile (body "serving": true), at
-    reduced capacity and without a backup for the borrowed worker."""
+    A deployment is unhealthy (503) while some request cannot be served: an
+    instance is not serving, or a worker has missed its heartbeats (a hung
+    worker stalls its pipeline long before the hang deadline declares it
+    failed). Rerouted through a borrowed worker, every request is served:
+    200, with status "degraded" and the reason, until the replacement joins."""
     if not async_engine.alive:
         return False, {"status": "unhealthy", "reason": "the engine loop is not running",
                        "serving": False}
     engine = async_engine.engine
     if not is_deployment(engine):
         return True, {"status": "ok"}
+    late_s = max(3 * engine.config.heartbeat_s, LATE_MIN_S)
 
     def read():
         ready = set(engine.ready)
+        now = time.monotonic()
+        silent = sorted(w for w, t in dict(engine.health.last_seen).items() if now - t > late_s)
         instances = [(inst.index, bool(inst.serving), list(inst.workers), list(inst.home))
                      for inst in list(engine.instances)]
-        return ready, instances
+        return ready, silent, instances
 
-    ready, instances = retry(read)
+    ready, silent, instances = retry(read)
     down = [i for i, serving, _, _ in instances if not serving]
     borrowing = {i: [w for w in workers if w not in home]
                  for i, _, workers, home in instances if workers != home}
     dead = sorted(w for _, _, _, home in instances for w in home if w not in ready)
-    if not (down or borrowing or dead):
-        return True, {"status": "ok"}
     reasons = []
+    if silent:
+        reasons.append(f"worker(s) {silent} missed their heartbeats")
+    if down:
+        reasons.append(f"instance(s) {down} not serving")
     if dead:
         reasons.append(f"worker(s) {dead} failed, replacement pending")
     if borrowing:
         reasons.append("instance(s) " + ", ".join(f"{i} borrowing {w}" for i, w in borrowing.items()))
-    if down:
-        reasons.append(f"instance(s) {down} not serving")
-    return False, {"status": "unhealthy", "reason": "; ".join(reasons),
-                   "serving": len(down) < len(instances), "instances_down": down,
-                   "workers_down": dead}
+    if silent or down:
+        return False, {"status": "unhealthy", "reason": "; ".join(reasons),
+                       "serving": len(down) < len(instances), "instances_down": down,
+                       "workers_silent": silent, "workers_down": dead}
+    if reasons:
+        return True, {"status": "degraded", "reason": "; ".join(reasons), "workers_down": dead}
+    return True, {"status": "ok"}
 
 
 def _lag_summary(lags: list[int]) -> dict:
