@@ -471,3 +471,18 @@ def test_a_stream_survives_the_kill_of_its_worker():
                    for e in events), events
     finally:
         live.stop()
+
+
+def test_the_load_generator_against_a_live_server(server, capsys):
+    from kevlarflow.bench.serve import main
+
+    main(["--url", server.url, "--api-key", KEY, "--rate", "50", "--num-prompts", "6",
+          "--prompt-len", "8", "--output-len", "4", "--vocab", "500"])
+    out = capsys.readouterr().out
+    assert "6/6 requests ok" in out, out
+    for metric in ("TTFT ms", "TPOT ms", "ITL ms", "latency ms"):
+        assert metric in out and "p99" in out.split(metric)[1].splitlines()[0], out
+    main(["--url", server.url, "--api-key", "wrong", "--rate", "50", "--num-prompts", "2",
+          "--output-len", "2", "--vocab", "500", "--model", "tiny"])
+    out = capsys.readouterr().out
+    assert "0/2 requests ok" in out and "HTTP 401" in out, out
