@@ -279,6 +279,24 @@ def test_client_disconnect_aborts_the_request(http, engine):
         time.sleep(0.05)
 
 
+def test_a_client_that_leaves_a_plain_request_aborts_it(server, http, engine):
+    def aborted() -> float:
+        label = 'kevlarflow_requests_total{endpoint="/v1/completions",outcome="aborted"}'
+        return next((float(line.split()[-1]) for line in http.get("/metrics").text.splitlines()
+                     if line.startswith(label)), 0.0)
+
+    before = aborted()
+    body = {"model": "tiny", "prompt": "go on", "max_tokens": MAX_MODEL_LEN - 8, "n": 16,
+            "ignore_eos": True, "temperature": 0}
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up and closes the connection
+        httpx.post(server.url + "/v1/completions", json=body, timeout=0.05,
+                   headers={"Authorization": f"Bearer {KEY}"})
+    deadline = time.monotonic() + 10
+    while engine.engine.has_unfinished() or aborted() <= before:
+        assert time.monotonic() < deadline, "the request was not aborted"
+        time.sleep(0.05)
+
+
 def test_metrics(http, client):
     client.completions.create(model="tiny", prompt="count me", max_tokens=2, **GREEDY)
     assert http.post("/v1/completions", json={"prompt": 3}).status_code == 400
@@ -287,6 +305,7 @@ def test_metrics(http, client):
     assert 'kevlarflow_requests_total{endpoint="/v1/completions",outcome="invalid"}' in text
     assert "kevlarflow_time_to_first_token_seconds_count" in text
     assert "kevlarflow_e2e_request_latency_seconds_bucket" in text
+    assert "kevlarflow_time_per_output_token_seconds_count" in text
     assert "kevlarflow_requests_running 0.0" in text and "kevlarflow_requests_waiting" in text
     assert "kevlarflow_http_requests_in_progress 0.0" in text
 

@@ -27,6 +27,7 @@ from kevlarflow.server.state import health, is_deployment, status
 log = logging.getLogger("kevlarflow.server")
 
 MAX_BODY_BYTES = 1 << 20
+DISCONNECT_POLL_S = 0.1  # how often a non-streaming request checks that its client is there
 
 
 class EventStream(StreamingResponse):
@@ -95,8 +96,8 @@ def build_app(engine, model_name: str, *, api_key: str | None = None,
             raise APIError(404, f"the model {model!r} does not exist; this server serves "
                                 f"{model_name!r}", param="model", code="model_not_found")
 
-    async def generate(path: str, req, prompt, logprobs: int | None, default_max: int | None,
-                       chat: bool):
+    async def generate(request: Request, path: str, req, prompt, logprobs: int | None,
+                       default_max: int | None, chat: bool):
         check_model(req.model)
         req.check_best_of()
         prompt_ids = frontend.prepare_prompt(prompt)  # ValueError (too long...) -> 400
@@ -132,14 +133,30 @@ def build_app(engine, model_name: str, *, api_key: str | None = None,
             return EventStream(stream(path, req, chat, request_id, created, len(prompt_ids),
                                       first, outputs, choices, cleanup), cleanup)
         try:
-            return await complete(path, req, chat, request_id, created, len(prompt_ids),
-                                  first, outputs, choices)
+            return await until_disconnected(request, path, complete(
+                path, req, chat, request_id, created, len(prompt_ids), first, outputs, choices))
         finally:
             metrics.in_progress.dec()
             await outputs.aclose()
 
     def finished(out) -> None:
         metrics.finished(out)
+
+    async def until_disconnected(request: Request, path: str, work):
+        """Run work (a non-streaming answer); if the client leaves first, cancel
+        it: the caller then closes the outputs, which aborts the engine requests
+        and frees their KV."""
+        task = asyncio.ensure_future(work)
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+                count(path, "aborted")
+                return Response(status_code=499)  # nobody reads it
 
     async def complete(path, req, chat, request_id, created, prompt_tokens, first, outputs,
                        choices):
@@ -247,7 +264,7 @@ def build_app(engine, model_name: str, *, api_key: str | None = None,
     @app.post("/v1/completions")
     async def completions(request: Request):
         req = _parse(CompletionRequest, await request.body())
-        return await generate("/v1/completions", req, req.single_prompt(), req.logprobs,
+        return await generate(request, "/v1/completions", req, req.single_prompt(), req.logprobs,
                               16 if req.max_tokens is None else req.max_tokens, chat=False)
 
     @app.post("/v1/chat/completions")
@@ -257,7 +274,7 @@ def build_app(engine, model_name: str, *, api_key: str | None = None,
         prompt = chat_prompt(frontend.tokenizer, req.messages)
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None \
             else req.max_tokens
-        return await generate("/v1/chat/completions", req, prompt, logprobs, max_tokens,
+        return await generate(request, "/v1/chat/completions", req, prompt, logprobs, max_tokens,
                               chat=True)
 
     @app.get("/v1/models")

@@ -108,6 +108,9 @@ class ServerMetrics:
         self.e2e = Histogram("kevlarflow_e2e_request_latency_seconds",
                              "Arrival to last token of each choice", buckets=LATENCY_BUCKETS,
                              registry=self.registry)
+        self.tpot = Histogram("kevlarflow_time_per_output_token_seconds",
+                              "Mean time per output token after the first, of each choice",
+                              buckets=LATENCY_BUCKETS, registry=self.registry)
         self.in_progress = Gauge("kevlarflow_http_requests_in_progress",
                                  "Generation requests being answered", registry=self.registry)
         self.prompt_tokens = Counter("kevlarflow_prompt_tokens", "Prompt tokens of finished "
@@ -122,6 +125,8 @@ class ServerMetrics:
             self.ttft.observe(max(0.0, m.ttft))
         if m.latency is not None:
             self.e2e.observe(max(0.0, m.latency))
+        if m.latency is not None and m.ttft is not None and len(output.token_ids) > 1:
+            self.tpot.observe(max(0.0, m.latency - m.ttft) / (len(output.token_ids) - 1))
         self.generation_tokens.inc(len(output.token_ids))
 
     def render(self) -> bytes:
