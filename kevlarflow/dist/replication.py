@@ -16,8 +16,6 @@ from __future__ import annotations
 import logging
 import threading
 
-import torch
-
 from kevlarflow import _comm
 from kevlarflow.dist.comm import CommError
 from kevlarflow.dist.control import WorkerEndpoint
@@ -93,8 +91,3 @@ class WorkerReplication:
         for group in list(self.receivers) + ([self.sending] if self.sending else []):
             self.leave(group)
 
-
-def kv_block_bytes(kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> int:
-    """Bytes of one block over all of a worker's caches."""
-    k = kv_caches[0][0]
-    return 2 * len(kv_caches) * k[0].numel() * k.element_size()

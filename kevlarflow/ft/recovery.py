@@ -176,7 +176,7 @@ class RecoveryMixin:
         stats = self.replication.stats
         restored = recomputed = 0
         for seq in seqs:
-            self.replication.moves[seq.request_id] = (seq.num_computed_tokens, kept[seq])
+            self.replication.moved(seq.request_id, seq.num_computed_tokens, kept[seq])
             recomputed += seq.num_computed_tokens - kept[seq]
             restored += kept[seq]
             stats["requests_restored"] += bool(kept[seq])

@@ -22,14 +22,14 @@ their blocks become live blocks of its pool, and the sequences recompute only
 the tokens past their watermark."""
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 
 from kevlarflow.dist.replication import link_group
 from kevlarflow.engine.block_manager import BlockManager
 from kevlarflow.engine.sequence import Sequence
 
-log = logging.getLogger("kevlarflow.replication")
+
+MAX_MOVES = 10_000
 
 
 @dataclass(eq=False)
@@ -123,8 +123,15 @@ class Replication:
         self.reserve: dict[str, list[int]] = {}  # worker -> its blocks kept for replicas
         self.stats = dict(bytes_replicated=0, tokens_restored=0, tokens_recomputed=0,
                           requests_restored=0)
-        # request id -> (tokens it had computed, tokens of KV it kept) at its last move
+        # request id -> (tokens it had computed, tokens of KV it kept) at its
+        # last move, for the most recent MAX_MOVES requests moved
         self.moves: dict[str, tuple[int, int]] = {}
+
+    def moved(self, request_id: str, computed: int, kept: int) -> None:
+        self.moves.pop(request_id, None)
+        self.moves[request_id] = (computed, kept)
+        while len(self.moves) > MAX_MOVES:
+            del self.moves[next(iter(self.moves))]
 
     # Membership ---------------------------------------------------------------------
 
