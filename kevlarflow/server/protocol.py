@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from kevlarflow.engine.params import MAX_LOGPROBS, SamplingParams
 
@@ -20,6 +20,13 @@ MAX_N = 16  # choices per request
 
 class _Model(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)
+
+
+def _unset(value, info: ValidationInfo):
+    """For a field accepted only empty or false: it is not implemented."""
+    if value:
+        raise ValueError(f"{info.field_name} is not supported")
+    return value
 
 
 def _must_be(value, neutral, what: str):
@@ -66,12 +73,7 @@ class _SamplingFields(_Model):
     def _no_repetition_penalty(cls, v):
         return _must_be(v, 1, "1 (penalties are not implemented)")
 
-    @field_validator("logit_bias")
-    @classmethod
-    def _no_logit_bias(cls, v):
-        if v:
-            raise ValueError("logit_bias is not supported")
-        return v
+    _no_logit_bias = field_validator("logit_bias")(_unset)
 
     def check_best_of(self) -> None:
         if self.best_of is not None and self.best_of not in (1, self.n) or \
@@ -106,19 +108,7 @@ class CompletionRequest(_SamplingFields):
     echo: bool = False
     suffix: Optional[str] = None
 
-    @field_validator("echo")
-    @classmethod
-    def _no_echo(cls, v):
-        if v:
-            raise ValueError("echo is not supported")
-        return v
-
-    @field_validator("suffix")
-    @classmethod
-    def _no_suffix(cls, v):
-        if v:
-            raise ValueError("suffix is not supported")
-        return v
+    _no_echo = field_validator("echo", "suffix")(_unset)
 
     def single_prompt(self) -> str | list[int]:
         from kevlarflow.server.errors import APIError
@@ -165,12 +155,7 @@ class ChatCompletionRequest(_SamplingFields):
     tool_choice: Optional[Literal["none", "auto"]] = None
     parallel_tool_calls: Optional[bool] = None
 
-    @field_validator("tools")
-    @classmethod
-    def _no_tools(cls, v):
-        if v:
-            raise ValueError("tools are not supported")
-        return v
+    _no_tools = field_validator("tools")(_unset)
 
     def engine_logprobs(self) -> int | None:
         from kevlarflow.server.errors import APIError
