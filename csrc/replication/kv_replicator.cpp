@@ -56,10 +56,7 @@ KVReplicator::~KVReplicator() { stop(); }
 void KVReplicator::start(const std::string& group, const std::string& backup) {
   std::lock_guard<std::mutex> lock(mu_);
   if (running_) throw std::logic_error("KVReplicator: a link is running; stop() it first");
-  if (thread_.joinable()) thread_.join();  // a link that stopped on an error
-  pending_.clear();
-  line_.clear();
-  steps_.clear();
+  if (thread_.joinable()) thread_.join();  // a link that stopped on an error (nothing pending)
   stats_.error.clear();
   running_ = true;
   group_ = group;
@@ -79,6 +76,10 @@ void KVReplicator::stop() {
   wake_.notify_all();
   if (thread_.joinable()) thread_.join();
   std::lock_guard<std::mutex> lock(mu_);
+  drop_pending();
+}
+
+void KVReplicator::drop_pending() {
   pending_.clear();
   line_.clear();
   steps_.clear();
@@ -155,10 +156,7 @@ void KVReplicator::loop(std::string group, std::string backup) {
     std::lock_guard<std::mutex> lock(mu_);
     stats_.error = e.what();
     running_ = false;
-    pending_.clear();
-    line_.clear();
-    steps_.clear();
-    stats_.pending_blocks = 0;
+    drop_pending();
   }
 }
 

@@ -82,6 +82,7 @@ class KVReplicator {
     uint64_t order;  // place in line: kept when the block is submitted again
   };
   void loop(std::string group, std::string backup);
+  void drop_pending();  // with mu_ held
   void send_transfer(const std::string& group, const std::string& backup,
                      const std::vector<std::pair<int64_t, int64_t>>& pairs,
                      const std::vector<int64_t>& steps);

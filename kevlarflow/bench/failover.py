@@ -53,24 +53,44 @@ def percentile(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(q * len(values)))]
 
 
+def deployment(model: str, options: dict, args):
+    """A fresh 2 x 2 deployment with the benchmark's pool and batch sizes."""
+    from kevlarflow import LLM
+
+    return LLM(model, num_instances=2, pp_size=2, max_num_batched_tokens=args.chunk,
+               kv_cache_memory=args.kv_memory, **options)
+
+
+class LagSampler:
+    """Replication lag of every running request, every LAG_SAMPLE_S (sampled:
+    computing it costs the controller time)."""
+
+    def __init__(self, engine):
+        self.engine, self.lags, self.next = engine, [], 0.0
+
+    def __call__(self) -> None:
+        now = time.monotonic()
+        if now >= self.next:
+            self.lags += self.engine.replication.lag()
+            self.next = now + LAG_SAMPLE_S
+
+
 def replay(model: str, options: dict, trace, args, fault=None) -> dict:
     """Serve the trace on a fresh deployment; fault: (instance, stage, kind,
     at seconds into the trace) or None."""
-    from kevlarflow import LLM, SamplingParams
+    from kevlarflow import SamplingParams
 
-    llm = LLM(model, num_instances=2, pp_size=2, max_num_batched_tokens=args.chunk,
-              kv_cache_memory=args.kv_memory, **options)
+    llm = deployment(model, options, args)
     engine = llm.engine
+    sample_lag = LagSampler(engine)
     try:
         start = time.time()
         pending = list(trace)
         tokens_at: dict[str, list[float]] = {}
         arrived: dict[str, float] = {}
         owner_at_failure: dict[str, int] = {}
-        lags: list[int] = []
         failed_at = None
         seqs = []
-        next_sample = start
         while pending or engine.has_unfinished():
             now = time.time()
             while pending and start + pending[0][0] <= now:
@@ -86,9 +106,7 @@ def replay(model: str, options: dict, trace, args, fault=None) -> dict:
                 failed_at = time.time()
             for out in engine.step(timeout_s=0.02):
                 tokens_at[out.request_id].extend([time.time()] * len(out.new_token_ids))
-            if now >= next_sample:  # sampled: it costs the controller time
-                lags += engine.replication.lag()
-                next_sample = now + LAG_SAMPLE_S
+            sample_lag()
         elapsed = time.time() - start
         result = dict(requests=len(seqs), elapsed_s=elapsed,
                       tokens=sum(len(q.output_token_ids) for q in seqs),
@@ -96,7 +114,7 @@ def replay(model: str, options: dict, trace, args, fault=None) -> dict:
                       latency=[tokens_at[r][-1] - arrived[r] for r in arrived if tokens_at[r]],
                       ttft=[tokens_at[r][0] - arrived[r] for r in arrived if tokens_at[r]],
                       replicated_bytes=engine.replication.stats["bytes_replicated"],
-                      lag=lags, **{k: engine.replication.stats[k] for k in
+                      lag=sample_lag.lags, **{k: engine.replication.stats[k] for k in
                                    ("tokens_restored", "tokens_recomputed")})
         if fault:
             result.update(_failure_figures(engine, fault[0], owner_at_failure, tokens_at, arrived))
@@ -124,24 +142,21 @@ def _failure_figures(engine, victim: int, owner_at_failure, tokens_at, arrived) 
 
 def saturate(model: str, options: dict, trace, args) -> dict:
     """Every request of the trace at once: output tokens per second."""
-    from kevlarflow import LLM, SamplingParams
+    from kevlarflow import SamplingParams
 
-    with LLM(model, num_instances=2, pp_size=2, max_num_batched_tokens=args.chunk,
-             kv_cache_memory=args.kv_memory, **options) as llm:
+    with deployment(model, options, args) as llm:
         engine = llm.engine
+        sample_lag = LagSampler(engine)
         start = time.perf_counter()
         seqs = [engine.add_request(p, SamplingParams(max_tokens=n, temperature=0, ignore_eos=True))
                 for _, p, n in trace]
-        lags, next_sample = [], start
         while engine.has_unfinished():
             engine.step()
-            if time.perf_counter() >= next_sample:
-                lags += engine.replication.lag()
-                next_sample = time.perf_counter() + LAG_SAMPLE_S
+            sample_lag()
         elapsed = time.perf_counter() - start
         return dict(tok_s=sum(len(q.output_token_ids) for q in seqs) / elapsed,
                     replicated_bytes=engine.replication.stats["bytes_replicated"],
-                    elapsed_s=elapsed, lag=lags)
+                    elapsed_s=elapsed, lag=sample_lag.lags)
 
 
 def spread(values, scale=1.0, digits=2) -> str:

@@ -13,17 +13,16 @@ import itertools
 import logging
 import os
 import time
-from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
 
+from kevlarflow.dist.config import DeploymentConfig, StagePools
 from kevlarflow.dist.control import ControllerEndpoint
 from kevlarflow.dist.instance import MicroBatch, PipelineInstance
 from kevlarflow.dist.launcher import LocalLauncher
 from kevlarflow.engine.block_manager import BlockManager
 from kevlarflow.engine.frontend import RequestFrontend
-from kevlarflow.engine.llm_engine import EngineConfig
 from kevlarflow.engine.outputs import RequestOutput, TokenLogprob
 from kevlarflow.engine.sequence import Sequence
 from kevlarflow.ft.events import EventLog
@@ -32,68 +31,10 @@ from kevlarflow.ft.recovery import RecoveryMixin
 from kevlarflow.ft.replication import Replication
 from kevlarflow.ft.router import pick_instance
 from kevlarflow.model.config import DTYPES, ModelConfig
-from kevlarflow.model.stage import StageSpec
 
 log = logging.getLogger("kevlarflow.controller")
 
-RECOVERY_MODES = ("kevlarflow", "restart")
-
-
-@dataclass
-class DeploymentConfig(EngineConfig):
-    """EngineConfig's fields apply per worker (kv_cache_memory is each
-    worker's pool) and per instance (batching limits)."""
-    num_instances: int = 1
-    pp_size: int = 1
-    host: str = "127.0.0.1"         # where the controller listens (0.0.0.0: every interface)
-    port: int = 0                   # control socket; 0 picks a free port
-    store_port: int = 0             # rendezvous store; 0 picks a free port
-    spawn_workers: bool = True      # False: wait for `kevlarflow worker --controller HOST:PORT`
-    worker_threads: int = 1         # torch threads per worker
-    comm_deadline_s: float = 30.0   # bound on every communicator operation
-    start_timeout_s: float = 600.0  # for all workers to register, load and connect
-    max_in_flight: int | None = None  # micro-batches in flight per instance (default pp_size)
-    recovery: str = "kevlarflow"    # or "restart": the baseline of today's stacks
-    heartbeat_s: float = 0.1        # interval of worker heartbeats
-    hang_timeout_s: float = 1.0     # a worker silent this long is declared hung
-    # KV replication to the backup worker (recovery="kevlarflow", two or more
-    # instances): each worker's replica pool in bytes (None: as large as its
-    # live pool, kv_cache_memory; 0: no replication), the most bytes one
-    # transfer carries, and the least time between two transfers of a worker
-    # (the KV of the steps in between is sent once, coalesced: fewer, larger
-    # transfers cost less; a failure recomputes about an interval of tokens).
-    replica_memory: int | None = None
-    replication_transfer_bytes: int = 16 << 20
-    replication_interval_s: float = 0.5
-
-    def validate(self) -> None:
-        super().validate()
-        for name in ("num_instances", "pp_size", "worker_threads"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if self.max_in_flight is not None and (not isinstance(self.max_in_flight, int)
-                                               or self.max_in_flight < 1):
-            raise ValueError(f"max_in_flight must be None or a positive int, got {self.max_in_flight!r}")
-        if not (0 < self.comm_deadline_s and 0 < self.start_timeout_s):
-            raise ValueError("comm_deadline_s and start_timeout_s must be positive")
-        if self.recovery not in RECOVERY_MODES:
-            raise ValueError(f"recovery must be one of {RECOVERY_MODES}, got {self.recovery!r}")
-        if not (0 < self.heartbeat_s < self.hang_timeout_s):
-            raise ValueError("need 0 < heartbeat_s < hang_timeout_s")
-        if self.replica_memory is not None and (not isinstance(self.replica_memory, int)
-                                                or self.replica_memory < 0):
-            raise ValueError(f"replica_memory must be None or bytes >= 0, got {self.replica_memory!r}")
-        if not isinstance(self.replication_transfer_bytes, int) or self.replication_transfer_bytes < 1:
-            raise ValueError("replication_transfer_bytes must be a positive int, got "
-                             f"{self.replication_transfer_bytes!r}")
-        if not (isinstance(self.replication_interval_s, (int, float))
-                and 0 <= self.replication_interval_s <= 10):
-            raise ValueError("replication_interval_s must be in [0, 10] seconds, got "
-                             f"{self.replication_interval_s!r}")
-        if self.device != "cpu":
-            raise ValueError("distributed deployments run on the CPU for now (device='cpu')")
-
+__all__ = ["DeploymentConfig", "DeploymentError", "DistributedEngine"]
 
 class DeploymentError(RuntimeError):
     """The deployment could not start, or lost what it needs to serve."""
@@ -116,32 +57,15 @@ class DistributedEngine(RecoveryMixin, RequestFrontend):
         self.model_config = cfg
         max_model_len = min(config.max_model_len or cfg.max_position_embeddings,
                             cfg.max_position_embeddings)
-        # Each stage's pool: kv_cache_memory bytes for that stage's layers only.
-        bs = config.block_size
-        replicate = config.recovery == "kevlarflow" and config.num_instances > 1
-        replica_memory = config.kv_cache_memory if config.replica_memory is None \
-            else config.replica_memory
-        self.stage_blocks, self.stage_block_bytes, replica_blocks = [], [], []
-        for s in range(config.pp_size):
-            spec = StageSpec.split(cfg.num_layers, config.pp_size, s)
-            per_token = cfg.kv_bytes_per_token * (spec.end_layer - spec.first_layer) // cfg.num_layers
-            self.stage_blocks.append(config.kv_cache_memory // (bs * per_token))
-            self.stage_block_bytes.append(bs * per_token)
-            replica_blocks.append(replica_memory // (bs * per_token) if replicate else 0)
-        if replicate and replica_memory and \
-                config.replication_transfer_bytes < max(self.stage_block_bytes):
-            raise ValueError(f"replication_transfer_bytes={config.replication_transfer_bytes} is "
-                             f"below one KV block ({max(self.stage_block_bytes)} bytes)")
-        if min(self.stage_blocks) < 1:
-            raise ValueError(f"kv_cache_memory={config.kv_cache_memory} bytes holds no block of {bs} "
-                             f"tokens on some stage")
+        sizes = StagePools.of(config, cfg)
+        self.stage_blocks, self.stage_block_bytes = sizes.live_blocks, sizes.block_bytes
         super().__init__(tokenizer or AutoTokenizer.from_pretrained(model), cfg.vocab_size,
-                         cfg.eos_token_ids, max_model_len, min(self.stage_blocks) * bs)
+                         cfg.eos_token_ids, max_model_len, min(self.stage_blocks) * config.block_size)
 
         # Worker name -> its slot (instance, stage), and the allocator of its KV pool.
         self.slot_of = {f"w{i}.{s}": (i, s) for i in range(config.num_instances)
                         for s in range(config.pp_size)}
-        self.replication = Replication(self, replica_blocks)
+        self.replication = Replication(self, sizes.replica_blocks)
         self.pools: dict[str, BlockManager] = {w: self._new_pool(w) for w in self.slot_of}
         self.instances = []
         for i in range(config.num_instances):

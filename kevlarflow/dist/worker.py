@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import os
 import socket
-import threading
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ import torch
 
 from kevlarflow.dist.comm import CommError
 from kevlarflow.dist.control import WorkerEndpoint
+from kevlarflow.dist.heartbeat import Heartbeat
 from kevlarflow.dist.replication import LINK_PREFIX, WorkerReplication
 from kevlarflow.engine.model_runner import allocate_kv_cache, attention_metadata
 from kevlarflow.engine.params import SamplingParams
@@ -50,29 +50,6 @@ class _Prepared:
     num_tokens: int
     inputs: torch.Tensor        # token ids (first stage) or hidden states
     rows: torch.Tensor | None   # rows to sample, last stage only
-
-
-class Heartbeat(threading.Thread):
-    """Tells the controller every interval that this process is alive, on a
-    socket of its own, and carries out abort_group at once: the main thread
-    may be blocked in an op of that very group (a SIGSTOPped process sends
-    no heartbeats, which is how the controller tells a hang)."""
-
-    def __init__(self, worker: "Worker", controller: str, interval_s: float):
-        super().__init__(name="kevlarflow-heartbeat", daemon=True)
-        self.worker, self.interval_ms = worker, max(1, int(interval_s * 1000))
-        self.endpoint = WorkerEndpoint(controller)
-        self.stopping = threading.Event()
-
-    def run(self) -> None:
-        try:
-            while not self.stopping.is_set():
-                self.endpoint.send("heartbeat", worker=self.worker.name)
-                message = self.endpoint.recv(self.interval_ms)
-                if message is not None and message["type"] == "abort_group":
-                    self.worker.abort_generation(message["group"], message["generation"])
-        finally:
-            self.endpoint.close()
 
 
 class Worker:

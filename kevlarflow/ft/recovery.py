@@ -209,7 +209,7 @@ class RecoveryMixin:
                 continue
             if inst.workers == inst.home and inst.generation >= 0:
                 continue  # already running on its own workers
-            if inst.generation >= 0 and self._can_migrate(inst):
+            if inst.generation >= 0 and self._migration_links(inst) is not None:
                 self.rejoining[inst.index] = (time.monotonic(), name)  # once replicas caught up
                 continue
             self._rejoin(inst, name if replacement else None)
@@ -223,11 +223,14 @@ class RecoveryMixin:
         if replacement:
             self.events.record("rejoined", worker=replacement, instance=inst.index, detail=moved)
 
-    def _can_migrate(self, inst) -> bool:
-        """Each borrowed worker of inst replicates to inst's own worker."""
-        return all(self.replication.links.get(now) is not None
-                   and self.replication.links[now].backup == own
-                   for own, now in zip(inst.home, inst.workers) if own != now)
+    def _migration_links(self, inst) -> list | None:
+        """The links from each borrowed worker of inst to inst's own worker of
+        that stage; None if some borrowed worker replicates elsewhere."""
+        borrowed = [(own, now) for own, now in zip(inst.home, inst.workers) if own != now]
+        links = [self.replication.links.get(now) for _, now in borrowed]
+        if all(link is not None and link.backup == own for link, (own, _) in zip(links, borrowed)):
+            return links
+        return None
 
     def check_rejoins(self) -> None:
         """Instances waiting to move back do so once every running request
@@ -236,15 +239,10 @@ class RecoveryMixin:
         hang timeout."""
         for index, (since, name) in list(self.rejoining.items()):
             inst = self.instances[index]
-            if not self._can_migrate(inst):
-                del self.rejoining[index]
-                self._rejoin(inst, name)
-                continue
-            links = [self.replication.links[now] for own, now in zip(inst.home, inst.workers)
-                     if own != now]
-            caught_up = all(link.ready for link in links) and all(
+            links = self._migration_links(inst)
+            caught_up = links is not None and all(link.ready for link in links) and all(
                 link.watermark(seq) > 0 for link in links for seq in inst.running())
-            if caught_up or time.monotonic() - since > self.config.hang_timeout_s:
+            if links is None or caught_up or time.monotonic() - since > self.config.hang_timeout_s:
                 del self.rejoining[index]
                 self._rejoin(inst, name)
 

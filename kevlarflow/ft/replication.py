@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from kevlarflow.dist.replication import link_group
+from kevlarflow.dist.replication import LINK_PREFIX, link_group
 from kevlarflow.engine.block_manager import BlockManager
 from kevlarflow.engine.sequence import Sequence
 
@@ -50,6 +50,7 @@ class ReplicaLink:
     acks: set[str] = field(default_factory=set)
     records: dict[Sequence, Record] = field(default_factory=dict)
     by_step: dict[int, list[tuple[Record, int]]] = field(default_factory=dict)
+    step_blocks: dict[int, int] = field(default_factory=dict)  # blocks each step copies
     blocks_sent: int = 0           # handed to the source
     blocks_acked: int = 0
     dropped: int = 0               # sequences that found the replica pool full
@@ -58,7 +59,6 @@ class ReplicaLink:
         self.group = link_group(self.source)
         self.alloc = BlockManager(max(1, len(self.ids)), self.block_size,
                                   pool=f"replica {self.source}")
-        self.step_blocks: dict[int, int] = {}
 
     @property
     def ready(self) -> bool:
@@ -180,12 +180,17 @@ class Replication:
         for seq in list(link.records):
             link.forget(seq)
 
+    def _link_of(self, group: str, generation: int) -> ReplicaLink | None:
+        """The current link whose group and generation these are."""
+        link = self.links.get(group[len(LINK_PREFIX):])
+        return link if link is not None and link.generation == generation else None
+
     def group_ready(self, worker: str, group: str, generation: int) -> bool:
         """True if the acknowledgement was a link's."""
-        link = next((l for l in self.links.values() if l.group == group), None)
-        if link is None:
-            return group.startswith("repl.")
-        if generation == link.generation:
+        if not group.startswith(LINK_PREFIX):
+            return False
+        link = self._link_of(group, generation)
+        if link is not None:
             link.acks.add(worker)
         return True
 
@@ -200,8 +205,8 @@ class Replication:
         return pairs or None
 
     def acknowledged(self, m: dict) -> None:
-        link = next((l for l in self.links.values() if l.group == m["group"]), None)
-        if link is not None and link.generation == m["generation"] and link.backup == m["worker"]:
+        link = self._link_of(m["group"], m["generation"])
+        if link is not None and link.backup == m["worker"]:
             before = link.blocks_acked
             link.acknowledged(m["steps"])
             stage = self.engine.slot_of[link.source][1]
