@@ -155,18 +155,23 @@ class Worker:
         if self.name not in members:
             log.warning("%s: asked to join %s, whose members %s exclude it", self.name, group, members)
             return
-        if group.startswith(LINK_PREFIX):
+        if self._superseded(group):
+            log.info("%s: skipped an outdated build of %s", self.name, group)
+            return
+        link = group.startswith(LINK_PREFIX)
+        if link:
             self._leave_group(group)
         self.abort_group(group)  # a rebuild replaces whatever generation was there
         try:
             if len(members) > 1:  # a one-member pipeline talks to no one
                 self._comm().build(group, members, generation=m["generation"])
-        except CommError as error:
-            self.endpoint.send("error", step=None, kind="comm", message=str(error))
+        except CommError as error:  # a link's failure concerns replication only
+            self.endpoint.send("error", step=None, kind="link" if link else "comm",
+                               message=str(error))
             return
         self.groups[group] = members
         self.generations[group] = m["generation"]
-        if group.startswith(LINK_PREFIX):
+        if link:
             self._replication().joined(group, members, m["generation"])
         self.endpoint.send("group_ready", group=group, generation=m["generation"])
 
@@ -271,14 +276,25 @@ class Worker:
         log.warning("%s: step %d: %s: %s", self.name, m["step"], kind, error)
         self.endpoint.send("error", step=m["step"], kind=kind, message=str(error))
 
+    def _take_in(self) -> None:
+        """Queue what has arrived, without waiting."""
+        message = self.endpoint.recv(0)
+        while message is not None:
+            self.backlog.append(message)
+            message = self.endpoint.recv(0)
+
+    def _superseded(self, group: str) -> bool:
+        """A later build or leave of group is queued already: this build would
+        only wait, up to the deadline, for members that have moved on (and
+        builds skipped this way keep every worker's builds in one order)."""
+        self._take_in()
+        return any(m["type"] in ("build_group", "leave_group") and m["group"] == group
+                   for m in self.backlog)
+
     def _merge_partner(self, group: str) -> dict | None:
         """The next step of another pipeline, if it is already queued and
         nothing that must run before it (a rebuild, a shutdown) is in the way."""
-        while True:  # take in what has arrived, without waiting
-            message = self.endpoint.recv(0)
-            if message is None:
-                break
-            self.backlog.append(message)
+        self._take_in()
         for i, message in enumerate(self.backlog):
             if message["type"] != "step":
                 return None

@@ -264,7 +264,9 @@ class RecoveryMixin:
         if m["step"] is not None and inst is None:
             return  # about a step given up on already
         log.warning("%s: %s: %s", name, m["kind"], m["message"])
-        if m["kind"] == "comm":
+        if m["kind"] == "link":  # a replication link did not connect: the pipelines are fine
+            self.replication.retry_links(name)
+        elif m["kind"] == "comm":
             # Some member of the pipeline is dead or hung, not necessarily the
             # reporter: the health monitor finds which. Until then, pause.
             for inst in self.instances:

@@ -185,6 +185,14 @@ class Replication:
         link = self.links.get(group[len(LINK_PREFIX):])
         return link if link is not None and link.generation == generation else None
 
+    def retry_links(self, worker: str) -> None:
+        """Links of worker that never connected are built anew (a member that
+        died meanwhile has left the ring by then)."""
+        for source, link in list(self.links.items()):
+            if worker in (link.source, link.backup) and not link.ready:
+                self.close(source)
+        self.reform()
+
     def group_ready(self, worker: str, group: str, generation: int) -> bool:
         """True if the acknowledgement was a link's."""
         if not group.startswith(LINK_PREFIX):
