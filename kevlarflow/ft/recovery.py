@@ -103,6 +103,9 @@ class RecoveryMixin:
         inst.generation = -1  # steps of the old generation are stale everywhere
         self.rejoining.pop(inst.index, None)
         if self.config.recovery == "restart":
+            # Every token that held KV is computed again from scratch.
+            self.replication.stats["tokens_recomputed"] += sum(
+                seq.num_computed_tokens for seq in inst.running())
             inst.preempt_all()
         else:  # survivors keep their KV: _reroute decides what moves and what recomputes
             inst.abandon_in_flight()
