@@ -1,0 +1,158 @@
+"""The failover benchmark's metrics, from run records (docs/failover-benchmark.md
+defines each one). A run's metrics are computed from what its requests saw;
+repeats are summarized as median, min and max; ratios compare medians."""
+from __future__ import annotations
+
+import statistics
+
+# Summaries of several runs, and the paper's ratios, use these keys.
+RATIO_METRICS = ("mttr_s", "avg_latency_s", "p99_latency_s", "avg_ttft_s", "p99_ttft_s")
+SLO_FACTOR = 5.0  # default SLOs: this many times the fault-free baseline's median TTFT and TPOT
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """The value at index min(n - 1, int(q * n)) of the sorted values."""
+    if not values:
+        return None
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))]
+
+
+def mean(values) -> float | None:
+    values = list(values)
+    return sum(values) / len(values) if values else None
+
+
+def completed(run: dict) -> list[dict]:
+    """Requests that produced every token they asked for."""
+    return [r for r in run["requests"] if len(r["token_times_s"]) == r["output_tokens"]]
+
+
+def ttft(r: dict) -> float:
+    return r["token_times_s"][0] - r["arrival_s"]
+
+
+def latency(r: dict) -> float:
+    return r["token_times_s"][-1] - r["arrival_s"]
+
+
+def tpot(r: dict) -> float | None:
+    n = len(r["token_times_s"])
+    return (latency(r) - ttft(r)) / (n - 1) if n > 1 else None
+
+
+def slos(baseline_run: dict) -> dict:
+    """Default goodput SLOs from a fault-free run of the plain system."""
+    done = completed(baseline_run)
+    tpots = [t for t in map(tpot, done) if t is not None]
+    return dict(ttft_s=SLO_FACTOR * statistics.median(map(ttft, done)),
+                tpot_s=SLO_FACTOR * statistics.median(tpots) if tpots else float("inf"))
+
+
+def _after(events: list[dict], kind: str, instance: int, t: float) -> float | None:
+    """Seconds from t to the first event of this kind for this instance."""
+    return next((e["t_s"] - t for e in events
+                 if e["kind"] == kind and e["instance"] == instance and e["t_s"] >= t), None)
+
+
+def recovery_times(run: dict) -> dict:
+    """Per failure in the run, seconds from the fault to its detection, to the
+    failed instance's communicator being up again, and to its first completed
+    forward step (MTTR); averaged over the run's failures."""
+    events = run["events"]
+    failures = [e for e in events if e["kind"] == "failed"]
+    out = {}
+    for key, kind in (("detect_s", "detected"), ("resumed_s", "resumed"),
+                      ("mttr_s", "first_step_after_failure")):
+        times = [_after(events, kind, f["instance"], f["t_s"]) for f in failures]
+        out[key] = mean(times) if times and None not in times else None
+    return out
+
+
+def run_metrics(run: dict, slo: dict) -> dict:
+    done = completed(run)
+    tpots = [t for t in map(tpot, done) if t is not None]
+    tokens = sum(len(r["token_times_s"]) for r in run["requests"])
+    good = [r for r in done if ttft(r) <= slo["ttft_s"]
+            and (tpot(r) is None or tpot(r) <= slo["tpot_s"])]
+    return dict(
+        **recovery_times(run),
+        avg_latency_s=mean(map(latency, done)), p99_latency_s=percentile(list(map(latency, done)), 0.99),
+        avg_ttft_s=mean(map(ttft, done)), p99_ttft_s=percentile(list(map(ttft, done)), 0.99),
+        mean_tpot_s=mean(tpots),
+        requests=len(run["requests"]), requests_failed=len(run["requests"]) - len(done),
+        throughput_tok_s=tokens / run["elapsed_s"], goodput_rps=len(good) / run["elapsed_s"],
+        tokens_recomputed=run["tokens_recomputed"], tokens_restored=run["tokens_restored"],
+        bytes_replicated=run["bytes_replicated"])
+
+
+def summarize(per_run: list[dict]) -> dict:
+    """{metric: {"median", "min", "max"}} over repeats; None where a metric
+    does not apply (e.g. MTTR without a failure)."""
+    out = {}
+    for key in per_run[0]:
+        values = [m[key] for m in per_run if m[key] is not None]
+        out[key] = dict(median=statistics.median(values), min=min(values), max=max(values)) \
+            if values else None
+    return out
+
+
+def median_of(summary: dict, key: str) -> float | None:
+    return summary[key]["median"] if summary.get(key) else None
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def paper_ratios(metrics: dict, baseline: str = "restart") -> dict:
+    """restart / mode under failure (higher is better for the mode), and each
+    mode's fault-free cost against the fault-free baseline (mode / baseline - 1)."""
+    base = metrics.get(baseline)
+    out = {}
+    for mode, m in metrics.items():
+        if mode == baseline or not base:
+            continue
+        under_failure = {k: ratio(median_of(base["failure"], k), median_of(m["failure"], k))
+                         for k in RATIO_METRICS} if "failure" in m and "failure" in base else {}
+        overhead = {}
+        if "fault_free" in m and "fault_free" in base:
+            for k in ("avg_latency_s", "p99_latency_s", "mean_tpot_s"):
+                r = ratio(median_of(m["fault_free"], k), median_of(base["fault_free"], k))
+                overhead[k] = None if r is None else r - 1
+        out[mode] = dict(under_failure=under_failure, fault_free_overhead=overhead)
+    return out
+
+
+TARGETS = (  # (name, what is compared, bound, higher is better)
+    ("mttr_vs_restart", "restart MTTR / kevlarflow MTTR", 20.0, True),
+    ("p99_ttft_failure_vs_fault_free", "kevlarflow p99 TTFT, failure / fault-free", 2.0, False),
+    ("p99_latency_failure_vs_fault_free", "kevlarflow p99 latency, failure / fault-free", 1.5,
+     False),
+    ("fault_free_overhead", "kevlarflow fault-free avg latency / restart's - 1", 0.01, False),
+    ("requests_failed", "requests failed in any KevlarFlow run", 0, False),
+)
+
+
+def targets(metrics: dict, ratios: dict) -> dict:
+    """The issue's targets on the `kevlarflow` mode, with the value reached."""
+    kf = metrics.get("kevlarflow", {})
+    values = {}
+    if "kevlarflow" in ratios:
+        values["mttr_vs_restart"] = ratios["kevlarflow"]["under_failure"].get("mttr_s")
+        values["fault_free_overhead"] = ratios["kevlarflow"]["fault_free_overhead"].get(
+            "avg_latency_s")
+    if "failure" in kf and "fault_free" in kf:
+        for name, key in (("p99_ttft_failure_vs_fault_free", "p99_ttft_s"),
+                          ("p99_latency_failure_vs_fault_free", "p99_latency_s")):
+            values[name] = ratio(median_of(kf["failure"], key), median_of(kf["fault_free"], key))
+    failed = [s["requests_failed"]["max"] for mode, m in metrics.items()
+              if mode.startswith("kevlarflow") for s in m.values() if s.get("requests_failed")]
+    if failed:
+        values["requests_failed"] = max(failed)
+    out = {}
+    for name, what, bound, higher in TARGETS:
+        value = values.get(name)
+        met = None if value is None else (value >= bound if higher else value <= bound)
+        out[name] = dict(what=what, bound=bound, value=value, met=met)
+    return out
