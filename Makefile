@@ -25,8 +25,11 @@ $(STAMP): $(VENV)/.deps $(SOURCES)
 
 install: $(STAMP)
 
+# The failover benchmark's preset: 2 instances x 2 stages of the medium model
+# (its checkpoint is written once, then cached), one worker killed halfway,
+# every recovery mode; the table on stdout, JSON and plots in demo-results/.
 demo: $(STAMP)
-	cd /tmp && $(abspath $(PY)) -m kevlarflow.demo
+	cd /tmp && $(abspath $(PY)) -m kevlarflow bench failover --out $(CURDIR)/demo-results
 
 test: $(STAMP)
 	# Run from outside the source tree so tests import the installed package.
