@@ -319,9 +319,10 @@ class Simulation:
     # Failure and recovery ----------------------------------------------------------------
 
     def _record(self, kind: str, t: float, instance: int, stage: int | None = None,
-                detail: str = "") -> None:
+                detail: str = "", **figures) -> None:
         worker = f"w{instance}.{stage}" if stage is not None else None
-        self.log.append(dict(kind=kind, t_s=t, instance=instance, worker=worker, detail=detail))
+        self.log.append(dict(kind=kind, t_s=t, instance=instance, worker=worker, detail=detail,
+                             **figures))
 
     def _on_fail(self, t: float, f: Failure) -> None:
         inst = self.instances[f.instance]
@@ -343,7 +344,7 @@ class Simulation:
         self._record("replacement_started", t, f.instance, f.stage)
         if self.mode == "restart":
             # The whole instance is replaced: every worker loads in parallel.
-            self._preempt_all(inst)
+            self._preempt_all(inst, t)
             self._push(t + self.c.stage_load_s(), "restart_loaded", f)
             return
         donor = next((self.instances[(f.instance + k) % self.c.instances]
@@ -353,7 +354,7 @@ class Simulation:
                      None)
         if donor is None:
             raise ValueError(f"no healthy instance to lend instance {f.instance} a stage-{f.stage} worker")
-        self._rewind(inst, self.replicated)
+        self._rewind(inst, self.replicated, t, "failure")
         self._push(t + self.c.comm_build_s, "resume", (f, donor.index))
         self._push(t + self.c.stage_load_s(), "replacement_loaded", f)
 
@@ -390,7 +391,7 @@ class Simulation:
         inst.up, inst.routable = False, False
         donor = self.instances[inst.partner]
         inst.partner = donor.partner = None
-        self._rewind(inst, self._keeps_kv_on_rejoin())
+        self._rewind(inst, self._keeps_kv_on_rejoin(), t, "rejoin")
         self._record("rejoined", t, f.instance, f.stage)
         self._push(t + self.c.comm_build_s, "home", f)
 
@@ -429,27 +430,32 @@ class Simulation:
             return INF
         return math.ceil((c.replication_interval_s / 2 + transfer) / inst.last_round_s)
 
-    def _rewind(self, inst: _Instance, replicated: bool) -> None:
+    def _rewind(self, inst: _Instance, replicated: bool, t: float, why: str) -> None:
         """Running sequences lose the KV past their replica (all of it
         without one) and recompute it as a chunked prefill."""
         lag = self._lag_rounds(inst) if replicated else INF
         running = inst.running()
+        held = lost_total = 0
         for seq in running:
             if seq.state == DECODE:
                 self._leave_decode(inst, seq)
             else:
                 inst.other_outstanding -= seq.outstanding()
             lost = seq.computed() if lag == INF else min(seq.computed(), lag * seq.chunk)
+            held += seq.computed()
+            lost_total += lost
             seq.pending += lost
             self.tokens_recomputed += lost
             seq.state = PREFILL
             inst.other_outstanding += seq.outstanding()
         inst.prefilling = sorted(running, key=lambda s: s.arrival)
+        self._record("recompute", t, inst.index, detail=f"{why}: {len(running)} requests recompute "
+                     f"{lost_total} of their {held} tokens of KV", tokens=lost_total, of=held)
 
-    def _preempt_all(self, inst: _Instance) -> None:
+    def _preempt_all(self, inst: _Instance, t: float) -> None:
         """restart: every running request goes back to the front of the
         waiting queue (oldest first) and starts over."""
-        self._rewind(inst, replicated=False)
+        self._rewind(inst, False, t, "restart")
         for seq in reversed(inst.prefilling):
             seq.state = WAITING
             inst.waiting.appendleft(seq)
