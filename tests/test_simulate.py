@@ -144,6 +144,15 @@ def test_a_paper_trace_of_30_minutes_simulates_in_seconds():
     assert f["requests_failed"] == 0 and len(trace) > 10_000
 
 
+def test_a_replacement_ready_before_the_rebuild_still_moves_back_once():
+    quick = COSTS.with_overrides(process_start_s=0, worker_init_s=0, weight_bytes_per_stage=1e6,
+                                 comm_build_s=2.0)
+    sim = simulate(quick, trace_at(0.5, costs=quick), "kevlarflow", KILL)
+    kinds = [e["kind"] for e in sim.log]
+    assert kinds.index("resumed") < kinds.index("rejoined") and kinds.count("rejoined") == 1
+    assert all(r["last_s"] is not None for r in sim.requests())
+
+
 def test_a_failure_outside_the_deployment_is_refused():
     with pytest.raises(ValueError, match="no such worker"):
         simulate(COSTS, trace_at(0.5), "kevlarflow", [Failure(1.0, 0, 5)])

@@ -387,6 +387,9 @@ class Simulation:
 
     def _on_rejoin(self, t: float, f: Failure) -> None:
         inst = self.instances[f.instance]
+        if inst.partner is None:  # the replacement beat the rebuild onto the lent worker
+            self._push(t + self.c.comm_build_s, "rejoin", f)
+            return
         self._abandon_round(inst, t)
         inst.up, inst.routable = False, False
         donor = self.instances[inst.partner]
