@@ -1,0 +1,118 @@
+"""Replay a real failover benchmark run (`kevlarflow bench failover --json`,
+schema kevlarflow.failover/1) in the simulator: the same deployment, trace
+and failures; compare simulated and measured figures, mode by mode."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from kevlarflow.bench.sim.costs import Costs
+from kevlarflow.bench.sim.model import MODES, Failure, TraceRequest
+from kevlarflow.bench.sim.report import CONDITIONS, run_modes
+
+SCHEMA = "kevlarflow.failover/1"
+COMPARED = ("mttr_s", "avg_latency_s", "p99_latency_s", "avg_ttft_s", "p99_ttft_s", "mean_tpot_s")
+
+
+def _need(data: dict, key: str, where: str):
+    if not isinstance(data, dict) or key not in data:
+        raise ValueError(f"{where}: missing {key!r}")
+    return data[key]
+
+
+def read_run(path: str | Path) -> dict:
+    """The parts of a real run the simulator needs, checked."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except OSError as exc:
+        raise ValueError(f"cannot read {path}: {exc.strerror}") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path} is not valid JSON: {exc}") from None
+    if _need(data, "schema", str(path)) != SCHEMA:
+        raise ValueError(f"{path}: schema {data['schema']!r}, expected {SCHEMA!r}")
+    config = _need(data, "config", str(path))
+    trace = [TraceRequest(float(_need(r, "arrival_s", f"{path}: trace[{i}]")),
+                          int(_need(r, "prompt_tokens", f"{path}: trace[{i}]")),
+                          int(_need(r, "output_tokens", f"{path}: trace[{i}]")))
+             for i, r in enumerate(_need(data, "trace", str(path)))]
+    failures = [Failure(float(_need(f, "at_s", f"{path}: failure")), int(_need(f, "instance", "failure")),
+                        int(_need(f, "stage", "failure")), str(f.get("kind", "kill")))
+                for f in _need(config, "failures", f"{path}: config")]
+    metrics = _need(data, "metrics", str(path))
+    unknown = sorted(set(metrics) - set(MODES))
+    if unknown:
+        raise ValueError(f"{path}: metrics of unknown mode(s) {unknown}")
+    return dict(config=config, trace=trace, failures=failures, metrics=metrics)
+
+
+def deployment_costs(costs: Costs, config: dict) -> Costs:
+    """The costs of this machine, with the run's deployment and settings."""
+    changes = dict(instances=_need(config, "num_instances", "config"),
+                   stages=_need(config, "pp_size", "config"),
+                   max_num_batched_tokens=_need(config, "max_num_batched_tokens", "config"))
+    if "replication_interval_s" in config:
+        changes["replication_interval_s"] = config["replication_interval_s"]
+    if "hang_timeout_s" in config:
+        changes["detect_hang_s"] = config["hang_timeout_s"]
+    return costs.with_overrides(**changes)
+
+
+def _measured(metrics: dict, mode: str, condition: str, key: str) -> float | None:
+    value = metrics.get(mode, {}).get(condition, {}).get(key)
+    if isinstance(value, dict):
+        value = value.get("median")
+    return value
+
+
+def compare(run: dict, costs: Costs) -> dict:
+    """{mode: {condition: {metric: {simulated, measured, rel_error}}}}."""
+    costs = deployment_costs(costs, run["config"])
+    modes = [m for m in MODES if m in run["metrics"]]
+    simulated = run_modes(costs, run["trace"], run["failures"], modes)
+    out = {}
+    for mode in modes:
+        out[mode] = {}
+        for condition in CONDITIONS:
+            rows = {}
+            for key in COMPARED:
+                sim = simulated[mode][condition][key]
+                real = _measured(run["metrics"], mode, condition, key)
+                error = (sim - real) / real if sim is not None and real else None
+                rows[key] = dict(simulated=sim, measured=real, rel_error=error)
+            out[mode][condition] = rows
+    return out
+
+
+def print_comparison(table: dict) -> None:
+    names = {"mttr_s": "MTTR", "avg_latency_s": "avg lat", "p99_latency_s": "p99 lat",
+             "avg_ttft_s": "avg TTFT", "p99_ttft_s": "p99 TTFT", "mean_tpot_s": "TPOT"}
+    print(f"{'mode':<26} {'condition':<11} {'metric':<9} {'simulated':>10} {'measured':>10} {'error':>8}")
+    for mode, by_condition in table.items():
+        for condition, rows in by_condition.items():
+            for key, r in rows.items():
+                if r["simulated"] is None and r["measured"] is None:
+                    continue
+                f = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+                err = "-" if r["rel_error"] is None else f"{r['rel_error']:+.0%}"
+                print(f"{mode:<26} {condition:<11} {names[key]:<9} {f(r['simulated']):>10} "
+                      f"{f(r['measured']):>10} {err:>8}")
+
+
+def validate(path: str, costs: Costs, json_out: str | None = None) -> dict:
+    run = read_run(path)
+    table = compare(run, costs)
+    cfg = run["config"]
+    print(f"{path}: {cfg.get('preset', '?')}, {cfg['num_instances']} instances x {cfg['pp_size']} "
+          f"stages, {len(run['trace'])} requests, failures {[f.__dict__ for f in run['failures']]}\n")
+    print_comparison(table)
+    errors = [abs(r["rel_error"]) for m in table.values() for c in m.values() for r in c.values()
+              if r["rel_error"] is not None]
+    if errors:
+        print(f"\nmean absolute relative error {sum(errors) / len(errors):.0%} over {len(errors)} figures")
+    if json_out:
+        Path(json_out).write_text(json.dumps(dict(schema="kevlarflow.simulate-validation/1",
+                                                  source=str(path), costs=costs.to_json(),
+                                                  validation=table), indent=1))
+        print(f"wrote {json_out}")
+    return table
+

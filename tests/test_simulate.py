@@ -1,0 +1,276 @@
+"""The failover simulator: its model behaves as the system it models, its
+inputs are checked, and its command line runs end to end."""
+import json
+from pathlib import Path
+
+import pytest
+
+from kevlarflow.bench import simulate as simulate_cli
+from kevlarflow.bench.sim.costs import FIELDS, PRESETS, Costs, from_dict, load_file
+from kevlarflow.bench.sim.metrics import percentile, summarize
+from kevlarflow.bench.sim.model import MODES, Failure, TraceRequest, simulate
+from kevlarflow.bench.sim.validate import compare, read_run
+from kevlarflow.bench.sim.workload import capacity_requests_per_s, sharegpt_like
+
+FIXTURE = Path(__file__).parent / "data" / "failover_small.json"
+
+# A small GPU-like deployment with round numbers, so that expected times can
+# be worked out by hand: steps of 10 ms + 0.1 ms per token, fast links.
+COSTS = Costs(instances=2, stages=2, max_num_batched_tokens=256, max_num_seqs=64,
+              process_start_s=5.0, worker_init_s=1.0, weight_bytes_per_stage=4e9,
+              weight_load_bytes_per_s=1e9, comm_build_s=0.5, detect_kill_s=0.1,
+              detect_hang_s=1.0, link_bytes_per_s=10e9, activation_bytes_per_token=8192,
+              kv_bytes_per_token_per_stage=65536, replication_interval_s=0.5,
+              step_base_s=0.01, step_prefill_token_s=1e-4, step_decode_token_s=1e-4)
+PROMPT, OUTPUT = 64, 64
+
+
+def trace_at(load: float, duration: float = 60.0, costs: Costs = COSTS, seed: int = 0):
+    rate = load * capacity_requests_per_s(costs, PROMPT, OUTPUT, seed)
+    return sharegpt_like(rate, duration, PROMPT, OUTPUT, seed=seed)
+
+
+def figures(costs, trace, mode, failures=()):
+    sim = simulate(costs, trace, mode, failures)
+    return summarize(sim.requests(), sim.mttr_s[0] if sim.mttr_s else None, sim.tokens_recomputed)
+
+
+KILL = [Failure(20.0, 0, 1, "kill")]
+
+
+# The model ------------------------------------------------------------------------------
+
+def test_without_failures_every_mode_serves_identically():
+    trace = trace_at(0.7)
+    results = [simulate(COSTS, trace, mode).requests() for mode in MODES]
+    assert results[0] == results[1] == results[2]
+    assert all(r["last_s"] is not None for r in results[0])
+
+
+def test_one_request_alone_takes_the_hand_computed_time():
+    # Prompt 100 in one chunk: one round of 2 stage steps of 10 + 10 ms; then
+    # each of the 4 remaining tokens is a round of 2 x (10 + 0.1) ms.
+    sim = simulate(COSTS, [TraceRequest(1.0, 100, 5)], "kevlarflow")
+    (r,) = sim.requests()
+    assert r["first_s"] - 1.0 == pytest.approx(2 * 0.020)
+    assert r["last_s"] - r["first_s"] == pytest.approx(4 * 2 * 0.0101)
+
+
+def test_every_request_finishes_with_a_failure_in_every_mode():
+    trace = trace_at(0.7)
+    for mode in MODES:
+        f = figures(COSTS, trace, mode, KILL)
+        assert f["requests_failed"] == 0 and f["mttr_s"] is not None, mode
+
+
+def test_restart_mttr_grows_with_weight_load_time_and_kevlarflows_does_not():
+    trace = trace_at(0.5)
+    mttr = {}
+    for bandwidth in (4e9, 0.5e9):  # 1 s and 8 s to load a stage
+        costs = COSTS.with_overrides(weight_load_bytes_per_s=bandwidth)
+        mttr[bandwidth] = {mode: figures(costs, trace, mode, KILL)["mttr_s"]
+                           for mode in ("kevlarflow", "restart")}
+    assert mttr[0.5e9]["restart"] - mttr[4e9]["restart"] == pytest.approx(7.0, abs=0.2)
+    assert mttr[0.5e9]["kevlarflow"] == pytest.approx(mttr[4e9]["kevlarflow"], abs=0.05)
+    # kevlarflow: detection, a communicator, a round or so of recompute.
+    assert mttr[4e9]["kevlarflow"] < COSTS.detect_kill_s + COSTS.comm_build_s + 0.5
+
+
+def test_a_hang_is_detected_later_than_a_kill():
+    trace = trace_at(0.5)
+    kill = figures(COSTS, trace, "kevlarflow", KILL)["mttr_s"]
+    hang = figures(COSTS, trace, "kevlarflow", [Failure(20.0, 0, 1, "hang")])["mttr_s"]
+    assert hang - kill == pytest.approx(COSTS.detect_hang_s - COSTS.detect_kill_s, abs=0.1)
+
+
+def recompute_at_failure(costs, trace, mode):
+    """(tokens recomputed, tokens of KV held) by the failed instance's requests."""
+    event = next(e for e in simulate(costs, trace, mode, KILL).log if e["kind"] == "recompute")
+    return event["tokens"], event["of"]
+
+
+def test_replication_recomputes_fewer_tokens_than_no_replication():
+    trace = trace_at(0.7)
+    kept = figures(COSTS, trace, "kevlarflow", KILL)["tokens_recomputed"]
+    lost = figures(COSTS, trace, "kevlarflow-no-replication", KILL)["tokens_recomputed"]
+    assert 0 < kept < lost / 2
+    recomputed, held = recompute_at_failure(COSTS, trace, "kevlarflow")
+    assert 0 < recomputed < held / 2
+    assert recompute_at_failure(COSTS, trace, "kevlarflow-no-replication") == (held, held)
+
+
+def test_replication_on_a_link_too_slow_for_the_kv_keeps_nothing():
+    slow = COSTS.with_overrides(link_bytes_per_s=1e6, activation_bytes_per_token=0)
+    recomputed, held = recompute_at_failure(slow, trace_at(0.7, costs=slow), "kevlarflow")
+    assert recomputed == held > 0
+
+
+def test_restart_hurts_latency_more_than_kevlarflow_when_loading_is_slow():
+    # 40 s to load a stage; at 70% load the survivor of a restart is overloaded
+    # meanwhile, while a lent worker merges two pipelines' steps.
+    slow_load = COSTS.with_overrides(weight_load_bytes_per_s=0.1e9)
+    trace = trace_at(0.7, duration=120.0, costs=slow_load)
+    kf = figures(slow_load, trace, "kevlarflow", KILL)
+    restart = figures(slow_load, trace, "restart", KILL)
+    assert restart["avg_ttft_s"] > 5 * kf["avg_ttft_s"]
+    assert restart["avg_latency_s"] > 1.5 * kf["avg_latency_s"]
+
+
+def test_latency_rises_with_load():
+    latency = [figures(COSTS, trace_at(load), "kevlarflow")["avg_latency_s"]
+               for load in (0.2, 0.6, 0.9)]
+    assert latency[0] < latency[1] < latency[2]
+
+
+def test_twice_the_capacity_builds_a_queue_and_less_does_not():
+    def ttft_growth(load):
+        sim = simulate(COSTS, trace_at(load, duration=40.0), "kevlarflow")
+        ttft = [r["first_s"] - r["arrival_s"] for r in sim.requests()]
+        quarter = len(ttft) // 4
+        return sum(ttft[-quarter:]) / sum(ttft[:quarter])
+
+    assert ttft_growth(2.0) > 4
+    assert ttft_growth(0.5) < 3
+
+
+def test_a_paper_trace_of_30_minutes_simulates_in_seconds():
+    import time
+
+    costs = PRESETS["paper"]
+    trace = sharegpt_like(0.7 * capacity_requests_per_s(costs, 256, 256), 1800, 256, 256)
+    start = time.perf_counter()
+    f = figures(costs, trace, "kevlarflow", [Failure(300, 0, 1)])
+    assert time.perf_counter() - start < 10
+    assert f["requests_failed"] == 0 and len(trace) > 10_000
+
+
+def test_a_replacement_ready_before_the_rebuild_still_moves_back_once():
+    quick = COSTS.with_overrides(process_start_s=0, worker_init_s=0, weight_bytes_per_stage=1e6,
+                                 comm_build_s=2.0)
+    sim = simulate(quick, trace_at(0.5, costs=quick), "kevlarflow", KILL)
+    kinds = [e["kind"] for e in sim.log]
+    assert kinds.index("resumed") < kinds.index("rejoined") and kinds.count("rejoined") == 1
+    assert all(r["last_s"] is not None for r in sim.requests())
+
+
+def test_a_failure_outside_the_deployment_is_refused():
+    with pytest.raises(ValueError, match="no such worker"):
+        simulate(COSTS, trace_at(0.5), "kevlarflow", [Failure(1.0, 0, 5)])
+    with pytest.raises(ValueError, match="at least 2 instances"):
+        simulate(COSTS.with_overrides(instances=1), [TraceRequest(0, 8, 8)], "kevlarflow", KILL)
+
+
+# Metrics --------------------------------------------------------------------------------
+
+def test_metrics_follow_the_real_benchmarks_definitions():
+    reqs = [dict(arrival_s=0.0, first_s=1.0, last_s=3.0, tokens=5),
+            dict(arrival_s=1.0, first_s=1.5, last_s=2.0, tokens=1),
+            dict(arrival_s=2.0, first_s=None, last_s=None, tokens=4)]
+    f = summarize(reqs, None, 0)
+    assert f["avg_latency_s"] == pytest.approx(2.0)
+    assert f["avg_ttft_s"] == pytest.approx(0.75)
+    assert f["mean_tpot_s"] == pytest.approx(0.5)  # only the request of 5 tokens counts
+    assert f["requests_failed"] == 1
+    assert percentile(list(range(100)), 0.99) == 99
+    assert percentile([3.0, 1.0], 0.99) == 3.0
+
+
+# Costs files ----------------------------------------------------------------------------
+
+def write_costs(tmp_path, **changes):
+    data = {**COSTS.to_json(), **changes}
+    data = {k: v for k, v in data.items() if v is not None}
+    path = tmp_path / "costs.json"
+    path.write_text(json.dumps(data))
+    return path
+
+
+def test_a_costs_file_round_trips(tmp_path):
+    assert load_file(write_costs(tmp_path)) == COSTS
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(comm_build_s=None), "missing field.*comm_build_s"),
+    (dict(comm_build_s=-1.0), "comm_build_s must not be negative"),
+    (dict(typo_s=1.0), r"unknown field.*typo_s"),
+    (dict(stages=0), "stages must be a positive integer"),
+    (dict(instances=1.5), "instances must be a positive integer"),
+    (dict(link_bytes_per_s=0), "link_bytes_per_s must be positive"),
+    (dict(step_base_s="fast"), "step_base_s must be a finite number"),
+])
+def test_a_bad_costs_file_is_refused_with_a_message(tmp_path, changes, message):
+    with pytest.raises(ValueError, match=message):
+        load_file(write_costs(tmp_path, **changes))
+
+
+def test_a_costs_file_that_is_not_json_or_not_an_object_is_refused(tmp_path):
+    path = tmp_path / "bad.json"
+    path.write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        load_file(path)
+    with pytest.raises(ValueError, match="JSON object"):
+        from_dict([1, 2], "x")
+    assert len(FIELDS) == len(COSTS.to_json())
+
+
+def test_unknown_overrides_are_refused():
+    with pytest.raises(ValueError, match="unknown cost field"):
+        COSTS.with_overrides(stagez=3)
+    with pytest.raises(SystemExit):
+        simulate_cli.main(["--set", "nope=1", "--duration", "10", "--fail-at", "5"])
+
+
+# Validation against a real run ------------------------------------------------------------
+
+# Like this machine's CPU workers: requests overlap the fixture's failure.
+CPU_LIKE = COSTS.with_overrides(step_base_s=0.06, step_prefill_token_s=1e-3, step_decode_token_s=1.4e-3)
+
+
+def test_validate_compares_every_mode_with_the_measured_figures():
+    run = read_run(FIXTURE)
+    table = compare(run, CPU_LIKE)
+    assert set(table) == set(MODES)
+    row = table["restart"]["failure"]["mttr_s"]
+    assert row["measured"] == 5.5
+    assert row["rel_error"] == pytest.approx((row["simulated"] - 5.5) / 5.5)
+    assert table["kevlarflow"]["fault_free"]["mttr_s"]["rel_error"] is None  # not applicable
+    # The run's deployment replaces the costs' own (here: the same 2 x 2).
+    assert all(r["simulated"] is not None for r in table["kevlarflow"]["failure"].values())
+
+
+def test_validate_refuses_another_schema(tmp_path):
+    data = json.loads(FIXTURE.read_text())
+    data["schema"] = "something/else"
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="schema"):
+        read_run(path)
+    del data["schema"]
+    path.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="missing 'schema'"):
+        read_run(path)
+
+
+def test_validate_from_the_command_line_writes_its_json(tmp_path, capsys):
+    costs = write_costs(tmp_path, **CPU_LIKE.to_json())
+    out = tmp_path / "validation.json"
+    simulate_cli.main(["--validate", str(FIXTURE), "--costs", str(costs), "--json", str(out)])
+    printed = capsys.readouterr().out
+    assert "mean absolute relative error" in printed and "restart" in printed
+    data = json.loads(out.read_text())
+    assert data["validation"]["restart"]["failure"]["mttr_s"]["measured"] == 5.5
+
+
+# The command line -----------------------------------------------------------------------
+
+def test_the_paper_projection_runs_end_to_end(tmp_path, capsys):
+    out = tmp_path / "paper.json"
+    simulate_cli.main(["--costs", "paper", "--duration", "600", "--fail-at", "100",
+                       "--json", str(out)])
+    printed = capsys.readouterr().out
+    assert "restart / mode" in printed and "[378.9x]" in printed and "about 10 min" in printed
+    data = json.loads(out.read_text())
+    assert set(data["results"]) == set(MODES)
+    assert data["results"]["restart"]["failure"]["mttr_s"] > 60
+    assert data["ratios"]["kevlarflow"]["mttr_s"] > 10
+    assert 0.65 < data["trace"]["rate"] / data["trace"]["capacity_requests_per_s"] < 0.75
