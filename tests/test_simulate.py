@@ -56,6 +56,21 @@ def test_one_request_alone_takes_the_hand_computed_time():
     assert r["last_s"] - r["first_s"] == pytest.approx(4 * 2 * 0.0101)
 
 
+def test_workers_sharing_cores_slow_each_other_down():
+    # Two requests at once, one per instance: with one core for both, each
+    # round takes twice as long as with a device per worker (hand-computed
+    # above: 2 x 10.1 ms a decode round).
+    trace = [TraceRequest(1.0, 100, 5), TraceRequest(1.0, 100, 5)]
+    alone = simulate(COSTS, trace, "kevlarflow").requests()
+    shared = simulate(COSTS.with_overrides(cpu_cores=1), trace, "kevlarflow").requests()
+    for a, s in zip(alone, shared):
+        assert s["last_s"] - s["first_s"] == pytest.approx(2 * (a["last_s"] - a["first_s"]))
+    # One request alone on one core keeps one worker busy at a time: no slowdown.
+    one = [TraceRequest(1.0, 100, 5)]
+    assert simulate(COSTS.with_overrides(cpu_cores=1), one, "kevlarflow").requests() == \
+        simulate(COSTS, one, "kevlarflow").requests()
+
+
 def test_every_request_finishes_with_a_failure_in_every_mode():
     trace = trace_at(0.7)
     for mode in MODES:
@@ -228,7 +243,7 @@ CPU_LIKE = COSTS.with_overrides(step_base_s=0.06, step_prefill_token_s=1e-3, ste
 
 def test_validate_compares_every_mode_with_the_measured_figures():
     run = read_run(FIXTURE)
-    table = compare(run, CPU_LIKE)
+    table = compare(run, CPU_LIKE, fit=False)["modes"]
     assert set(table) == set(MODES)
     row = table["restart"]["failure"]["mttr_s"]
     assert row["measured"] == 5.5
@@ -259,6 +274,21 @@ def test_validate_from_the_command_line_writes_its_json(tmp_path, capsys):
     assert "mean absolute relative error" in printed and "restart" in printed
     data = json.loads(out.read_text())
     assert data["validation"]["restart"]["failure"]["mttr_s"]["measured"] == 5.5
+    assert data["contention"] > 0
+
+
+def test_validate_fits_one_contention_factor_on_the_baseline_tpot():
+    run = read_run(FIXTURE)
+    result = compare(run, CPU_LIKE)
+    tpot = result["modes"]["restart"]["fault_free"]["mean_tpot_s"]
+    assert tpot["fitted"] and tpot["rel_error"] == pytest.approx(0, abs=0.02)
+    assert sum(r["fitted"] for m in result["modes"].values() for c in m.values()
+               for r in c.values()) == 1
+    # Costs twice as fast need (about) twice the contention to match the same run.
+    faster = CPU_LIKE.contended(0.5)
+    assert compare(run, faster)["contention"] == pytest.approx(2 * result["contention"], rel=0.05)
+    with pytest.raises(ValueError, match="positive"):
+        CPU_LIKE.contended(0)
 
 
 # The command line -----------------------------------------------------------------------

@@ -57,6 +57,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="with --calibrate: also write the costs to this file")
     p.add_argument("--validate", metavar="RESULTS",
                    help="compare with a real run's JSON (default costs: local)")
+    p.add_argument("--no-fit", action="store_true",
+                   help="with --validate: do not fit the CPU contention factor")
     return p
 
 
@@ -87,7 +89,7 @@ def _run(args) -> None:
     if args.validate:
         from kevlarflow.bench.sim.validate import validate
         args.costs = args.costs or "local"
-        validate(args.validate, load_costs(args), args.json)
+        validate(args.validate, load_costs(args), args.json, fit=not args.no_fit)
         return
     args.costs = args.costs or "paper"
     modes = args.modes.split(",")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import datetime
 import multiprocessing as mp
+import os
 import platform
 import statistics
 import subprocess
@@ -182,7 +183,7 @@ def calibrate(preset: str, out: str | None = None) -> Costs:
         kv_bytes_per_token_per_stage=float(stage["kv_bytes_per_token"]),
         replication_interval_s=0.5,
         step_base_s=stage["base"], step_prefill_token_s=stage["prefill"],
-        step_decode_token_s=stage["decode"])
+        step_decode_token_s=stage["decode"], cpu_cores=float(os.cpu_count() or 1))
     note = (f"measured by `kevlarflow bench simulate --calibrate --preset {preset}` on "
             f"{platform.node()} ({platform.processor() or platform.machine()}), "
             f"{time.strftime('%Y-%m-%d %H:%M')}")

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import MISSING, asdict, dataclass, fields, replace
 from pathlib import Path
 
 GB = 1e9
@@ -40,6 +40,9 @@ class Costs:
     step_base_s: float
     step_prefill_token_s: float
     step_decode_token_s: float    # with its share of attention over the context
+    # Cores the workers share (0: each worker has its own device, as on GPUs).
+    # A stage step then takes longer by max(1, busy workers / cores).
+    cpu_cores: float = 0
 
     def __post_init__(self):
         for f in fields(self):
@@ -75,6 +78,20 @@ class Costs:
         return self.process_start_s + self.weight_bytes_per_stage / self.weight_load_bytes_per_s \
             + self.worker_init_s
 
+    def contended(self, factor: float) -> "Costs":
+        """The same machine with `factor` times less CPU per worker: when
+        workers (and the controller) outnumber the cores, every CPU-bound cost
+        grows by that factor (steps, process start and init, loading weights
+        from the page cache); links and detection do not."""
+        if not (math.isfinite(factor) and factor > 0):
+            raise ValueError(f"a contention factor must be positive, got {factor!r}")
+        return replace(self, step_base_s=self.step_base_s * factor,
+                       step_prefill_token_s=self.step_prefill_token_s * factor,
+                       step_decode_token_s=self.step_decode_token_s * factor,
+                       process_start_s=self.process_start_s * factor,
+                       worker_init_s=self.worker_init_s * factor,
+                       weight_load_bytes_per_s=self.weight_load_bytes_per_s / factor)
+
     def with_overrides(self, **changes) -> "Costs":
         unknown = set(changes) - {f.name for f in fields(self)}
         if unknown:
@@ -92,6 +109,7 @@ class Costs:
 
 
 FIELDS = tuple(f.name for f in fields(Costs))
+REQUIRED = tuple(f.name for f in fields(Costs) if f.default is MISSING)
 NOTE_KEY = "note"  # the one extra key a costs file may hold: free text on its origin
 
 
@@ -102,7 +120,7 @@ def from_dict(data: dict, origin: str = "costs") -> Costs:
     unknown = sorted(set(values) - set(FIELDS))
     if unknown:
         raise ValueError(f"{origin}: unknown field(s) {unknown}")
-    missing = [f for f in FIELDS if f not in values]
+    missing = [f for f in REQUIRED if f not in values]
     if missing:
         raise ValueError(f"{origin}: missing field(s) {missing}")
     try:

@@ -227,6 +227,11 @@ class Simulation:
             merged = max(m, pm)
             length = max(length, merged * c.stage_step_s((prefill + pp) / merged,
                                                           (decode + pd) / merged))
+        if c.cpu_cores:
+            # Each micro-batch in flight keeps one worker busy; beyond the
+            # cores, the workers share them.
+            busy = m + sum(o.load[0] for o in self.instances if o is not inst and o.up)
+            length *= max(1.0, busy / c.cpu_cores)
         inst.load = (m, float(prefill), float(decode))
         inst.last_round_s = length
         count = 1
