@@ -112,6 +112,11 @@ def test_metrics_of_a_run():
     assert got["throughput_tok_s"] == pytest.approx(0.6)
     assert got["goodput_rps"] == 0.0  # one is too slow to start, the other per token
     assert m.run_metrics(run, dict(ttft_s=1.0, tpot_s=1.0))["goodput_rps"] == pytest.approx(0.1)
+    # SLOs: 5x the baseline's medians; none when the baseline completed nothing.
+    assert m.slos(run) == dict(ttft_s=pytest.approx(5 * 0.75), tpot_s=pytest.approx(5 * 1.75))
+    no_slo = m.slos(_run([(0.0, 3, [1.0])]))
+    assert no_slo == dict(ttft_s=None, tpot_s=None)
+    assert m.run_metrics(run, no_slo)["goodput_rps"] == pytest.approx(0.2)
     fault_free = m.run_metrics(_run([(0.0, 1, [0.5])]), dict(ttft_s=1, tpot_s=1))
     assert fault_free["mttr_s"] is None and fault_free["mean_tpot_s"] is None
 
@@ -201,9 +206,13 @@ def test_benchmark_end_to_end(tmp_path):
 
 def test_benchmark_refuses_bad_options(tmp_path):
     for bad in (["--modes", "kevlarflow,nope"], ["--fail", "3:5:0"], ["--fail", "x"],
-                ["--rate", "-1"], ["--repeats", "0"], ["--conditions", "sometimes"]):
+                ["--rate", "-1"], ["--repeats", "0"], ["--conditions", "sometimes"],
+                ["--preset", "huge"], ["--duration", "0"], ["--sharegpt", "missing.json"]):
         proc = subprocess.run([sys.executable, "-m", "kevlarflow", "bench", "failover",
                                "--model", tiny_model(), *bad], capture_output=True, text=True,
                               timeout=60, cwd=tmp_path)
         assert proc.returncode == 2, (bad, proc.stderr)
         assert "error:" in proc.stderr, bad
+    proc = subprocess.run([sys.executable, "-m", "kevlarflow", "bench", "failover",
+                           "--model", str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "config.json" in proc.stderr

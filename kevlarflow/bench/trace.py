@@ -29,7 +29,7 @@ class Request:
     output_len: int         # tokens to generate (end of sequence ignored)
 
 
-def _lognormal(rng: random.Random, mean: float) -> int:
+def lognormal_length(rng: random.Random, mean: float) -> int:
     # mu chosen so that the distribution's mean is `mean` before clipping.
     mu = math.log(mean) - SIGMA ** 2 / 2
     return int(min(max(MIN_TOKENS, round(rng.lognormvariate(mu, SIGMA))), MAX_FACTOR * mean))
@@ -54,7 +54,7 @@ def sharegpt_like(rate: float, duration_s: float, mean_prompt: int, mean_output:
     rng = random.Random(seed)
     trace = []
     for t in arrivals(rate, duration_s, rng):
-        n_in, n_out = _lognormal(rng, mean_prompt), _lognormal(rng, mean_output)
+        n_in, n_out = lognormal_length(rng, mean_prompt), lognormal_length(rng, mean_output)
         trace.append(Request(t, [rng.randrange(FIRST_ID, vocab_size) for _ in range(n_in)], n_out))
     return trace
 

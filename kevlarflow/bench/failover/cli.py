@@ -16,12 +16,14 @@ CONDITIONS = ("failure", "fault_free")
 
 def build_parser() -> argparse.ArgumentParser:
     from kevlarflow.bench import failover
+    from kevlarflow.model.presets import FLAVOURS, PRESETS
 
     p = argparse.ArgumentParser(prog="kevlarflow bench failover", description=failover.__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="a Hugging Face model folder (default: a cached --preset)")
-    p.add_argument("--preset", default="medium", help="random-weight checkpoint, made once")
-    p.add_argument("--flavour", default="llama")
+    p.add_argument("--preset", default="medium", choices=sorted(PRESETS),
+                   help="random-weight checkpoint, made once")
+    p.add_argument("--flavour", default="llama", choices=sorted(FLAVOURS))
     p.add_argument("--instances", type=int, default=2)
     p.add_argument("--stages", type=int, default=2)
     load = p.add_mutually_exclusive_group()
@@ -35,7 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-len", type=int, default=32, help="mean output tokens")
     p.add_argument("--sharegpt", help="a local ShareGPT JSON file instead of drawn lengths")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--fail", action="append", type=Failure.parse, metavar="AT:INSTANCE:STAGE[:KIND]",
+    p.add_argument("--fail", action="append", type=Failure.parse,
+                   metavar="AT:INSTANCE:STAGE[:KIND]",
                    help="a fault (kill or hang) at AT seconds into the trace; repeatable "
                         "(default: a kill of worker (0, last stage) halfway through)")
     p.add_argument("--modes", default=",".join(MODES), help=f"of {', '.join(MODES)}")
@@ -58,7 +61,8 @@ def parse(argv) -> argparse.Namespace:
     for name, values, known in (("--modes", args.modes, MODES),
                                 ("--conditions", args.conditions, CONDITIONS)):
         if not values or not set(values) <= set(known):
-            parser.error(f"{name}: unknown {sorted(set(values) - set(known))}; known: {list(known)}")
+            parser.error(f"{name}: unknown {sorted(set(values) - set(known))}; "
+                         f"known: {list(known)}")
     for name in ("instances", "stages", "repeats", "capacity_requests", "chunk", "kv_memory"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
@@ -69,17 +73,24 @@ def parse(argv) -> argparse.Namespace:
     for f in args.fail:
         if not (f.instance < args.instances and f.stage < args.stages):
             parser.error(f"--fail: no worker at instance {f.instance}, stage {f.stage}")
+    if args.model and not (Path(args.model) / "config.json").is_file():
+        parser.error(f"--model {args.model}: no config.json there (a Hugging Face model folder)")
+    if args.sharegpt and not Path(args.sharegpt).is_file():
+        parser.error(f"--sharegpt {args.sharegpt}: no such file")
     if "failure" not in args.conditions:
         args.fail = []
     return args
 
 
 def make_trace(args, rate: float, vocab: int, tokenizer, seed: int):
-    if args.sharegpt:
-        return sharegpt_file(args.sharegpt, rate, args.duration, tokenizer,
-                             max_prompt=8 * args.prompt_len, max_output=8 * args.output_len,
-                             seed=seed)
-    return sharegpt_like(rate, args.duration, args.prompt_len, args.output_len, vocab, seed)
+    try:
+        if args.sharegpt:
+            return sharegpt_file(args.sharegpt, rate, args.duration, tokenizer,
+                                 max_prompt=8 * args.prompt_len, max_output=8 * args.output_len,
+                                 seed=seed)
+        return sharegpt_like(rate, args.duration, args.prompt_len, args.output_len, vocab, seed)
+    except ValueError as exc:
+        raise SystemExit(f"kevlarflow bench failover: error: {exc}") from None
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -113,8 +124,9 @@ def main(argv: list[str] | None = None) -> dict:
     if not trace:
         raise SystemExit(f"no request arrives in {args.duration} s at {rate:.3f}/s: "
                          "raise --duration or --rate")
-    print(f"{len(trace)} requests over {args.duration:g} s; failures: "
-          f"{', '.join(f'{f.kind} of ({f.instance}, {f.stage}) at {f.at_s:g} s' for f in args.fail) or 'none'}",
+    schedule = ", ".join(f"{f.kind} of ({f.instance}, {f.stage}) at {f.at_s:g} s"
+                         for f in args.fail)
+    print(f"{len(trace)} requests over {args.duration:g} s; failures: {schedule or 'none'}",
           flush=True)
 
     runs = {mode: {c: [] for c in args.conditions} for mode in args.modes}
@@ -183,8 +195,9 @@ def finish(args, model, deployment, trace, runs, rate, measured_capacity, starte
                timelines)
 
     print(f"\n{where}; {args.repeats} run(s) per mode and condition"
-          + (", median (min-max)" if args.repeats > 1 else "") + f"; SLOs for goodput: TTFT "
-          f"<= {slo['ttft_s']:.2f} s, TPOT <= {slo['tpot_s'] * 1000:.0f} ms")
+          + (", median (min-max)" if args.repeats > 1 else "") + "; SLOs for goodput: TTFT "
+          + ("none" if slo["ttft_s"] is None else f"<= {slo['ttft_s']:.2f} s") + ", TPOT "
+          + ("none" if slo["tpot_s"] is None else f"<= {slo['tpot_s'] * 1000:.0f} ms"))
     print(table(metrics, args.repeats))
     print()
     print(ratios_text(ratios))

@@ -45,8 +45,13 @@ def slos(baseline_run: dict) -> dict:
     """Default goodput SLOs from a fault-free run of the plain system."""
     done = completed(baseline_run)
     tpots = [t for t in map(tpot, done) if t is not None]
-    return dict(ttft_s=SLO_FACTOR * statistics.median(map(ttft, done)),
-                tpot_s=SLO_FACTOR * statistics.median(tpots) if tpots else float("inf"))
+    # None: no bound (the baseline gave nothing to derive it from).
+    return dict(ttft_s=SLO_FACTOR * statistics.median(map(ttft, done)) if done else None,
+                tpot_s=SLO_FACTOR * statistics.median(tpots) if tpots else None)
+
+
+def within(value: float | None, bound: float | None) -> bool:
+    return value is None or bound is None or value <= bound
 
 
 def _after(events: list[dict], kind: str, instance: int, t: float) -> float | None:
@@ -73,12 +78,12 @@ def run_metrics(run: dict, slo: dict) -> dict:
     done = completed(run)
     tpots = [t for t in map(tpot, done) if t is not None]
     tokens = sum(len(r["token_times_s"]) for r in run["requests"])
-    good = [r for r in done if ttft(r) <= slo["ttft_s"]
-            and (tpot(r) is None or tpot(r) <= slo["tpot_s"])]
+    latencies, ttfts = list(map(latency, done)), list(map(ttft, done))
+    good = [r for r in done if within(ttft(r), slo["ttft_s"]) and within(tpot(r), slo["tpot_s"])]
     return dict(
         **recovery_times(run),
-        avg_latency_s=mean(map(latency, done)), p99_latency_s=percentile(list(map(latency, done)), 0.99),
-        avg_ttft_s=mean(map(ttft, done)), p99_ttft_s=percentile(list(map(ttft, done)), 0.99),
+        avg_latency_s=mean(latencies), p99_latency_s=percentile(latencies, 0.99),
+        avg_ttft_s=mean(ttfts), p99_ttft_s=percentile(ttfts, 0.99),
         mean_tpot_s=mean(tpots),
         requests=len(run["requests"]), requests_failed=len(run["requests"]) - len(done),
         throughput_tok_s=tokens / run["elapsed_s"], goodput_rps=len(good) / run["elapsed_s"],

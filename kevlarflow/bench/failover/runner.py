@@ -70,11 +70,11 @@ def replay(deployment: Deployment, mode: str, trace: list[Request], failures: li
     start of the trace."""
     from kevlarflow import SamplingParams
 
-    llm = deployment.start(mode)
-    engine = llm.engine
     for f in failures:
         if not (0 <= f.instance < deployment.num_instances and 0 <= f.stage < deployment.pp_size):
             raise ValueError(f"no worker at instance {f.instance}, stage {f.stage}")
+    llm = deployment.start(mode)
+    engine = llm.engine
     pending, schedule = list(trace), sorted(failures, key=lambda f: f.at_s)
     seqs, records, lags, next_lag = [], {}, [], 0.0
     bar = tqdm(total=len(trace), desc=label or mode, unit="req", leave=False, dynamic_ncols=True)
@@ -111,8 +111,8 @@ def replay(deployment: Deployment, mode: str, trace: list[Request], failures: li
             requests=[records[seq.request_id] for seq in seqs],
             events=[dict(kind=e.kind, t_s=e.time - start, worker=e.worker, instance=e.instance,
                          detail=e.detail) for e in engine.events.events],
-            tokens_recomputed=stats["tokens_recomputed"], tokens_restored=stats["tokens_restored"],
-            requests_restored=stats["requests_restored"], bytes_replicated=stats["bytes_replicated"],
+            **{k: stats[k] for k in ("tokens_recomputed", "tokens_restored", "requests_restored",
+                                     "bytes_replicated")},
             lag_tokens=lags)
     finally:
         bar.close()

@@ -4,19 +4,10 @@ latency = last token - arrival, TTFT = first token - arrival, TPOT =
 the value at index min(n - 1, int(0.99 n)) of the sorted values."""
 from __future__ import annotations
 
+from kevlarflow.bench.failover.metrics import mean, percentile, ratio
+
 METRICS = ("mttr_s", "avg_latency_s", "p99_latency_s", "avg_ttft_s", "p99_ttft_s", "mean_tpot_s")
 RATIO_METRICS = ("mttr_s", "avg_latency_s", "p99_latency_s", "avg_ttft_s", "p99_ttft_s")
-
-
-def percentile(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    values = sorted(values)
-    return values[min(len(values) - 1, int(q * len(values)))]
-
-
-def mean(values: list[float]) -> float | None:
-    return sum(values) / len(values) if values else None
 
 
 def summarize(requests: list[dict], mttr_s: float | None, tokens_recomputed: int) -> dict:
@@ -29,7 +20,3 @@ def summarize(requests: list[dict], mttr_s: float | None, tokens_recomputed: int
                 avg_ttft_s=mean(ttft), p99_ttft_s=percentile(ttft, 0.99), mean_tpot_s=mean(tpot),
                 requests=len(requests), requests_failed=len(requests) - len(done),
                 tokens_recomputed=tokens_recomputed)
-
-
-def ratio(a: float | None, b: float | None) -> float | None:
-    return a / b if a is not None and b else None

@@ -26,7 +26,8 @@ def sharegpt_like(rate: float, duration_s: float, mean_prompt: int, mean_output:
     if mean_prompt < real_trace.MIN_TOKENS or mean_output < real_trace.MIN_TOKENS:
         raise ValueError(f"mean lengths must be at least {real_trace.MIN_TOKENS} tokens")
     rng = random.Random(seed)
-    return [TraceRequest(t, real_trace._lognormal(rng, mean_prompt), real_trace._lognormal(rng, mean_output))
+    draw = real_trace.lognormal_length
+    return [TraceRequest(t, draw(rng, mean_prompt), draw(rng, mean_output))
             for t in real_trace.arrivals(rate, duration_s, rng)]
 
 
