@@ -129,14 +129,18 @@ def from_dict(data: dict, origin: str = "costs") -> Costs:
         raise ValueError(f"{origin}: {exc}") from None
 
 
-def load_file(path: str | Path) -> Costs:
+def read_json(path: str | Path, what: str):
+    """A JSON file's contents; what cannot be read is a ValueError naming it."""
     try:
-        data = json.loads(Path(path).read_text())
+        return json.loads(Path(path).read_text())
     except OSError as exc:
-        raise ValueError(f"cannot read costs file {path}: {exc.strerror}") from None
+        raise ValueError(f"cannot read {what} {path}: {exc.strerror}") from None
     except json.JSONDecodeError as exc:
-        raise ValueError(f"costs file {path} is not valid JSON: {exc}") from None
-    return from_dict(data, str(path))
+        raise ValueError(f"{what} {path} is not valid JSON: {exc}") from None
+
+
+def load_file(path: str | Path) -> Costs:
+    return from_dict(read_json(path, "costs file"), str(path))
 
 
 def save_file(costs: Costs, path: str | Path, note: str = "") -> None:

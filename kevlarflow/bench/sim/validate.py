@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from kevlarflow.bench.sim.costs import Costs
+from kevlarflow.bench.sim.costs import Costs, read_json
 from kevlarflow.bench.sim.model import MODES, Failure, TraceRequest
 from kevlarflow.bench.sim.report import CONDITIONS, run_modes
 
@@ -22,12 +22,7 @@ def _need(data: dict, key: str, where: str):
 
 def read_run(path: str | Path) -> dict:
     """The parts of a real run the simulator needs, checked."""
-    try:
-        data = json.loads(Path(path).read_text())
-    except OSError as exc:
-        raise ValueError(f"cannot read {path}: {exc.strerror}") from None
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path} is not valid JSON: {exc}") from None
+    data = read_json(path, "benchmark results")
     if _need(data, "schema", str(path)) != SCHEMA:
         raise ValueError(f"{path}: schema {data['schema']!r}, expected {SCHEMA!r}")
     config = _need(data, "config", str(path))
