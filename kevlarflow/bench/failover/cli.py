@@ -133,7 +133,10 @@ def main(argv: list[str] | None = None) -> dict:
     total = args.repeats * len(args.modes) * len(args.conditions)
     done = 0
     for r in range(args.repeats):
-        for mode in args.modes:  # alternating, so that drift on the machine hits every mode
+        # Alternating, and each repeat starts one mode later, so that neither
+        # drift on the machine nor a place in the order favours a mode.
+        shift = r % len(args.modes)
+        for mode in args.modes[shift:] + args.modes[:shift]:
             for condition in args.conditions:
                 done += 1
                 label = f"[{done}/{total}] {mode} {condition.replace('_', '-')}"
