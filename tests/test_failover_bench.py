@@ -204,6 +204,23 @@ def test_benchmark_end_to_end(tmp_path):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_benchmark_measures_capacity_and_loads_to_a_fraction_of_it(tmp_path):
+    out = tmp_path / "results"
+    proc = subprocess.run(
+        [sys.executable, "-m", "kevlarflow", "bench", "failover", "--model", tiny_model(),
+         "--duration", "3", "--load", "0.5", "--capacity-requests", "6", "--chunk", "32",
+         "--kv-memory", str(1 << 20), "--modes", "kevlarflow", "--conditions", "fault_free",
+         "--out", str(out)], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = json.loads((out / "failover.json").read_text())
+    load = doc["config"]["load"]
+    assert load["fraction"] == 0.5 and load["capacity_rps"] > 0
+    assert doc["config"]["trace"]["rate"] == pytest.approx(0.5 * load["capacity_rps"])
+    assert doc["config"]["failures"] == [] and list(doc["runs"]["kevlarflow"]) == ["fault_free"]
+    assert doc["metrics"]["kevlarflow"]["fault_free"]["requests_failed"]["max"] == 0
+    assert doc["timelines"] == ["timeline-kevlarflow-fault-free-1.png"]
+
+
 def test_benchmark_refuses_bad_options(tmp_path):
     for bad in (["--modes", "kevlarflow,nope"], ["--fail", "3:5:0"], ["--fail", "x"],
                 ["--rate", "-1"], ["--repeats", "0"], ["--conditions", "sometimes"],

@@ -113,9 +113,14 @@ def main(argv: list[str] | None = None) -> dict:
     measured_capacity = None
     rate = args.rate
     if rate is None:
-        # Long requests alone can fill a short calibration trace: draw it at a
-        # nominal rate, then serve all of it at once.
-        probe = make_trace(args, 1.0, vocab, tokenizer, args.seed + 1)[:args.capacity_requests]
+        # Requests with the trace's lengths (another seed), all served at
+        # once: their arrival times do not matter, only that there are enough.
+        probe_rate = max(1.0, 1.5 * args.capacity_requests / args.duration)
+        probe = make_trace(args, probe_rate, vocab, tokenizer, args.seed + 1)
+        probe = probe[:args.capacity_requests]
+        if not probe:
+            raise SystemExit("kevlarflow bench failover: error: no request to measure the "
+                             "capacity with; give --rate")
         measured_capacity = capacity(deployment, probe)
         rate = args.load * measured_capacity
         print(f"fault-free capacity {measured_capacity:.3f} requests/s; replaying at "
