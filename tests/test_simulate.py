@@ -1,6 +1,9 @@
 """The failover simulator: its model behaves as the system it models, its
 inputs are checked, and its command line runs end to end."""
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -289,6 +292,29 @@ def test_validate_fits_one_contention_factor_on_the_baseline_tpot():
     assert compare(run, faster)["contention"] == pytest.approx(2 * result["contention"], rel=0.05)
     with pytest.raises(ValueError, match="positive"):
         CPU_LIKE.contended(0)
+
+
+def test_calibration_measures_this_machine_and_the_simulator_takes_it(tmp_path):
+    """--calibrate on the tiny checkpoint: every cost measured and plausible,
+    written where `--costs local` finds it, and usable as is."""
+    env = dict(os.environ, KEVLARFLOW_CACHE=str(tmp_path / "cache"))
+    out = tmp_path / "costs.json"
+    proc = subprocess.run([sys.executable, "-m", "kevlarflow", "bench", "simulate", "--calibrate",
+                           "--preset", "tiny", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    costs = load_file(out)
+    assert load_file(tmp_path / "cache" / "sim-costs-local.json") == costs
+    assert 0.05 < costs.process_start_s < 60 and costs.cpu_cores >= 1
+    assert costs.weight_bytes_per_stage > 0 and costs.weight_load_bytes_per_s > 0
+    assert costs.step_base_s > 0 and costs.step_prefill_token_s > 0
+    assert costs.kv_bytes_per_token_per_stage > 0 and costs.link_bytes_per_s > 0
+    proc = subprocess.run([sys.executable, "-m", "kevlarflow", "bench", "simulate", "--costs",
+                           "local", "--duration", "20", "--fail-at", "10", "--mean-prompt", "32",
+                           "--mean-output", "16"],
+                          capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "restart / mode" in proc.stdout
 
 
 # The command line -----------------------------------------------------------------------
