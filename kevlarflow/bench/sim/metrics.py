@@ -4,7 +4,7 @@ latency = last token - arrival, TTFT = first token - arrival, TPOT =
 the value at index min(n - 1, int(0.99 n)) of the sorted values."""
 from __future__ import annotations
 
-from kevlarflow.bench.failover.metrics import mean, percentile, ratio
+from kevlarflow.bench.failover.metrics import mean, percentile
 
 METRICS = ("mttr_s", "avg_latency_s", "p99_latency_s", "avg_ttft_s", "p99_ttft_s", "mean_tpot_s")
 RATIO_METRICS = ("mttr_s", "avg_latency_s", "p99_latency_s", "avg_ttft_s", "p99_ttft_s")

@@ -22,90 +22,16 @@ from __future__ import annotations
 import heapq
 import math
 from collections import deque
-from dataclasses import dataclass
 
 from kevlarflow.bench.sim.costs import Costs
+from kevlarflow.bench.sim.recovery import RecoveryMixin
+from kevlarflow.bench.sim.state import (DECODE, DONE, FAULTS, INF, MODES, PREFILL,
+                                        Failure, InstanceState, Round, Seq, TraceRequest)
 
-MODES = ("kevlarflow", "kevlarflow-no-replication", "restart")
-FAULTS = ("kill", "hang")
-
-WAITING, PREFILL, DECODE, DONE = range(4)
-INF = float("inf")
-
-
-@dataclass(frozen=True)
-class TraceRequest:
-    arrival_s: float
-    prompt_tokens: int
-    output_tokens: int
+__all__ = ["FAULTS", "MODES", "Failure", "Simulation", "TraceRequest", "simulate"]
 
 
-@dataclass(frozen=True)
-class Failure:
-    at_s: float
-    instance: int
-    stage: int
-    kind: str = "kill"
-
-
-class _Seq:
-    __slots__ = ("idx", "arrival", "prompt", "output", "pending", "emitted", "first", "last",
-                 "state", "r_join", "epoch", "chunk")
-
-    def __init__(self, idx: int, req: TraceRequest):
-        self.idx, self.arrival = idx, req.arrival_s
-        self.prompt, self.output = req.prompt_tokens, req.output_tokens
-        self.pending = self.prompt  # tokens to compute before the next output token
-        self.emitted = 0            # output tokens (for DECODE: as of r_join)
-        self.first = self.last = None
-        self.state = WAITING
-        self.r_join = 0
-        self.epoch = 0              # bumped when it leaves DECODE: stale heap entries
-        self.chunk = 0              # tokens it took in its last round
-
-    def computed(self) -> int:
-        return self.prompt + self.emitted - self.pending
-
-    def outstanding(self) -> int:
-        """What the router counts: prompt not yet computed plus output to come."""
-        return max(0, self.pending - self.emitted) + self.output - self.emitted
-
-
-class _Round:
-    __slots__ = ("start", "length", "count", "chunks", "id")
-
-    def __init__(self, start, length, count, chunks, rid):
-        self.start, self.length, self.count, self.chunks, self.id = start, length, count, chunks, rid
-
-
-class _Instance:
-    def __init__(self, index: int):
-        self.index = index
-        self.waiting: deque[_Seq] = deque()
-        self.prefilling: list[_Seq] = []
-        self.decoding: set[_Seq] = set()
-        self.finish_heap: list = []
-        self.R = 0                  # rounds completed
-        self.decode_base = 0        # sum over decoding of (output - emitted + r_join)
-        self.other_outstanding = 0  # outstanding tokens of waiting and prefilling ones
-        self.up = True              # can run rounds
-        self.routable = True        # the router may send it requests
-        self.round: _Round | None = None
-        self.round_ids = 0
-        self.partner: int | None = None  # the instance it shares a worker with
-        self.load = (0, 0.0, 0.0)   # its last round: micro-batches, prefill, decode tokens
-        self.last_round_s = 0.0
-        self.failed_at: float | None = None
-        self.recovering = False
-
-    def outstanding(self) -> int:
-        return self.other_outstanding + self.decode_base - len(self.decoding) * self.R
-
-    def running(self) -> list[_Seq]:
-        return self.prefilling + list(self.decoding)
-
-
-class Simulation:
+class Simulation(RecoveryMixin):
     def __init__(self, costs: Costs, trace: list[TraceRequest], mode: str,
                  failures: list[Failure] = ()):
         if mode not in MODES:
@@ -123,16 +49,16 @@ class Simulation:
                              "it needs at least 2 instances")
         self.c, self.mode = costs, mode
         self.replicated = mode == "kevlarflow"
-        self.seqs = [_Seq(i, r) for i, r in enumerate(sorted(trace, key=lambda r: r.arrival_s))]
+        self.seqs = [Seq(i, r) for i, r in enumerate(sorted(trace, key=lambda r: r.arrival_s))]
         for s in self.seqs:
             if s.prompt < 1 or s.output < 1:
                 raise ValueError(f"request {s.idx}: prompt and output need at least 1 token each")
-        self.instances = [_Instance(i) for i in range(costs.instances)]
+        self.instances = [InstanceState(i) for i in range(costs.instances)]
         self.failures = sorted(failures, key=lambda f: f.at_s)
         self.events: list = []       # heap of (time, order, kind, payload)
         self.order = 0
         self.next_arrival = 0
-        self.unrouted: deque[_Seq] = deque()
+        self.unrouted: deque[Seq] = deque()
         self.log: list[dict] = []    # what happened, as the real benchmark's events
         self.mttr_s: list[float] = []
         self.tokens_recomputed = 0
@@ -174,7 +100,7 @@ class Simulation:
 
     # Routing ----------------------------------------------------------------------------
 
-    def _route(self, seq: _Seq, t: float) -> None:
+    def _route(self, seq: Seq, t: float) -> None:
         serving = [inst for inst in self.instances if inst.routable]
         if not serving:
             self.unrouted.append(seq)
@@ -184,14 +110,14 @@ class Simulation:
         inst.other_outstanding += seq.outstanding()
         self._start_round(inst, t)
 
-    def _set_routable(self, inst: _Instance, t: float) -> None:
+    def _set_routable(self, inst: InstanceState, t: float) -> None:
         inst.routable = True
         while self.unrouted:
             self._route(self.unrouted.popleft(), t)
 
     # Rounds -----------------------------------------------------------------------------
 
-    def _start_round(self, inst: _Instance, t: float) -> None:
+    def _start_round(self, inst: InstanceState, t: float) -> None:
         if not inst.up or inst.round is not None:
             return
         c = self.c
@@ -242,10 +168,10 @@ class Simulation:
             until_event = math.floor(gap / length) if gap < INF else until_finish
             count = max(1, min(until_finish, until_event))
         inst.round_ids += 1
-        inst.round = _Round(t, length, count, chunks, inst.round_ids)
+        inst.round = Round(t, length, count, chunks, inst.round_ids)
         self._push(t + count * length, "round", (inst.index, inst.round_ids))
 
-    def _next_finish(self, inst: _Instance) -> int:
+    def _next_finish(self, inst: InstanceState) -> int:
         heap = inst.finish_heap
         while heap and (heap[0][3].state != DECODE or heap[0][3].epoch != heap[0][2]):
             heapq.heappop(heap)
@@ -259,7 +185,7 @@ class Simulation:
         inst.round = None
         self._start_round(inst, t)
 
-    def _commit(self, inst: _Instance, rnd: _Round, count: int) -> None:
+    def _commit(self, inst: InstanceState, rnd: Round, count: int) -> None:
         """Apply `count` rounds of rnd (the chunks belong to its only round)."""
         if count <= 0:
             return
@@ -298,20 +224,20 @@ class Simulation:
             else:
                 self._enter_decode(inst, seq)
 
-    def _enter_decode(self, inst: _Instance, seq: _Seq) -> None:
+    def _enter_decode(self, inst: InstanceState, seq: Seq) -> None:
         seq.state, seq.r_join, seq.chunk = DECODE, inst.R, 1
         inst.decoding.add(seq)
         inst.decode_base += seq.output - seq.emitted + seq.r_join
         heapq.heappush(inst.finish_heap,
                        (seq.r_join + seq.output - seq.emitted, seq.idx, seq.epoch, seq))
 
-    def _leave_decode(self, inst: _Instance, seq: _Seq) -> None:
+    def _leave_decode(self, inst: InstanceState, seq: Seq) -> None:
         inst.decode_base -= seq.output - seq.emitted + seq.r_join
         seq.emitted += inst.R - seq.r_join
         seq.epoch += 1
         inst.decoding.discard(seq)
 
-    def _abandon_round(self, inst: _Instance, t: float) -> None:
+    def _abandon_round(self, inst: InstanceState, t: float) -> None:
         """Micro-batches in flight are lost; whole rounds of a batch of decode
         rounds that ended before t were delivered."""
         rnd = inst.round
@@ -320,154 +246,6 @@ class Simulation:
         if rnd.count > 1:
             self._commit(inst, rnd, min(rnd.count, math.floor((t - rnd.start) / rnd.length)))
         inst.round = None
-
-    # Failure and recovery ----------------------------------------------------------------
-
-    def _record(self, kind: str, t: float, instance: int, stage: int | None = None,
-                detail: str = "", **figures) -> None:
-        worker = f"w{instance}.{stage}" if stage is not None else None
-        self.log.append(dict(kind=kind, t_s=t, instance=instance, worker=worker, detail=detail,
-                             **figures))
-
-    def _on_fail(self, t: float, f: Failure) -> None:
-        inst = self.instances[f.instance]
-        if inst.recovering or inst.partner is not None:
-            raise ValueError(f"failure at {f.at_s} s hits instance {f.instance} while it recovers "
-                             "from or helps with another failure: not modelled")
-        inst.recovering = True
-        self._abandon_round(inst, t)
-        inst.up = False
-        inst.failed_at = t
-        self._record("failed", t, f.instance, f.stage, f.kind)
-        delay = self.c.detect_kill_s if f.kind == "kill" else self.c.detect_hang_s
-        self._push(t + delay, "detect", f)
-
-    def _on_detect(self, t: float, f: Failure) -> None:
-        inst = self.instances[f.instance]
-        inst.routable = False
-        self._record("detected", t, f.instance, f.stage, f.kind)
-        self._record("replacement_started", t, f.instance, f.stage)
-        if self.mode == "restart":
-            # The whole instance is replaced: every worker loads in parallel.
-            self._preempt_all(inst, t)
-            self._push(t + self.c.stage_load_s(), "restart_loaded", f)
-            return
-        donor = next((self.instances[(f.instance + k) % self.c.instances]
-                      for k in range(1, self.c.instances)
-                      if self.instances[(f.instance + k) % self.c.instances].up
-                      and self.instances[(f.instance + k) % self.c.instances].partner is None),
-                     None)
-        if donor is None:
-            raise ValueError(f"no healthy instance to lend instance {f.instance} a stage-{f.stage} worker")
-        self._rewind(inst, self.replicated, t, "failure")
-        self._push(t + self.c.comm_build_s, "resume", (f, donor.index))
-        self._push(t + self.c.stage_load_s(), "replacement_loaded", f)
-
-    def _on_resume(self, t: float, payload) -> None:
-        f, donor = payload
-        inst = self.instances[f.instance]
-        inst.partner, self.instances[donor].partner = donor, f.instance
-        inst.up = True
-        self._record("resumed", t, f.instance, f.stage, f"borrows w{donor}.{f.stage}")
-        self._set_routable(inst, t)
-        self._start_round(inst, t)
-
-    def _on_replacement_loaded(self, t: float, f: Failure) -> None:
-        inst = self.instances[f.instance]
-        self._record("replacement_loaded", t, f.instance, f.stage)
-        wait = 0.0
-        if self._keeps_kv_on_rejoin():
-            # The real engine moves back once the replacement holds a replica
-            # of every running request (one replication round), or after the
-            # hang timeout.
-            tokens = sum(s.computed() for s in inst.running())
-            transfer = tokens * self.c.kv_bytes_per_token_per_stage / self.c.link_bytes_per_s
-            wait = min(self.c.replication_interval_s + transfer, self.c.detect_hang_s)
-        self._push(t + wait, "rejoin", f)
-
-    def _keeps_kv_on_rejoin(self) -> bool:
-        # Only with two instances is the replacement the backup of the worker
-        # the instance borrowed (a ring of two); otherwise its requests recompute.
-        return self.replicated and self.c.instances == 2
-
-    def _on_rejoin(self, t: float, f: Failure) -> None:
-        inst = self.instances[f.instance]
-        if inst.partner is None:  # the replacement beat the rebuild onto the lent worker
-            self._push(t + self.c.comm_build_s, "rejoin", f)
-            return
-        self._abandon_round(inst, t)
-        inst.up, inst.routable = False, False
-        donor = self.instances[inst.partner]
-        inst.partner = donor.partner = None
-        self._rewind(inst, self._keeps_kv_on_rejoin(), t, "rejoin")
-        self._record("rejoined", t, f.instance, f.stage)
-        self._push(t + self.c.comm_build_s, "home", f)
-
-    def _on_home(self, t: float, f: Failure) -> None:
-        inst = self.instances[f.instance]
-        inst.up, inst.recovering = True, False
-        self._set_routable(inst, t)
-        self._start_round(inst, t)
-        donor_rounds = [i for i in self.instances if i.round is None]
-        for other in donor_rounds:
-            self._start_round(other, t)
-
-    def _on_restart_loaded(self, t: float, f: Failure) -> None:
-        self._record("replacement_loaded", t, f.instance, f.stage)
-        self._push(t + self.c.comm_build_s, "restart_ready", f)
-
-    def _on_restart_ready(self, t: float, f: Failure) -> None:
-        inst = self.instances[f.instance]
-        inst.up, inst.recovering = True, False
-        self._record("resumed", t, f.instance, f.stage)
-        self._set_routable(inst, t)
-        self._start_round(inst, t)
-
-    def _lag_rounds(self, inst: _Instance) -> float:
-        """How many rounds a replica trails its source: on average half an
-        interval plus the time to send an interval's KV; replication that
-        cannot keep up with the link keeps nothing."""
-        c = self.c
-        if inst.last_round_s <= 0:
-            return INF
-        _, prefill, decode = inst.load
-        tokens_per_s = (prefill + decode) / inst.last_round_s
-        transfer = tokens_per_s * c.replication_interval_s * c.kv_bytes_per_token_per_stage \
-            / c.link_bytes_per_s
-        if transfer >= c.replication_interval_s:
-            return INF
-        return math.ceil((c.replication_interval_s / 2 + transfer) / inst.last_round_s)
-
-    def _rewind(self, inst: _Instance, replicated: bool, t: float, why: str) -> None:
-        """Running sequences lose the KV past their replica (all of it
-        without one) and recompute it as a chunked prefill."""
-        lag = self._lag_rounds(inst) if replicated else INF
-        running = inst.running()
-        held = lost_total = 0
-        for seq in running:
-            if seq.state == DECODE:
-                self._leave_decode(inst, seq)
-            else:
-                inst.other_outstanding -= seq.outstanding()
-            lost = seq.computed() if lag == INF else min(seq.computed(), lag * seq.chunk)
-            held += seq.computed()
-            lost_total += lost
-            seq.pending += lost
-            self.tokens_recomputed += lost
-            seq.state = PREFILL
-            inst.other_outstanding += seq.outstanding()
-        inst.prefilling = sorted(running, key=lambda s: s.arrival)
-        self._record("recompute", t, inst.index, detail=f"{why}: {len(running)} requests recompute "
-                     f"{lost_total} of their {held} tokens of KV", tokens=lost_total, of=held)
-
-    def _preempt_all(self, inst: _Instance, t: float) -> None:
-        """restart: every running request goes back to the front of the
-        waiting queue (oldest first) and starts over."""
-        self._rewind(inst, False, t, "restart")
-        for seq in reversed(inst.prefilling):
-            seq.state = WAITING
-            inst.waiting.appendleft(seq)
-        inst.prefilling = []
 
     # Results -----------------------------------------------------------------------------
 

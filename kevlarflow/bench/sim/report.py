@@ -3,7 +3,8 @@ real failover benchmark prints, with the ratios restart / mode."""
 from __future__ import annotations
 
 from kevlarflow.bench.sim.costs import Costs
-from kevlarflow.bench.sim.metrics import METRICS, RATIO_METRICS, ratio, summarize
+from kevlarflow.bench.failover.metrics import ratio
+from kevlarflow.bench.sim.metrics import METRICS, RATIO_METRICS, summarize
 from kevlarflow.bench.sim.model import Failure, TraceRequest, simulate
 
 CONDITIONS = ("failure", "fault_free")
