@@ -63,13 +63,19 @@ class Deployment:
                    kv_cache_memory=self.kv_cache_memory, load_progress=False, **MODES[mode])
 
 
+def submit(engine, req: Request):
+    """Greedy, and exactly output_len tokens: every mode does the same work."""
+    from kevlarflow import SamplingParams
+
+    return engine.add_request(req.prompt, SamplingParams(max_tokens=req.output_len,
+                                                         temperature=0, ignore_eos=True))
+
+
 def replay(deployment: Deployment, mode: str, trace: list[Request], failures: list[Failure],
            label: str = "") -> dict:
     """Serve the trace on a fresh deployment of `mode`; the run's record (see
     docs/failover-benchmark.md for its fields). Times are seconds from the
     start of the trace."""
-    from kevlarflow import SamplingParams
-
     for f in failures:
         if not (0 <= f.instance < deployment.num_instances and 0 <= f.stage < deployment.pp_size):
             raise ValueError(f"no worker at instance {f.instance}, stage {f.stage}")
@@ -84,8 +90,7 @@ def replay(deployment: Deployment, mode: str, trace: list[Request], failures: li
             now = time.time() - start
             while pending and pending[0].arrival_s <= now:
                 req = pending.pop(0)
-                seq = engine.add_request(req.prompt, SamplingParams(
-                    max_tokens=req.output_len, temperature=0, ignore_eos=True))
+                seq = submit(engine, req)
                 seqs.append(seq)
                 records[seq.request_id] = dict(
                     arrival_s=req.arrival_s, prompt_tokens=len(req.prompt),
@@ -122,15 +127,12 @@ def replay(deployment: Deployment, mode: str, trace: list[Request], failures: li
 def capacity(deployment: Deployment, trace: list[Request], label: str = "capacity") -> float:
     """Requests per second the fault-free deployment sustains: every request
     of the trace at once, on the plain system (no replication)."""
-    from kevlarflow import SamplingParams
-
     with deployment.start("restart") as llm:
         engine = llm.engine
         bar = tqdm(total=len(trace), desc=label, unit="req", leave=False, dynamic_ncols=True)
         start = time.perf_counter()
         for req in trace:
-            engine.add_request(req.prompt, SamplingParams(max_tokens=req.output_len,
-                                                          temperature=0, ignore_eos=True))
+            submit(engine, req)
         while engine.has_unfinished():
             bar.update(sum(out.finished for out in engine.step()))
         bar.close()
