@@ -61,6 +61,8 @@ def ops_values(mgr: CommManager, store, me, members):
             mismatch = "delivered"
         except CommError as e:
             mismatch = type(e).__name__
+        # Exiting would close the connection under rank 1's receive.
+        store.wait(["mismatch/received"])
     elif r == 1:
         t = torch.full((2,), -7, dtype=torch.int32)
         try:
@@ -68,6 +70,7 @@ def ops_values(mgr: CommManager, store, me, members):
             mismatch = ("received", t.tolist())
         except CommTimeout:
             mismatch = ("CommTimeout", t.tolist())
+        store.set("mismatch/received", "1")
     return dict(rank=r, generation=mgr.generation("g"), allreduce=x.tolist(),
                 allreduce_int=xi.tolist(), broadcast=b.tolist(), ring=got.tolist(), p2p=p2p,
                 pending_done=pending.done, members=mgr.members("g"), mismatch=mismatch)

@@ -37,3 +37,34 @@ def wait(engine, predicate, what, timeout_s=120):
     while not predicate():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         engine.step()
+
+
+class Streams:
+    """Every output of a deployment's requests, collected and checked while
+    the test steps it: each delta extends the request's tokens by exactly
+    its new tokens (none missing, none twice), and nothing follows the end."""
+
+    def __init__(self, engine):
+        self.engine = engine
+        self.outputs = {}
+
+    def step(self) -> None:
+        for out in self.engine.step():
+            last = self.outputs.get(out.request_id)
+            assert last is None or not last.finished, f"{out.request_id}: output after its end"
+            before = last.token_ids if last is not None else []
+            assert out.token_ids == before + out.new_token_ids, \
+                f"{out.request_id}: stream broken at token {len(before)}"
+            self.outputs[out.request_id] = out
+
+    def until(self, predicate, what: str, timeout_s: float = 120) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not predicate():
+            assert time.monotonic() < deadline, f"timed out waiting for {what}"
+            self.step()
+
+    def finish(self, timeout_s: float = 120) -> None:
+        self.until(lambda: not self.engine.has_unfinished(), "the requests to finish", timeout_s)
+
+    def tokens(self, seqs) -> list[list[int]]:
+        return [self.outputs[s.request_id].token_ids for s in seqs]

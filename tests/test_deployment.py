@@ -61,7 +61,7 @@ def test_external_workers_register_with_a_controller(expected):
     try:
         with LLM(tiny_model(), num_instances=1, pp_size=2, spawn_workers=False, port=port,
                  start_timeout_s=120, **ENGINE_ARGS) as llm:
-            assert sorted(llm.engine.peer_of) == ["w0.0", "w0.1"]
+            assert [w.name for w in llm.engine.status().workers if w.live] == ["w0.0", "w0.1"]
             assert [o.token_ids for o in llm.generate(PROMPTS, GREEDY)] == expected
         # Told to shut down with the deployment, they exit on their own.
         assert [w.wait(timeout=30) for w in workers] == [0, 0]

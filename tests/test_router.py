@@ -1,5 +1,5 @@
-"""The router: least outstanding work among serving instances, nothing for
-an instance that is not serving."""
+"""The router: least outstanding work among serving instances; while none
+serves, among those that will without a new worker; nothing for the rest."""
 import os
 import signal
 from dataclasses import dataclass
@@ -12,10 +12,11 @@ from models import tiny_model
 
 
 @dataclass
-class FakeLoad:  # the router reads only these three things
+class FakeLoad:  # the router reads only these four things
     index: int
     serving: bool
     tokens: int
+    accepting: bool = False
 
     def outstanding_tokens(self) -> int:
         return self.tokens
@@ -27,6 +28,17 @@ def test_least_outstanding_work_wins_and_ties_go_to_the_lowest_index():
     assert pick_instance([FakeLoad(0, False, 0), FakeLoad(1, True, 900)]).index == 1
     with pytest.raises(NoInstanceServing):
         pick_instance([FakeLoad(0, False, 0), FakeLoad(1, False, 0)])
+
+
+def test_while_none_serves_a_recovering_instance_takes_the_request():
+    """An instance rebuilding its communicator (accepting, not serving) gets
+    the request rather than a refusal; a serving one is still preferred."""
+    assert pick_instance([FakeLoad(0, False, 0, accepting=True),
+                          FakeLoad(1, False, 0)]).index == 0
+    assert pick_instance([FakeLoad(0, False, 0, accepting=True),
+                          FakeLoad(1, False, 9, accepting=True)]).index == 0
+    assert pick_instance([FakeLoad(0, False, 0, accepting=True),
+                          FakeLoad(1, True, 900, accepting=True)]).index == 1
 
 
 def test_requests_spread_by_load_and_survive_a_lost_worker():

@@ -144,6 +144,7 @@ PYBIND11_MODULE(_comm, m) {
           })
       .def("fail", &CommManager::fail)
       .def("abort", &CommManager::abort, Release())
+      .def("abort_generation", &CommManager::abort_generation, Release())
       .def("close", &CommManager::close, Release())
       .def(
           "send",

@@ -157,12 +157,15 @@ void CommManager::fail(const std::string& group, int64_t generation, const std::
                                      " failed: " + why);
 }
 
-void CommManager::abort(const std::string& group) {
+void CommManager::abort(const std::string& group) { abort_generation(group, -1); }
+
+void CommManager::abort_generation(const std::string& group, int64_t generation) {
   std::shared_ptr<Transport> old;
   {
     std::lock_guard<std::mutex> lock(mu_);
     auto it = groups_.find(group);
     if (it == groups_.end()) return;
+    if (generation >= 0 && it->second.generation != generation) return;
     old = std::move(it->second.transport);
     if (old || it->second.connecting) it->second.broken = "aborted";
     it->second.connecting = false;

@@ -76,6 +76,9 @@ class CommManager : public std::enable_shared_from_this<CommManager> {
   void fail(const std::string& group, int64_t generation, const std::string& why);
 
   void abort(const std::string& group);  // never blocks; unknown group is fine
+  // abort(), only while `generation` is the group's current one: a caller
+  // on another thread cannot hit a generation begun since it looked.
+  void abort_generation(const std::string& group, int64_t generation);
   void close();                          // aborts every group; never blocks
 
   void send(const std::string& group, const at::Tensor& t, const std::string& dst,

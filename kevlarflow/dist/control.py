@@ -6,6 +6,7 @@ blocks on a peer (a dead peer's messages are dropped, not queued forever)."""
 from __future__ import annotations
 
 import logging
+import os
 
 import zmq
 
@@ -61,18 +62,65 @@ class ControllerEndpoint:
         return None
 
     def close(self) -> None:
+        if getattr(self, "monitor", None) is not None:
+            self.sock.disable_monitor()
+            self.monitor.close()
         self.sock.close()
         self._ctx.term()
 
 
+class Waker:
+    """Ends a WorkerEndpoint.recv early, from any thread (a pipe, which,
+    unlike a zmq socket, may be written from several threads)."""
+
+    def __init__(self):
+        self._read, self._write = os.pipe()
+        os.set_blocking(self._read, False)
+        os.set_blocking(self._write, False)
+
+    def fileno(self) -> int:
+        return self._read
+
+    def wake(self) -> None:
+        try:
+            os.write(self._write, b"\0")
+        except (BlockingIOError, OSError):  # full (a wake is pending anyway) or closed
+            pass
+
+    def clear(self) -> None:
+        try:
+            while os.read(self._read, 4096):
+                pass
+        except (BlockingIOError, OSError):
+            pass
+
+    def close(self) -> None:
+        os.close(self._read)
+        os.close(self._write)
+
+
 class WorkerEndpoint:
-    def __init__(self, controller: str):
-        """controller: HOST:PORT of the controller's control socket."""
+    def __init__(self, controller: str, waker: Waker | None = None, monitor_events: int = 0,
+                 zmq_heartbeat: tuple[int, int] | None = None):
+        """controller: HOST:PORT of the controller's control socket. A waker
+        makes recv() return None as soon as it is woken. monitor_events: the
+        connection events (zmq.EVENT_*) to report on self.monitor, watched
+        from before the connection is made. zmq_heartbeat: (interval, timeout)
+        in ms of transport pings; a peer that does not answer is disconnected."""
         self._ctx = zmq.Context()
         self.sock = self._ctx.socket(zmq.DEALER)
         _configure(self.sock)
+        if zmq_heartbeat is not None:
+            self.sock.setsockopt(zmq.HEARTBEAT_IVL, zmq_heartbeat[0])
+            self.sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, zmq_heartbeat[1])
+        self.monitor = self.sock.get_monitor_socket(monitor_events) if monitor_events else None
         self.sock.connect(f"tcp://{controller}")
         self.rejected = 0
+        self.waker = waker
+        self._poller = zmq.Poller()
+        self._poller.register(self.sock, zmq.POLLIN)
+        if waker is not None:
+            self._poller.register(waker.fileno(), zmq.POLLIN)
 
     def send(self, type_: str, **fields) -> None:
         data = protocol.encode(protocol.TO_CONTROLLER, type_, **fields)
@@ -82,7 +130,12 @@ class WorkerEndpoint:
             log.warning("dropped %s: the controller is not taking messages", type_)
 
     def recv(self, timeout_ms: int) -> dict | None:
-        while self.sock.poll(timeout_ms):
+        while True:
+            ready = dict(self._poller.poll(timeout_ms))
+            if self.waker is not None and self.waker.fileno() in ready:
+                self.waker.clear()
+            if self.sock not in ready:
+                return None
             frames = self.sock.recv_multipart()
             timeout_ms = 0
             if len(frames) != 1:
@@ -94,8 +147,10 @@ class WorkerEndpoint:
             except protocol.ProtocolError as error:
                 self.rejected += 1
                 log.warning("dropped a malformed message from the controller: %s", error)
-        return None
 
     def close(self) -> None:
+        if getattr(self, "monitor", None) is not None:
+            self.sock.disable_monitor()
+            self.monitor.close()
         self.sock.close()
         self._ctx.term()

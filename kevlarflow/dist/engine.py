@@ -6,28 +6,35 @@ the control socket, starts the workers (or waits for external ones to
 register), assigns each a slot, and once every worker of an instance has
 loaded its stage, asks them to build the instance's communicator. Then step()
 keeps each instance's pipeline full of micro-batches and turns the tokens
-that come back into outputs."""
+that come back into outputs. What happens when workers fail is decided by
+ft.recovery, which acts on the deployment through the methods under
+"Recovery's view" below."""
 from __future__ import annotations
 
 import itertools
 import logging
 import os
+import signal
 import time
 from datetime import timedelta
 
 import torch
 
+from kevlarflow.dist.comm import abandon_generation
 from kevlarflow.dist.config import DeploymentConfig, StagePools
 from kevlarflow.dist.control import ControllerEndpoint
 from kevlarflow.dist.instance import MicroBatch, PipelineInstance
 from kevlarflow.dist.launcher import LocalLauncher
+from kevlarflow.dist.membership import Membership
+from kevlarflow.dist.status import DeploymentStatus, snapshot
+from kevlarflow.dist.workers import WorkerState, WorkerTable
 from kevlarflow.engine.block_manager import BlockManager
 from kevlarflow.engine.frontend import RequestFrontend
 from kevlarflow.engine.outputs import RequestOutput, TokenLogprob
 from kevlarflow.engine.sequence import Sequence
 from kevlarflow.ft.events import EventLog
 from kevlarflow.ft.health import HealthMonitor
-from kevlarflow.ft.recovery import RecoveryMixin
+from kevlarflow.ft.recovery import Recovery
 from kevlarflow.ft.replication import Replication
 from kevlarflow.ft.router import pick_instance
 from kevlarflow.model.config import DTYPES, ModelConfig
@@ -36,11 +43,12 @@ log = logging.getLogger("kevlarflow.controller")
 
 __all__ = ["DeploymentConfig", "DeploymentError", "DistributedEngine"]
 
+
 class DeploymentError(RuntimeError):
     """The deployment could not start, or lost what it needs to serve."""
 
 
-class DistributedEngine(RecoveryMixin, RequestFrontend):
+class DistributedEngine(RequestFrontend):
     poll_interval_s = 0.05  # how often an idle caller should still step (health, recovery)
 
     def __init__(self, model: str, config: DeploymentConfig | None = None, tokenizer=None):
@@ -58,15 +66,20 @@ class DistributedEngine(RecoveryMixin, RequestFrontend):
         max_model_len = min(config.max_model_len or cfg.max_position_embeddings,
                             cfg.max_position_embeddings)
         sizes = StagePools.of(config, cfg)
-        self.stage_blocks, self.stage_block_bytes = sizes.live_blocks, sizes.block_bytes
+        self.stage_blocks = sizes.live_blocks
         super().__init__(tokenizer or AutoTokenizer.from_pretrained(model), cfg.vocab_size,
                          cfg.eos_token_ids, max_model_len, min(self.stage_blocks) * config.block_size)
 
-        # Worker name -> its slot (instance, stage), and the allocator of its KV pool.
-        self.slot_of = {f"w{i}.{s}": (i, s) for i in range(config.num_instances)
-                        for s in range(config.pp_size)}
-        self.replication = Replication(self, sizes.replica_blocks)
-        self.pools: dict[str, BlockManager] = {w: self._new_pool(w) for w in self.slot_of}
+        self.workers = WorkerTable(config.num_instances, config.pp_size)
+        self.events = EventLog()
+        self.health = HealthMonitor(config.hang_timeout_s)
+        self._generations = itertools.count()
+        self.pools: dict[str, BlockManager] = {}
+        self.replication = Replication(self.workers, self.pools, sizes.replica_blocks,
+                                       config.block_size, sizes.block_bytes, self.send,
+                                       self.call_off, lambda: next(self._generations))
+        for name in self.workers.names():
+            self.pools[name] = self._new_pool(name)
         self.instances = []
         for i in range(config.num_instances):
             workers = [f"w{i}.{s}" for s in range(config.pp_size)]
@@ -74,23 +87,12 @@ class DistributedEngine(RecoveryMixin, RequestFrontend):
                 i, workers, [self.pools[w] for w in workers], config.max_num_batched_tokens,
                 config.max_num_seqs, config.max_in_flight or config.pp_size,
                 on_free=self.replication.forget))
-        self.peer_of: dict[str, bytes] = {}   # worker name -> its control socket identity
-        self.worker_of: dict[bytes, str] = {}
-        self.heartbeat_peer_of: dict[str, bytes] = {}
-        self.pid_of: dict[str, int] = {}
-        self.ready: set[str] = set()          # registered, loaded, not failed since
-        self.health = HealthMonitor(config.hang_timeout_s)
-        self.events = EventLog()
-        self.replacing: dict[str, int] = {}   # worker slot -> replacements started for it
-        self.rejoining: dict[int, tuple[float, str]] = {}  # instance -> (since, who joined)
         self.owner: dict[Sequence, PipelineInstance] = {}
         self._steps = itertools.count()
-        self._generations = itertools.count()
-        self._group_acks: dict[str, set[str]] = {}
         self._undelivered: list[RequestOutput] = []  # ended outside a result (failures)
         self._closed = False
-        self._started = False
         self.launcher = None
+        self.recovery = Recovery(self)
 
         self.store = torch.distributed.TCPStore(config.host, config.store_port, is_master=True,
                                                 wait_for_workers=False,
@@ -100,22 +102,22 @@ class DistributedEngine(RecoveryMixin, RequestFrontend):
         log.info("controller on %s, rendezvous store on port %d", self.address, self.store.port)
         self.launcher = LocalLauncher(self._local_address(), config.worker_threads) \
             if config.spawn_workers else None
+        self.membership = Membership(self)
         try:
             if self.launcher:
-                for inst in self.instances:
-                    for s in range(config.pp_size):
-                        self.launcher.spawn(inst.index, s)
+                for name in self.workers.names():
+                    self.spawn(name)
             else:
                 log.info("waiting for %d workers: start each with `kevlarflow worker --controller "
-                         "%s`", len(self.slot_of), self.address)
+                         "%s`", len(self.workers.records), self.address)
             self._wait_until_serving(config.start_timeout_s)
-            self._started = True
+            self.membership.started = True
         except BaseException:
             self.shutdown()
             raise
 
     def _new_pool(self, worker: str) -> BlockManager:
-        stage = self.slot_of[worker][1]
+        stage = self.workers[worker].stage
         pool = BlockManager(self.stage_blocks[stage] + self.replication.replica_blocks[stage],
                             self.config.block_size, self.config.enable_prefix_caching, pool=worker)
         self.replication.new_pool(worker, pool)
@@ -125,119 +127,101 @@ class DistributedEngine(RecoveryMixin, RequestFrontend):
         host = "127.0.0.1" if self.config.host in ("0.0.0.0", "") else self.config.host
         return f"{host}:{self.endpoint.port}"
 
-    # Start-up -------------------------------------------------------------------
-
     def _wait_until_serving(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
         while not all(inst.serving for inst in self.instances):
             if time.monotonic() > deadline:
+                ready = [r.name for r in self.workers if r.ready]
                 raise DeploymentError(f"workers not ready after {timeout_s:.0f} s: ready "
-                                      f"{sorted(self.ready)} of {sorted(self.slot_of)}")
-            self._check_processes()
-            self._handle(self.endpoint.recv(100))
+                                      f"{sorted(ready)} of {self.workers.names()}")
+            self.membership.check()
+            self.membership.handle(self.endpoint.recv(100))
 
-    def _check_processes(self) -> None:
-        """Failures seen by the launcher (an exit) and by the heartbeat deadline."""
-        if self.launcher:
-            for (i, s), code in self.launcher.exited().items():
-                name = f"w{i}.{s}"
-                if not self._started:  # a worker that cannot even start: fail fast
-                    raise DeploymentError(f"worker {name} exited with code {code} while the "
-                                          "deployment was starting (its log is above)")
-                if name in self.peer_of or name in self.ready:
-                    self.worker_failed(name, f"process exited with code {code}")
-                elif name in self.replacing:  # died before it even registered
-                    self.events.record("detected", worker=name, instance=i,
-                                       detail=f"replacement exited with code {code}")
-                    self.launcher.procs.pop((i, s)).wait()
-                    self._start_replacement(name)
-        for name, silent_s in self.health.silent():
-            self.worker_failed(name, f"no heartbeat for {silent_s:.2f} s")
-        self.check_suspects()
-        self.check_rejoins()
+    # Recovery's view: what ft.recovery reads (config, instances, workers,
+    # pools, replication, events) and does ---------------------------------------
 
-    def _handle(self, received) -> list[RequestOutput]:
-        if received is None:
-            return []
-        peer, m = received
-        kind = m["type"]
-        if kind == "register":
-            self._register(peer, m)
-            return []
-        if kind == "replicated":  # from a backup's receiver thread
-            if m["worker"] in self.ready:
-                self.replication.acknowledged(m)
-            return []
-        if kind == "heartbeat":
-            if m["worker"] in self.peer_of:
-                self.heartbeat_peer_of[m["worker"]] = peer
-                self.health.beat(m["worker"])
-            return []
-        name = self.worker_of.get(peer)
-        if name is None:
-            log.warning("dropped %s from an unregistered peer", kind)
-            return []
-        if kind == "ready":
-            self._on_ready(name, m)
-        elif kind == "group_ready":
-            self._on_group_ready(name, m)
-        elif kind == "result":
-            return self._on_result(name, m)
-        elif kind == "error":
-            self._on_error(name, m)
-        return []
+    def send(self, to: str, type_: str, /, **fields) -> None:
+        """A control message to worker `to`'s main socket; dropped if it is gone."""
+        peer = self.workers[to].peer
+        if peer is not None:
+            self.endpoint.send(peer, type_, **fields)
 
-    def _register(self, peer: bytes, m: dict) -> None:
-        wanted = (m["instance"], m["stage"])
-        free = [w for w, slot in self.slot_of.items() if w not in self.peer_of]
-        if wanted != (None, None):
-            free = [w for w in free if self.slot_of[w] == wanted]
-        if not free:
-            log.warning("worker pid %d on %s asked for slot %s: none free", m["pid"], m["host"], wanted)
-            self.endpoint.send(peer, "shutdown")
-            return
-        name = free[0]
-        i, s = self.slot_of[name]
-        self.peer_of[name], self.worker_of[peer] = peer, name
-        self.pid_of[name] = m["pid"]
-        log.info("%s: pid %d on %s", name, m["pid"], m["host"])
-        c = self.config
-        self.endpoint.send(peer, "assign", worker=name, instance=i, stage=s, num_stages=c.pp_size,
-                           model=self.model, dtype=c.dtype, block_size=c.block_size,
-                           num_blocks=self.stage_blocks[s], max_model_len=self.max_model_len,
-                           store_port=self.store.port, deadline_s=float(c.comm_deadline_s),
-                           attention_backend=c.attention_backend, threads=c.worker_threads,
-                           heartbeat_s=float(c.heartbeat_s),
-                           replica_blocks=self.replication.replica_blocks[s],
-                           replication_transfer_bytes=c.replication_transfer_bytes,
-                           replication_interval_s=float(c.replication_interval_s))
+    def call_off(self, group: str, generation: int, members: list[str], reason: str) -> None:
+        abandon_generation(self.store, group, generation, len(members), reason)
 
-    def _on_ready(self, name: str, m: dict) -> None:
-        log.info("%s: loaded in %.2f s", name, m["load_s"])
-        self.ready.add(name)
-        self.health.watch(name)
-        self.worker_joined(name)
-
-    def _build_group(self, inst: PipelineInstance) -> None:
-        """A new generation of inst's communicator over its current workers."""
+    def build(self, inst: PipelineInstance, route: list[str]) -> None:
         inst.generation = next(self._generations)
-        self._group_acks[inst.group] = set()
-        for w in inst.workers:
-            self.endpoint.send(self.peer_of[w], "build_group", group=inst.group,
-                               members=inst.workers, generation=inst.generation)
+        for w in route:
+            self.send(w, "build_group", group=inst.group, members=route,
+                      generation=inst.generation)
 
-    def _on_group_ready(self, name: str, m: dict) -> None:
-        if self.replication.group_ready(name, m["group"], m["generation"]):
+    def abort(self, inst: PipelineInstance, reason: str) -> None:
+        """Through the heartbeat sockets, so that a worker blocked in an op of
+        the group wakes at once; and in the store, so that a build of it
+        still under way gives up wherever it runs."""
+        if inst.generation < 0:
             return
-        inst = next((i for i in self.instances if i.group == m["group"]), None)
-        if inst is None or m["generation"] != inst.generation or name not in inst.workers:
-            return  # an acknowledgement of an older generation
-        acks = self._group_acks[inst.group]
-        acks.add(name)
-        if acks.issuperset(inst.workers):
-            inst.serving = True
-            self.instance_serving(inst)
-            log.info("instance %d serving: %s", inst.index, " -> ".join(inst.workers))
+        for w in inst.workers:
+            peer = self.workers[w].heartbeat_peer
+            if peer is not None:
+                self.endpoint.send(peer, "abort_group", group=inst.group,
+                                   generation=inst.generation)
+        self.call_off(inst.group, inst.generation, inst.workers, reason)
+        inst.generation = -1  # steps of the old generation are stale everywhere
+
+    def fail_requests(self, inst: PipelineInstance, reason: str) -> None:
+        """The instance's requests end with an error (never a hang)."""
+        if inst.sequences:
+            self.events.record("requests_failed", instance=inst.index,
+                               detail=f"{len(inst.sequences)} requests: {reason}")
+        for seq in list(inst.sequences):
+            seq.finish_reason = "error"
+            self._undelivered.append(self._finish(seq, "", []))
+
+    def discard(self, name: str) -> None:
+        """No message of the slot's process is trusted again; a process that
+        still runs (hung, or healthy in the restart baseline) is killed so that
+        it cannot wake up later into a deployment that moved on."""
+        record = self.workers[name]
+        self.health.forget(name)
+        self.workers.vacate(record)
+        if self.launcher:
+            self.launcher.kill((record.instance, record.stage))
+
+    def spawn(self, name: str) -> bool:
+        if not self.launcher:
+            log.warning("%s: waiting for a `kevlarflow worker` to take its slot", name)
+            return False
+        record = self.workers[name]
+        self.discard(name)
+        self.launcher.spawn(record.instance, record.stage)
+        record.enter(WorkerState.STARTING)
+        return True
+
+    def status(self) -> DeploymentStatus:
+        """A typed snapshot, safe to take from another thread."""
+        return snapshot(self)
+
+    def worker_loaded(self, name: str) -> None:
+        """A worker finished loading: a new process, so an empty pool."""
+        self.pools[name] = self._new_pool(name)
+        self.recovery.worker_ready(name)
+
+    def inject_fault(self, instance: int, stage: int, kind: str = "kill") -> None:
+        """Deliver a real fault to the process of slot (instance, stage),
+        whatever it is doing (serving, loading, starting): SIGKILL for "kill",
+        SIGSTOP (a hang) for "hang". For tests, benchmarks and demos."""
+        signals = {"kill": signal.SIGKILL, "hang": signal.SIGSTOP}
+        if kind not in signals:
+            raise ValueError(f"kind must be 'kill' or 'hang', got {kind!r}")
+        if not (0 <= instance < len(self.instances) and 0 <= stage < self.config.pp_size):
+            raise ValueError(f"no worker at instance {instance}, stage {stage}")
+        name = self.instances[instance].home[stage]
+        proc = self.launcher.procs.get((instance, stage)) if self.launcher else None
+        if proc is None or proc.poll() is not None:
+            raise ValueError(f"{name} has no live process started by this controller")
+        self.events.record("failed", worker=name, instance=instance, detail=kind)
+        os.kill(proc.pid, signals[kind])
 
     # Requests --------------------------------------------------------------------
 
@@ -265,7 +249,7 @@ class DistributedEngine(RecoveryMixin, RequestFrontend):
         # What arrived while nobody was stepping first: heartbeats queued during
         # a pause of the caller must count before the deadline is checked.
         outputs = self._drain()
-        self._check_processes()
+        self.membership.check()
         outputs, self._undelivered = self._undelivered + outputs, []
         for inst in self.instances:
             while inst.can_dispatch():
@@ -274,18 +258,17 @@ class DistributedEngine(RecoveryMixin, RequestFrontend):
                     break
                 self._dispatch(inst, batch)
         # Wait only while tokens are due; otherwise just take what is there.
-        waiting = self.replacing or any(inst.in_flight or not inst.serving
-                                        for inst in self.instances)
+        waiting = self.recovery.busy() or any(inst.in_flight for inst in self.instances)
         received = self.endpoint.recv(int(timeout_s * 1000) if waiting else 0)
         if received is not None:
-            outputs += self._handle(received) + self._drain()
+            outputs += self.membership.handle(received) + self._drain()
         return outputs
 
     def _drain(self) -> list[RequestOutput]:
         outputs = []
         received = self.endpoint.recv(0)
         while received is not None:
-            outputs += self._handle(received)
+            outputs += self.membership.handle(received)
             received = self.endpoint.recv(0)
         return outputs
 
@@ -293,9 +276,9 @@ class DistributedEngine(RecoveryMixin, RequestFrontend):
         step = next(self._steps)
         messages, sampled = inst.stage_messages(step, batch)
         for worker, message in zip(inst.workers, messages):
-            self.endpoint.send(self.peer_of[worker], "step", generation=inst.generation,
-                               replicate=self.replication.pairs(worker, batch.items, step), **message)
-        inst.in_flight[step] = MicroBatch(step, batch, sampled, time.monotonic())
+            self.send(worker, "step", generation=inst.generation,
+                      replicate=self.replication.pairs(worker, batch.items, step), **message)
+        inst.in_flight[step] = MicroBatch(step, batch, sampled)
         inst.steps_dispatched += 1
         inst.peak_in_flight = max(inst.peak_in_flight, len(inst.in_flight))
         inst.busy.update(seq for seq, _ in batch.items)
@@ -304,7 +287,7 @@ class DistributedEngine(RecoveryMixin, RequestFrontend):
         """The instance with that step in flight; None if it was given up on."""
         return next((inst for inst in self.instances if step in inst.in_flight), None)
 
-    def _on_result(self, name: str, m: dict) -> list[RequestOutput]:
+    def on_result(self, name: str, m: dict) -> list[RequestOutput]:
         inst = self.instance_of_step(m["step"])
         mb = inst.in_flight.get(m["step"]) if inst else None
         if mb is None or name != inst.workers[-1] or len(m["tokens"]) != len(mb.sampled) \
@@ -312,7 +295,7 @@ class DistributedEngine(RecoveryMixin, RequestFrontend):
             log.info("dropped a result for step %d from %s that matches no batch", m["step"], name)
             return []
         del inst.in_flight[m["step"]]
-        self.step_completed(inst)
+        self.recovery.step_completed(inst)
         for seq, n in mb.batch.items:
             inst.busy.discard(seq)
             if seq.is_finished:  # aborted while in flight
@@ -329,6 +312,13 @@ class DistributedEngine(RecoveryMixin, RequestFrontend):
             outputs.append(self._append_token(seq, token, now, logprob))
         return outputs
 
+    def on_bad_step(self, name: str, step: int | None, message: str) -> None:
+        """A step the worker refused: a bug; the requests end, not the process."""
+        inst = self.instance_of_step(step) or self.instances[self.workers[name].instance]
+        inst.in_flight.clear()
+        inst.busy.clear()
+        self.fail_requests(inst, f"{name}: {message}")
+
     # Shutdown ------------------------------------------------------------------------
 
     def shutdown(self) -> None:
@@ -337,8 +327,9 @@ class DistributedEngine(RecoveryMixin, RequestFrontend):
         self._closed = True
         endpoint = getattr(self, "endpoint", None)
         if endpoint is not None:
-            for peer in self.peer_of.values():
-                endpoint.send(peer, "shutdown")
+            for record in self.workers:
+                if record.peer is not None:
+                    endpoint.send(record.peer, "shutdown")
         if getattr(self, "launcher", None):
             self.launcher.stop()
         if endpoint is not None:

@@ -7,7 +7,7 @@ stage 1 runs batch A, stage 0 runs batch B. A sequence belongs to at most one
 batch in flight; it is scheduled again once that batch's tokens are back."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from kevlarflow.engine.block_manager import BlockManager
 from kevlarflow.engine.scheduler import ScheduledBatch, Scheduler
@@ -53,8 +53,6 @@ class MicroBatch:
     step: int
     batch: ScheduledBatch
     sampled: list[Sequence]  # sequences whose next token this batch produces
-    sent_at: float
-    replies: set[str] = field(default_factory=set)
 
 
 class PipelineInstance:
@@ -65,15 +63,16 @@ class PipelineInstance:
         self.home = list(workers)           # its own workers, stage order
         self.workers = workers              # the workers it runs on now (some borrowed)
         self.group = f"pipe{index}"         # the communicator of this pipeline
-        self.generation = -1                # of that communicator; -1: none yet
-        self.failed_at: float | None = None     # when it lost a worker, until it steps again
-        self.suspect_since: float | None = None  # a member reported a communicator error
+        self.generation = -1                # of that communicator; -1: none
         self.blocks = PipelineBlocks(pools, on_free)
         self.scheduler = Scheduler(self.blocks, max_num_batched_tokens, max_num_seqs)
         self.max_in_flight = max_in_flight
         self.in_flight: dict[int, MicroBatch] = {}
         self.busy: set[Sequence] = set()
-        self.serving = False                # set once its workers and communicator are ready
+        # Set by recovery from the instance's phase: it takes steps; it takes
+        # new requests (it serves, or will without a new worker).
+        self.serving = False
+        self.accepting = False
         self.sequences: set[Sequence] = set()
         self.steps_dispatched = 0
         self.peak_in_flight = 0  # most micro-batches ever in flight at once

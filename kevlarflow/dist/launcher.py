@@ -25,6 +25,14 @@ class LocalLauncher:
         self.procs[(instance, stage)] = proc
         return proc
 
+    def kill(self, slot: tuple[int, int]) -> None:
+        """Kill the slot's process, if it still runs, and reap it."""
+        proc = self.procs.pop(slot, None)
+        if proc is not None:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+
     def exited(self) -> dict[tuple[int, int], int]:
         """Slots whose process has exited, with its exit code."""
         return {slot: p.returncode for slot, p in self.procs.items() if p.poll() is not None}

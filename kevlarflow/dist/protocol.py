@@ -35,6 +35,9 @@ TO_CONTROLLER = {
     "register": {"pid": int, "host": str, "instance": Opt(int), "stage": Opt(int)},
     "ready": {"worker": str, "load_s": float, "num_blocks": int},
     "group_ready": {"group": str, "generation": int},
+    # A build that could not complete (a member missing, dead, or the
+    # generation called off); a generation that was aborted is not reported.
+    "group_failed": {"group": str, "generation": int, "message": str},
     # Tokens sampled by a last stage, in the order of the step's sampled rows.
     "result": {"step": int, "tokens": [int], "logprobs": [Opt((float, [(int, float)]))]},
     "error": {"step": Opt(int), "kind": str, "message": str},
@@ -54,7 +57,8 @@ TO_WORKER = {
                "replication_interval_s": float},
     "build_group": {"group": str, "members": [str], "generation": int},
     # To the heartbeat socket, so that it acts even while the worker is blocked
-    # in an op of that group: abort it; its queued steps are then skipped.
+    # in an op of that group: abort that generation (built or being built);
+    # its queued steps are then skipped.
     "abort_group": {"group": str, "generation": int},
     # Leave a group for good; sent before its replica blocks become live.
     "leave_group": {"group": str},

@@ -20,9 +20,10 @@ from datetime import timedelta
 import torch
 
 from kevlarflow.dist.comm import CommError
-from kevlarflow.dist.control import WorkerEndpoint
+from kevlarflow.dist.control import Waker, WorkerEndpoint
 from kevlarflow.dist.heartbeat import Heartbeat
 from kevlarflow.dist.replication import LINK_PREFIX, WorkerReplication
+from kevlarflow.dist.worker_groups import WorkerGroups
 from kevlarflow.engine.model_runner import allocate_kv_cache, attention_metadata
 from kevlarflow.engine.params import SamplingParams
 from kevlarflow.engine.sampler import Sampler, request_generator
@@ -34,6 +35,7 @@ log = logging.getLogger("kevlarflow.worker")
 
 POLL_MS = 200
 MAX_PENDING_SENDS = 4  # hidden states on their way to the next stage
+CONNECT_TIMEOUT_S = 120.0  # for a worker started before its controller listens
 
 
 class BadStep(ValueError):
@@ -54,35 +56,39 @@ class _Prepared:
 
 class Worker:
     def __init__(self, controller: str, instance: int | None = None, stage: int | None = None,
-                 threads: int = 1, parent_pid: int | None = None):
+                 threads: int = 1, parent_pid: int | None = None,
+                 connect_timeout_s: float = CONNECT_TIMEOUT_S):
         torch.set_num_threads(threads)
         self.controller_host = controller.rsplit(":", 1)[0]
-        self.endpoint = WorkerEndpoint(controller)
-        self.parent_pid = parent_pid
-        self.name = "unassigned"
+        self.waker = Waker()
+        self.endpoint = WorkerEndpoint(controller, self.waker)
+        self.name: str | None = None  # assigned by the controller
         self.stage = None
-        self.comm = None
+        self.groups = WorkerGroups(self._new_comm, self.waker.wake)
         self.replication: WorkerReplication | None = None
-        self.groups: dict[str, list[str]] = {}
-        self.generations: dict[str, int] = {}  # current generation of each group
         self.controller = controller
-        self.heartbeat: Heartbeat | None = None
+        self.connect_timeout_s = connect_timeout_s
+        self.stop_reason: str | None = None  # set from the heartbeat thread
         self.pending_sends: deque = deque()
         self.backlog: deque = deque()  # messages read ahead while looking for a step to merge
         self.merged_steps = 0
         self.sampler = Sampler()
         self.endpoint.send("register", pid=os.getpid(), host=socket.gethostname(),
                            instance=instance, stage=stage)
+        self.heartbeat = Heartbeat(self, controller, parent_pid)
+        self.heartbeat.start()
+
+    @property
+    def label(self) -> str:
+        return self.name or "unassigned worker"
 
     # Loop -------------------------------------------------------------------
 
     def run(self) -> None:
         try:
-            while True:
-                if self.parent_pid is not None and os.getppid() != self.parent_pid:
-                    log.warning("%s: the controller process is gone; exiting", self.name)
-                    return
+            while self.stop_reason is None:
                 message = self.backlog.popleft() if self.backlog else self.endpoint.recv(POLL_MS)
+                self._finish_builds()
                 if message is None:
                     continue
                 if message["type"] == "shutdown":
@@ -95,7 +101,7 @@ class Worker:
         kind = m["type"]
         if kind == "assign":
             if self.stage is not None:
-                log.warning("%s: ignored a second assignment", self.name)
+                log.warning("%s: ignored a second assignment", self.label)
                 return
             self._assign(m)
         elif self.stage is None:
@@ -107,25 +113,35 @@ class Worker:
         elif kind == "step":
             self._step(m)
 
+    def controller_lost(self, reason: str) -> None:
+        """From the heartbeat thread: stop serving and exit. Aborting every
+        group wakes the main thread if an op holds it."""
+        log.warning("%s: %s; exiting", self.label, reason)
+        self.stop_reason = reason
+        manager = self.groups._manager
+        if manager is not None:
+            manager.close()
+        self.waker.wake()
+
     def close(self) -> None:
-        if self.heartbeat is not None:
-            self.heartbeat.stopping.set()
-            self.heartbeat.join(timeout=5)
-        try:
-            self._drain_sends()
-        except Exception as error:  # noqa: BLE001  (a dead next stage: nothing left to do)
-            log.info("%s: unsent hidden states at exit: %s", self.name, error)
+        self.heartbeat.stopping.set()
+        self.heartbeat.join(timeout=5)
+        if self.stop_reason is None:
+            try:
+                self._drain_sends()
+            except Exception as error:  # noqa: BLE001  (a dead next stage: nothing left to do)
+                log.info("%s: unsent hidden states at exit: %s", self.label, error)
         if self.replication is not None:
             self.replication.close()
-        if self.comm is not None:
-            self.comm.close()
+        self.groups.close()
         self.endpoint.close()
+        self.waker.close()
 
     # Assignment: weights and KV pool first, communicators later --------------
 
     def _assign(self, m: dict) -> None:
         start = time.perf_counter()
-        self.name = m["worker"]
+        self.name = m["worker"]  # heartbeats start now: loading is watched too
         torch.set_num_threads(m["threads"])
         cfg = ModelConfig.from_pretrained(m["model"])
         dtype = DTYPES[m["dtype"]] if m["dtype"] else None
@@ -143,8 +159,7 @@ class Worker:
         self.attention_backend = m["attention_backend"]
         self.max_model_len = m["max_model_len"]
         self.store_port, self.deadline_s = m["store_port"], m["deadline_s"]
-        self.heartbeat = Heartbeat(self, self.controller, m["heartbeat_s"])
-        self.heartbeat.start()
+        self.heartbeat.interval_ms = max(1, int(m["heartbeat_s"] * 1000))
         load_s = time.perf_counter() - start
         log.info("%s: stage %d layers [%d, %d) loaded in %.2f s, %d KV blocks", self.name,
                  m["stage"], self.spec.first_layer, self.spec.end_layer, load_s, self.num_blocks)
@@ -155,86 +170,68 @@ class Worker:
         if self.name not in members:
             log.warning("%s: asked to join %s, whose members %s exclude it", self.name, group, members)
             return
-        if self._superseded(group):
-            log.info("%s: skipped an outdated build of %s", self.name, group)
-            return
-        link = group.startswith(LINK_PREFIX)
-        if link:
-            self._leave_group(group)
-        self.abort_group(group)  # a rebuild replaces whatever generation was there
-        try:
-            if len(members) > 1:  # a one-member pipeline talks to no one
-                self._comm().build(group, members, generation=m["generation"])
-        except CommError as error:  # a link's failure concerns replication only
-            self.endpoint.send("error", step=None, kind="link" if link else "comm",
-                               message=str(error))
-            return
-        self.groups[group] = members
-        self.generations[group] = m["generation"]
-        if link:
-            self._replication().joined(group, members, m["generation"])
-        self.endpoint.send("group_ready", group=group, generation=m["generation"])
+        if group.startswith(LINK_PREFIX) and self.replication is not None:
+            self.replication.leave(group)  # a link's threads stop before it is rebuilt
+        self._drop_sends(group)
+        self.groups.build(group, members, m["generation"])
+
+    def _finish_builds(self) -> None:
+        """Report the builds that ended: a link starts replicating at once."""
+        for build in self.groups.collect():
+            if build.error is not None:
+                log.info("%s: %s", self.name, build.error)
+                self.endpoint.send("group_failed", group=build.group, generation=build.generation,
+                                   message=str(build.error))
+                continue
+            if build.group.startswith(LINK_PREFIX):
+                self._replication().joined(build.group, build.members, build.generation)
+            self.endpoint.send("group_ready", group=build.group, generation=build.generation)
 
     def _leave_group(self, group: str) -> None:
         """Stop using group for good; for a replication link, also wait until
         its threads are done (its blocks may become live blocks next)."""
         if self.replication is not None:
             self.replication.leave(group)
-        self.abort_group(group)
-        self.groups.pop(group, None)
+        self.groups.stop(group, "left")
+        self._drop_sends(group)
 
     def _replication(self) -> WorkerReplication:
         if self.replication is None:
-            self.replication = WorkerReplication(self.name, self.controller, self._comm(),
+            self.replication = WorkerReplication(self.name, self.controller, self.groups.manager(),
                                                  self.kv_caches, self.transfer_bytes,
                                                  self.replication_interval_s, self.deadline_s)
         return self.replication
 
     def abort_generation(self, group: str, generation: int) -> None:
         """From the heartbeat thread: give up on that generation of group, if
-        it is still the current one, and wake the main thread if it is blocked
-        in an op of it. (A newer generation may already be built or being
-        built: then this is old news and touches nothing.)"""
-        # While a build runs its group has no current generation (abort_group
-        # below cleared it): an abort can never hit a generation being built.
-        if self.generations.get(group) != generation:
-            return
-        self.generations.pop(group, None)
-        if self.comm is not None:
-            self.comm.abort(group)
+        it is the current one or the one being built, and wake the main thread
+        if it is blocked in an op of it. A newer generation is left alone."""
+        self.groups.abort(group, generation, "aborted by the controller")
 
-    def abort_group(self, group: str) -> None:
-        """Stop using the current generation of group: ops blocked in it fail
-        at once, its queued steps are skipped, its unsent hidden states dropped.
-        Called from the heartbeat thread as well as the main one."""
-        self.generations.pop(group, None)
-        if self.comm is not None:
-            self.comm.abort(group)
+    def _drop_sends(self, group: str) -> None:
+        """Hidden states still on their way on group: nobody waits for them."""
         self.pending_sends = deque(p for p in self.pending_sends if p[0] != group)
 
-    def _comm(self):
-        """The communicator manager, made when the first group needs it: the
-        store and the data plane are not needed before."""
-        if self.comm is None:
-            from kevlarflow.dist.comm import CommManager
+    def _new_comm(self):
+        from kevlarflow.dist.comm import CommManager
 
-            store = torch.distributed.TCPStore(self.controller_host, self.store_port, is_master=False,
-                                               timeout=timedelta(seconds=max(30.0, self.deadline_s)))
-            self.comm = CommManager(store, self.name, deadline_s=self.deadline_s)
-        return self.comm
+        def client() -> torch.distributed.TCPStore:
+            return torch.distributed.TCPStore(
+                self.controller_host, self.store_port, is_master=False,
+                timeout=timedelta(seconds=max(30.0, self.deadline_s)))
+        return CommManager(client(), self.name, deadline_s=self.deadline_s, connect_store=client)
 
     # One micro-batch ----------------------------------------------------------
 
     def _step(self, m: dict) -> None:
         steps = [m]
-        if len(self.groups) > 1:  # borrowed: serving two pipelines
-            partner = self._merge_partner(m["group"])
-            if partner is not None:
-                steps.append(partner)
-                self.merged_steps += 1
-                if self.merged_steps == 1:
-                    log.info("%s: merging the steps of %s and %s into one forward pass",
-                             self.name, m["group"], partner["group"])
+        partner = self._merge_partner(m["group"])  # borrowed: it serves two pipelines
+        if partner is not None:
+            steps.append(partner)
+            self.merged_steps += 1
+            if self.merged_steps == 1:
+                log.info("%s: merging the steps of %s and %s into one forward pass",
+                         self.name, m["group"], partner["group"])
         prepared = []
         for step in steps:
             try:
@@ -283,14 +280,6 @@ class Worker:
             self.backlog.append(message)
             message = self.endpoint.recv(0)
 
-    def _superseded(self, group: str) -> bool:
-        """A later build or leave of group is queued already: this build would
-        only wait, up to the deadline, for members that have moved on (and
-        builds skipped this way keep every worker's builds in one order)."""
-        self._take_in()
-        return any(m["type"] in ("build_group", "leave_group") and m["group"] == group
-                   for m in self.backlog)
-
     def _merge_partner(self, group: str) -> dict | None:
         """The next step of another pipeline, if it is already queued and
         nothing that must run before it (a rebuild, a shutdown) is in the way."""
@@ -305,10 +294,10 @@ class Worker:
 
     def _prepare(self, m: dict) -> "_Prepared | None":
         """Check a step and gather its inputs; None for a stale step."""
-        members = self.groups.get(m["group"])
-        if members is None:
+        if not self.groups.known(m["group"]):
             raise BadStep(f"not a member of group {m['group']!r}")
-        if m["generation"] != self.generations.get(m["group"]):
+        members = self.groups.members(m["group"])
+        if members is None or m["generation"] != self.groups.generation(m["group"]):
             return None  # sent before the group was aborted or rebuilt: nobody waits for it
         chunks = self._check_chunks(m["seqs"])
         num_tokens = sum(n for n, _, _ in chunks)
@@ -355,21 +344,21 @@ class Worker:
     def _recv_hidden(self, group: str, src: str, num_tokens: int) -> torch.Tensor:
         width = self.cfg.hidden_size * self.cfg.dtype.itemsize
         buffer = torch.empty(num_tokens, width, dtype=torch.uint8)  # bytes: any dtype travels
-        self.comm.recv(group, buffer, src)
+        self.groups.manager().recv(group, buffer, src)
         return buffer.view(self.cfg.dtype)
 
     def _send_hidden(self, group: str, dst: str, hidden: torch.Tensor) -> None:
         while len(self.pending_sends) >= MAX_PENDING_SENDS:
             self._wait_oldest_send()
-        op = self.comm.isend(group, hidden.contiguous().view(torch.uint8), dst)
-        self.pending_sends.append((group, self.generations.get(group), op))
+        op = self.groups.manager().isend(group, hidden.contiguous().view(torch.uint8), dst)
+        self.pending_sends.append((group, self.groups.generation(group), op))
 
     def _wait_oldest_send(self) -> None:
         group, generation, op = self.pending_sends.popleft()
         try:
             op.wait()
         except CommError:
-            if generation == self.generations.get(group):
+            if generation == self.groups.generation(group):
                 raise  # else: a generation given up on meanwhile; nobody waits for it
 
     def _drain_sends(self) -> None:

@@ -1,292 +1,353 @@
-"""What the controller does when a worker fails, and when one joins.
+"""Recovery from worker failures: one state machine per pipeline instance
+(its phases and transitions are in phases.py and docs/recovery.md).
 
 KevlarFlow's recovery (recovery="kevlarflow"): the failed worker's
-communicators are aborted on every survivor (through their heartbeat
-sockets, so a survivor blocked in an op of that group wakes at once); each
-instance that ran on the failed worker borrows the same-stage worker of a
-healthy instance (its backup in the replication ring, when it has one), which
-then serves both pipelines from one KV pool under the controller's
-accounting; only the affected instance's communicator is rebuilt; survivors
-keep their weights and their KV (nothing is reloaded). The affected requests
-keep every token they produced. At the failed stage, the borrowed worker's
-replicas of the failed worker become live blocks, and each request recomputes
-only the tokens past its replication watermark (without replicas: all of
-them), as a chunked prefill through the pipeline; that gives the same tokens.
+communicators are aborted on every survivor and called off in the store, so
+nothing waits for it; each instance that ran on it borrows the same-stage
+worker of a healthy instance (its backup in the replication ring, when it
+has one), which then serves both pipelines from one KV pool; only the
+affected instance's communicator is rebuilt; survivors keep their weights
+and their KV. At the failed stage the borrowed worker's replicas become live
+blocks, and each request recomputes only the tokens past its replication
+watermark, as a chunked prefill through the pipeline.
 
-A replacement for the failed worker starts at once, loads its stage in the
-background and joins. The instance moves back to its own workers once the
-borrowed worker's replicas of its requests on the replacement have caught up
-(the ring makes the replacement that worker's backup): the move is a
-takeover like the one after a failure, so requests in flight keep running
-and recompute at most their replication lag. Without such a link (no
-replication, or a ring of three or more), they recompute at the move.
+A replacement starts at once, loads in the background and joins. The
+instance moves back once its requests' KV is at the replacement: it catches
+up while serving, then drains (no new steps until the last of its KV is
+durable there), so the move recomputes nothing; a deadline that scales with
+the KV to copy bounds the wait, and a move that recomputes says why.
+
+Every wait is bounded and abandoned as soon as it cannot complete: a build
+is called off when a member fails and retried when it fails by itself; a
+new fault in any phase leads to a defined next phase.
 
 The baseline (recovery="restart") is today's stacks: the whole instance goes
-down, every one of its workers is replaced (new processes, weights loaded from
-disk, communicators made again) and its requests wait and recompute from
-scratch; the router sends new requests to live instances meanwhile."""
+down, every one of its workers is replaced (new processes, weights loaded
+from disk, communicators made again) and its requests wait and recompute
+from scratch; the router sends new requests to live instances meanwhile."""
 from __future__ import annotations
 
 import logging
-import os
-import signal
 import time
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from kevlarflow.ft.phases import InstanceRecovery, Phase
+from kevlarflow.ft.replacements import Replacements
+from kevlarflow.ft.reroute import KVMove, move_kv, plan_route
 
 log = logging.getLogger("kevlarflow.ft")
 
-MAX_REPLACEMENT_ATTEMPTS = 3  # for one failure: a slot whose processes keep dying is given up
+MIN_COPY_RATE = 20e6       # bytes/s a catch-up deadline allows for, at the least
+MAX_BUILD_BACKOFF_S = 2.0  # between retries of a build that keeps failing
+MAX_MOVES = 10_000         # moves remembered per request id (most recent)
 
 
-class RecoveryMixin:
-    """Mixed into DistributedEngine; uses its workers, instances and endpoint."""
+class DeploymentView(Protocol):
+    """What recovery reads and does on the controller, which implements it."""
+    config: object              # DeploymentConfig
+    instances: list             # PipelineInstance, by index
+    workers: object             # WorkerTable
+    pools: dict                 # worker -> BlockManager
+    replication: object         # Replication
+    events: object              # EventLog
 
-    # Failure -------------------------------------------------------------------------
+    def build(self, inst, route: list[str]) -> None:
+        """A new generation of inst's communicator over route (inst.workers)."""
 
-    def inject_fault(self, instance: int, stage: int, kind: str = "kill") -> None:
-        """Deliver a real fault to the worker at (instance, stage): SIGKILL for
-        "kill", SIGSTOP (a hang) for "hang". For tests, benchmarks and demos."""
-        signals = {"kill": signal.SIGKILL, "hang": signal.SIGSTOP}
-        if kind not in signals:
-            raise ValueError(f"kind must be 'kill' or 'hang', got {kind!r}")
-        if not (0 <= instance < len(self.instances) and 0 <= stage < self.config.pp_size):
-            raise ValueError(f"no worker at instance {instance}, stage {stage}")
-        name = self.instances[instance].home[stage]
-        pid = self.pid_of.get(name)
-        if name not in self.ready or pid is None or not self.launcher \
-                or (instance, stage) not in self.launcher.procs:
-            raise ValueError(f"{name} is not a live worker started by this controller")
-        self.events.record("failed", worker=name, instance=instance, detail=kind)
-        os.kill(pid, signals[kind])
+    def abort(self, inst, reason: str) -> None:
+        """Stop inst's current generation, built or being built, everywhere."""
 
-    def worker_failed(self, name: str, reason: str) -> None:
-        if name not in self.peer_of and name not in self.ready:
-            return  # already handled
-        self.events.record("detected", worker=name, instance=self.slot_of[name][0], detail=reason)
-        self._forget_worker(name)
-        affected = [inst for inst in self.instances if name in inst.workers]
+    def fail_requests(self, inst, reason: str) -> None:
+        """inst's requests end with an error."""
+
+    def discard(self, name: str) -> None:
+        """The slot's process is gone or must go: forget it, kill it if it runs."""
+
+    def spawn(self, name: str) -> bool:
+        """Start a process for the slot; False when this controller starts none."""
+
+
+@dataclass
+class RecoveryStats:
+    tokens_restored: int = 0
+    tokens_recomputed: int = 0
+    requests_restored: int = 0
+    # request id -> (tokens computed, tokens of KV kept) at its last move
+    moves: dict[str, tuple[int, int]] = field(default_factory=dict)
+
+    def moved(self, request_id: str, computed: int, kept: int) -> None:
+        self.moves.pop(request_id, None)
+        self.moves[request_id] = (computed, kept)
+        while len(self.moves) > MAX_MOVES:
+            del self.moves[next(iter(self.moves))]
+
+
+class Recovery:
+    def __init__(self, deployment: DeploymentView, clock=time.monotonic):
+        self.d = deployment
+        self.config = deployment.config
+        self.clock = clock  # deadlines and delays (tests pass a clock of their own)
+        self.states = [InstanceRecovery(since=clock()) for _ in deployment.instances]
+        self.replacements = Replacements(deployment.spawn,
+                                         lambda name: deployment.workers[name].instance,
+                                         deployment.events, clock)
+        self.stats = RecoveryStats()
+
+    def phase(self, inst) -> Phase:
+        return self.states[inst.index].phase
+
+    # Workers -----------------------------------------------------------------
+
+    def worker_ready(self, name: str) -> None:
+        """A worker loaded (at start-up, or a replacement)."""
+        if self.replacements.ready(name):
+            self.d.events.record("replacement_loaded", worker=name,
+                                 instance=self.d.workers[name].instance)
+        self.d.replication.reform()
+        for inst in self.d.instances:
+            phase = self.phase(inst)
+            if phase in (Phase.LOADING, Phase.RESTARTING):
+                if all(self.d.workers.ready(w) for w in inst.home):
+                    # New processes: their pools are new too.
+                    inst.use_workers(inst.home, [self.d.pools[w] for w in inst.home])
+                    self._build(inst, inst.home)
+                    if phase is Phase.RESTARTING:
+                        self.d.events.record("rejoined", worker=name, instance=inst.index,
+                                             detail="restarted on new workers")
+            elif phase is Phase.DOWN:
+                self._reroute(inst, f"{name} joined")
+            elif phase is Phase.SERVING and name in inst.home:
+                self._consider_rejoin(inst)
+
+    def worker_lost(self, name: str, reason: str) -> None:
+        """A registered worker failed (its process exited, or went silent)."""
+        record = self.d.workers[name]
+        if not record.live:
+            return  # handled already
+        self.d.events.record("detected", worker=name, instance=record.instance, detail=reason)
+        was_ready = record.ready
+        self.d.discard(name)
         if self.config.recovery == "restart":
-            for inst in affected:
-                self._break_instance(inst, f"{name} failed")
-            for inst in affected:
-                self._restart_instance(inst)
+            inst = self.d.instances[record.instance]
+            if self.phase(inst) is Phase.RESTARTING:
+                self.replacements.start(name)  # one of its replacements died
+            else:
+                self._restart(inst, f"{name} failed")
             return
-        for inst in affected:
-            self._break_instance(inst, f"{name} failed")
-        self._start_replacement(name)
-        for inst in affected:
-            self._reroute(inst)
-        self.replication.reform()
+        self.replacements.start(name)
+        if not was_ready:
+            return  # a replacement that was still loading: nothing ran on it
+        for inst in self.d.instances:
+            st = self.states[inst.index]
+            if name in inst.workers and st.phase not in (Phase.LOADING, Phase.DOWN):
+                self._reroute(inst, f"{name} failed", failure=True)
+            elif name == st.rejoining:  # the replacement it was moving back to
+                self._enter(inst, Phase.SERVING, f"{name} failed before the move back")
+        self.d.replication.reform()
 
-    def _forget_worker(self, name: str) -> None:
-        """No message of this process is trusted again; a hung one is killed
-        so that it cannot wake up later into a deployment that moved on."""
-        peer = self.peer_of.pop(name, None)
-        self.worker_of.pop(peer, None)
-        self.heartbeat_peer_of.pop(name, None)
-        self.ready.discard(name)
-        self.health.forget(name)
-        slot = self.slot_of[name]
-        proc = self.launcher.procs.get(slot) if self.launcher else None
-        if proc is not None and proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    def replacement_died(self, name: str, reason: str) -> None:
+        """A process started for the slot is gone before it registered."""
+        record = self.d.workers[name]
+        self.d.events.record("detected", worker=name, instance=record.instance,
+                             detail=f"replacement {reason}")
+        self.d.discard(name)
+        self.replacements.start(name)
 
-    def _break_instance(self, inst, reason: str, failure: bool = True) -> None:
-        if failure and inst.failed_at is None:
-            inst.failed_at = time.time()
-        inst.serving = False
-        inst.suspect_since = None
-        for w in inst.workers:
-            peer = self.heartbeat_peer_of.get(w)
-            if peer is not None and inst.generation >= 0:
-                self.endpoint.send(peer, "abort_group", group=inst.group, generation=inst.generation)
-        inst.generation = -1  # steps of the old generation are stale everywhere
-        self.rejoining.pop(inst.index, None)
-        if self.config.recovery == "restart":
-            # Every token that held KV is computed again from scratch.
-            self.replication.stats["tokens_recomputed"] += sum(
-                seq.num_computed_tokens for seq in inst.running())
-            inst.preempt_all()
-        else:  # survivors keep their KV: _reroute decides what moves and what recomputes
-            inst.abandon_in_flight()
-        self.events.record("aborted", instance=inst.index, detail=reason)
+    # Communicators --------------------------------------------------------------
 
-    def _start_replacement(self, name: str) -> None:
-        if not self.launcher:
-            log.warning("%s failed: waiting for a `kevlarflow worker` to take its slot", name)
+    def group_ready(self, inst, generation: int, worker: str) -> None:
+        st = self.states[inst.index]
+        if st.phase is not Phase.BUILDING or generation != inst.generation \
+                or worker not in inst.workers:
+            return  # an acknowledgement of a generation given up on
+        st.acks.add(worker)
+        if not st.acks.issuperset(inst.workers):
             return
-        i, s = self.slot_of[name]
-        attempts = self.replacing.get(name, 0) + 1
-        if attempts > MAX_REPLACEMENT_ATTEMPTS:
-            log.error("%s: %d replacements died while starting; giving up on its slot", name,
-                      attempts - 1)
-            return
-        self.replacing[name] = attempts
-        self.launcher.spawn(i, s)
-        self.events.record("replacement_started", worker=name, instance=i,
-                           detail=f"attempt {attempts}")
+        log.info("instance %d serving: %s", inst.index, " -> ".join(inst.workers))
+        if st.failed_at is not None:
+            self.d.events.record("resumed", instance=inst.index, detail=" -> ".join(inst.workers))
+        self._enter(inst, Phase.SERVING, "connected")
+        self._consider_rejoin(inst)
 
-    def _restart_instance(self, inst) -> None:
-        """The baseline: every worker of the instance is replaced."""
-        for name in inst.home:
-            if name in self.peer_of or name in self.ready:
-                self._forget_worker(name)
-        inst.use_workers(inst.home, [self.pools[w] for w in inst.home])
-        for name in inst.home:
-            self._start_replacement(name)
+    def group_failed(self, inst, generation: int, worker: str, message: str) -> None:
+        if self.phase(inst) is Phase.BUILDING and generation == inst.generation:
+            self._build_failed(inst, f"{worker}: {message}")
 
-    # Rerouting --------------------------------------------------------------------------
-
-    def _reroute(self, inst) -> str:
-        """Run inst on live workers, its own where it can, else a healthy
-        instance's worker of the same stage; rebuild its communicator."""
-        route = []
-        for s, own in enumerate(inst.home):
-            if own in self.ready:
-                route.append(own)
-                continue
-            backup = self.replication.links.get(inst.workers[s])
-            candidates = ([backup.backup] if backup else []) + \
-                [o.home[s] for o in self.instances if o is not inst]
-            donor = next((w for w in candidates if w in self.ready), None)
-            if donor is None:
-                inst.serving = False
-                self._fail_requests(inst, f"no live worker for stage {s}")
-                return "requests failed"
-            route.append(donor)
-        moved = self._move_kv(inst, route)
-        self._build_group(inst)
-        if route != inst.home:
-            self.events.record("rerouted", instance=inst.index,
-                               detail=" -> ".join(route) + f"; {moved}")
-        return moved
-
-    def _move_kv(self, inst, route: list[str]) -> str:
-        """Switch inst to the workers of route. At a stage whose worker
-        changes, the new worker takes over its replicas of the old one; every
-        request then recomputes from the fewest tokens any stage kept."""
-        seqs = list(inst.scheduler.running)
-        kept = {seq: seq.num_computed_tokens for seq in seqs}
-        for s, (old, new) in enumerate(zip(inst.workers, route)):
-            if old == new:
-                continue
-            for seq, tokens in self.replication.take_over(old, new, seqs).items():
-                kept[seq] = min(kept[seq], tokens)
-            for seq in seqs:  # old is dead, or keeps serving other requests only
-                self.pools[old].free_sequence(seq)
-                self.replication.forget_on(old, seq)
-        inst.use_workers(route, [self.pools[w] for w in route])
-        stats = self.replication.stats
-        restored = recomputed = 0
-        for seq in seqs:
-            self.replication.moved(seq.request_id, seq.num_computed_tokens, kept[seq])
-            recomputed += seq.num_computed_tokens - kept[seq]
-            restored += kept[seq]
-            stats["requests_restored"] += bool(kept[seq])
-            seq.num_computed_tokens = kept[seq]
-        stats["tokens_restored"] += restored
-        stats["tokens_recomputed"] += recomputed
-        return f"{len(seqs)} requests keep {restored} tokens of KV, recompute {recomputed}"
-
-    def _fail_requests(self, inst, reason: str) -> None:
-        """The instance's requests end with an error (never a hang)."""
-        if inst.sequences:
-            self.events.record("requests_failed", instance=inst.index,
-                               detail=f"{len(inst.sequences)} requests: {reason}")
-        for seq in list(inst.sequences):
-            seq.finish_reason = "error"
-            self._undelivered.append(self._finish(seq, "", []))
-
-    # Joining -----------------------------------------------------------------------------
-
-    def worker_joined(self, name: str) -> None:
-        """A worker finished loading (at start-up, or a replacement)."""
-        self.pools[name] = self._new_pool(name)  # a new process: an empty pool
-        replacement = name in self.replacing
-        if replacement:
-            del self.replacing[name]
-            self.events.record("replacement_loaded", worker=name, instance=self.slot_of[name][0])
-        self.replication.reform()
-        for inst in self.instances:
-            if name not in inst.home or not self.ready.issuperset(inst.home):
-                continue
-            if inst.workers == inst.home and inst.generation >= 0:
-                continue  # already running on its own workers
-            if inst.generation >= 0 and self._migration_links(inst) is not None:
-                self.rejoining[inst.index] = (time.monotonic(), name)  # once replicas caught up
-                continue
-            self._rejoin(inst, name if replacement else None)
-
-    def _rejoin(self, inst, replacement: str | None) -> None:
-        """Move inst back to its own workers."""
-        if inst.generation >= 0:  # it ran on a borrowed worker until now
-            self._break_instance(inst, f"{replacement or 'its own worker'} rejoins", failure=False)
-        moved = self._reroute(inst)
-        self.replication.reform()
-        if replacement:
-            self.events.record("rejoined", worker=replacement, instance=inst.index, detail=moved)
-
-    def _migration_links(self, inst) -> list | None:
-        """The links from each borrowed worker of inst to inst's own worker of
-        that stage; None if some borrowed worker replicates elsewhere."""
-        borrowed = [(own, now) for own, now in zip(inst.home, inst.workers) if own != now]
-        links = [self.replication.links.get(now) for _, now in borrowed]
-        if all(link is not None and link.backup == own for link, (own, _) in zip(links, borrowed)):
-            return links
-        return None
-
-    def check_rejoins(self) -> None:
-        """Instances waiting to move back do so once every running request
-        has KV acknowledged at its own workers (then it recomputes only its
-        replication lag; waiting longer would not shrink that), or after the
-        hang timeout."""
-        for index, (since, name) in list(self.rejoining.items()):
-            inst = self.instances[index]
-            links = self._migration_links(inst)
-            caught_up = links is not None and all(link.ready for link in links) and all(
-                link.watermark(seq) > 0 for link in links for seq in inst.running())
-            if links is None or caught_up or time.monotonic() - since > self.config.hang_timeout_s:
-                del self.rejoining[index]
-                self._rejoin(inst, name)
-
-    def instance_serving(self, inst) -> None:
-        """Its communicator is up again after a failure: it can take steps."""
-        if inst.failed_at is not None:
-            self.events.record("resumed", instance=inst.index, detail=" -> ".join(inst.workers))
+    def comm_error(self, worker: str, message: str) -> None:
+        """A step failed in a communicator op. Some member of the pipeline is
+        dead or hung, not necessarily the reporter: the health monitor finds
+        which. Until then the instance pauses."""
+        for inst in self.d.instances:
+            if worker in inst.workers and self.phase(inst) in (
+                    Phase.SERVING, Phase.CATCHING_UP, Phase.DRAINING):
+                self._enter(inst, Phase.PAUSED, f"{worker}: {message}",
+                            deadline=2 * self.config.hang_timeout_s)
 
     def step_completed(self, inst) -> None:
-        if inst.failed_at is not None:
-            self.events.record("first_step_after_failure", instance=inst.index,
-                               detail=f"{time.time() - inst.failed_at:.3f} s after the failure")
-            inst.failed_at = None
+        st = self.states[inst.index]
+        if st.failed_at is not None:
+            self.d.events.record("first_step_after_failure", instance=inst.index,
+                                 detail=f"{time.time() - st.failed_at:.3f} s after the failure")
+            st.failed_at = None
 
-    # Errors reported by workers --------------------------------------------------------------
+    # Time ------------------------------------------------------------------------
 
-    def _on_error(self, name: str, m: dict) -> None:
-        inst = self.instance_of_step(m["step"])
-        if m["step"] is not None and inst is None:
-            return  # about a step given up on already
-        log.warning("%s: %s: %s", name, m["kind"], m["message"])
-        if m["kind"] == "link":  # a replication link did not connect: the pipelines are fine
-            self.replication.retry_links(name)
-        elif m["kind"] == "comm":
-            # Some member of the pipeline is dead or hung, not necessarily the
-            # reporter: the health monitor finds which. Until then, pause.
-            for inst in self.instances:
-                if name in inst.workers and inst.suspect_since is None:
-                    inst.suspect_since = time.monotonic()
-                    inst.serving = False
-        else:  # a step the worker refused: a bug; the requests end, not the process
-            inst = inst or self.instances[self.slot_of[name][0]]
-            inst.in_flight.clear()
-            inst.busy.clear()
-            self._fail_requests(inst, f"{name}: {m['message']}")
+    def tick(self) -> None:
+        """Deadlines and retries; the controller calls it every round."""
+        self.replacements.tick()
+        now = self.clock()
+        for inst, st in zip(self.d.instances, self.states):
+            late = st.deadline is not None and now > st.deadline
+            if st.phase is Phase.BUILDING:
+                if st.retry_at is not None and now >= st.retry_at:
+                    st.retry_at = None
+                    self._build(inst, inst.workers, keep_failures=True)
+                elif st.retry_at is None and late:
+                    self._build_failed(inst, f"not connected within {self.config.comm_deadline_s} s")
+            elif st.phase is Phase.PAUSED and late:
+                self._reroute(inst, "communicator error without a failed worker")
+            elif st.phase is Phase.CATCHING_UP:
+                links = self.d.replication.migration_links(inst)
+                if links is None or late or self.d.replication.caught_up(inst, links):
+                    self._enter(inst, Phase.DRAINING, "catch-up deadline passed" if late else
+                                "replicas caught up", deadline=self._copy_time(inst))
+            elif st.phase is Phase.DRAINING:
+                self._check_drained(inst, late)
 
-    def check_suspects(self) -> None:
-        """A communicator error that no failure explains within the hang
-        timeout (twice over) was transient: rebuild with the same workers."""
-        for inst in self.instances:
-            if inst.suspect_since is not None and \
-                    time.monotonic() - inst.suspect_since > 2 * self.config.hang_timeout_s:
-                self._break_instance(inst, "communicator error without a failed worker")
-                self._reroute(inst)
+    def busy(self) -> bool:
+        """Something is under way that the controller should poll for."""
+        return self.replacements.pending() or any(
+            st.phase not in (Phase.SERVING, Phase.DOWN) for st in self.states)
+
+    # Transitions -------------------------------------------------------------------
+
+    def _enter(self, inst, phase: Phase, reason: str, deadline: float | None = None) -> None:
+        st = self.states[inst.index]
+        if phase is not Phase.BUILDING:
+            st.build_failures, st.retry_at = 0, None
+        if phase not in (Phase.CATCHING_UP, Phase.DRAINING):
+            st.rejoining = None
+        st.phase, st.since, st.reason = phase, self.clock(), reason
+        st.deadline = None if deadline is None else st.since + deadline
+        inst.serving, inst.accepting = phase.dispatches, phase.accepts
+        log.debug("instance %d: %s (%s)", inst.index, phase.value, reason)
+
+    def _build(self, inst, route: list[str], keep_failures: bool = False) -> None:
+        st = self.states[inst.index]
+        failures = st.build_failures if keep_failures else 0
+        self._enter(inst, Phase.BUILDING, "building", deadline=self.config.comm_deadline_s)
+        st.build_failures, st.acks = failures, set()
+        self.d.build(inst, route)
+
+    def _build_failed(self, inst, why: str) -> None:
+        """Try again, on the same workers: a member that died will be found
+        by the health monitor and reroute the instance meanwhile."""
+        st = self.states[inst.index]
+        log.warning("instance %d: building generation %d failed (%s); retrying", inst.index,
+                    inst.generation, why)
+        self.d.abort(inst, f"build failed: {why}")
+        st.build_failures += 1
+        st.retry_at = self.clock() + min(MAX_BUILD_BACKOFF_S,
+                                             0.1 * 2 ** (st.build_failures - 1))
+        st.deadline = None
+
+    def _reroute(self, inst, reason: str, failure: bool = False) -> None:
+        """Run inst on ready workers, its own where it can; rebuild its
+        communicator. DOWN when some stage has no ready worker."""
+        st = self.states[inst.index]
+        if failure and st.failed_at is None:
+            st.failed_at = time.time()
+        if inst.generation >= 0 or self.phase(inst) is Phase.BUILDING:
+            self.d.abort(inst, reason)
+            self.d.events.record("aborted", instance=inst.index, detail=reason)
+        inst.abandon_in_flight()
+        workers = self.d.workers
+        lenders = [[o.home[s] for o in self.d.instances if o is not inst]
+                   for s in range(len(inst.home))]
+        route, missing = plan_route(inst.home, inst.workers, workers.ready,
+                                    self.d.replication.backup_of, lenders)
+        if route is None:
+            if self.phase(inst) is not Phase.DOWN:
+                self.d.fail_requests(inst, f"no live worker for stage {missing}")
+            self._enter(inst, Phase.DOWN, f"no live worker for stage {missing}")
+            return
+        if route == inst.home and inst.workers != inst.home:
+            self._rejoin(inst, f"moved back while recovering from: {reason}")
+            return
+        move = self._move(inst, route)
+        self._build(inst, route)
+        if route != inst.home:
+            self.d.events.record("rerouted", instance=inst.index,
+                                 detail=" -> ".join(route) + f"; {move}")
+
+    def _move(self, inst, route: list[str]) -> KVMove:
+        move = move_kv(inst, route, self.d.pools, self.d.replication, self.stats.moved)
+        self.stats.tokens_restored += move.restored
+        self.stats.tokens_recomputed += move.recomputed
+        self.stats.requests_restored += move.requests_restored
+        return move
+
+    def _restart(self, inst, reason: str) -> None:
+        """The baseline: every worker of the instance is replaced, and its
+        requests start again from scratch."""
+        st = self.states[inst.index]
+        if st.failed_at is None:
+            st.failed_at = time.time()
+        if inst.generation >= 0 or self.phase(inst) is Phase.BUILDING:
+            self.d.abort(inst, reason)
+        self.d.events.record("aborted", instance=inst.index, detail=reason)
+        self.stats.tokens_recomputed += sum(seq.num_computed_tokens for seq in inst.running())
+        inst.preempt_all()
+        inst.use_workers(inst.home, [self.d.pools[w] for w in inst.home])
+        self._enter(inst, Phase.RESTARTING, reason)
+        for name in inst.home:
+            self.d.discard(name)
+            self.replacements.start(name)
+
+    # Moving back to a replacement ----------------------------------------------------
+
+    def _consider_rejoin(self, inst) -> None:
+        """inst serves on a borrowed worker and its own are all ready again."""
+        if inst.workers == inst.home or not all(self.d.workers.ready(w) for w in inst.home):
+            return
+        st = self.states[inst.index]
+        replacement = next(own for own, now in zip(inst.home, inst.workers) if own != now)
+        if self.d.replication.migration_links(inst) is None:
+            self._rejoin(inst, "no replication link to its own worker")
+            return
+        self._enter(inst, Phase.CATCHING_UP, f"{replacement} is ready",
+                    deadline=self._copy_time(inst))
+        st.rejoining = replacement
+
+    def _copy_time(self, inst) -> float:
+        """A bound on copying inst's KV at its borrowed stages to its own
+        workers: its size at a conservative rate, plus replication's pace."""
+        bytes_ = self.d.replication.kv_bytes(inst)
+        return 2 * self.config.replication_interval_s + self.config.hang_timeout_s + \
+            bytes_ / MIN_COPY_RATE
+
+    def _check_drained(self, inst, late: bool) -> None:
+        replication = self.d.replication
+        links = replication.migration_links(inst)
+        if links is None:
+            self._rejoin(inst, "its replication link closed while it drained")
+        elif not inst.in_flight and replication.durable(inst, links):
+            dropped = replication.without_replicas(inst, links)
+            self._rejoin(inst, f"{dropped} requests found the replica pool full" if dropped else "")
+        elif late:
+            self._rejoin(inst, f"the copy deadline passed with {replication.behind(inst, links)} "
+                         "tokens not yet at its own workers")
+
+    def _rejoin(self, inst, why: str) -> None:
+        """Move inst back to its own workers; at each stage it borrowed, its
+        own worker takes over its replicas of the borrowed one."""
+        returning = [own for own, now in zip(inst.home, inst.workers) if own != now]
+        self.d.abort(inst, f"{', '.join(returning)} rejoins")
+        inst.abandon_in_flight()
+        move = self._move(inst, inst.home)
+        self._build(inst, inst.home)
+        self.d.replication.reform()
+        detail = str(move) + (f": {why}" if move.recomputed and why else "")
+        self.d.events.record("rejoined", worker=returning[0] if returning else None,
+                             instance=inst.index, detail=detail)

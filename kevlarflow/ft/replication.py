@@ -29,9 +29,6 @@ from kevlarflow.engine.block_manager import BlockManager
 from kevlarflow.engine.sequence import Sequence
 
 
-MAX_MOVES = 10_000
-
-
 @dataclass(eq=False)
 class Record:
     """One sequence on one link."""
@@ -113,37 +110,36 @@ class ReplicaLink:
 
 
 class Replication:
-    """The engine's replication state; the engine calls it at each event."""
+    """The controller's replication state; the controller and recovery call
+    it at each event.
 
-    def __init__(self, engine, replica_blocks: list[int]):
-        self.engine = engine
+    send(worker, type, **fields) sends a control message to a worker (and
+    drops it if the worker is gone); call_off(group, generation, members,
+    reason) calls a generation off in the store; next_generation() numbers
+    a new communicator generation."""
+
+    def __init__(self, workers, pools: dict[str, BlockManager], replica_blocks: list[int],
+                 block_size: int, block_bytes: list[int], send, call_off, next_generation):
+        self.workers, self.pools = workers, pools
         self.replica_blocks = replica_blocks   # per stage
+        self.block_size, self.block_bytes = block_size, block_bytes
+        self._send, self._call_off, self._next_generation = send, call_off, next_generation
         self.enabled = any(replica_blocks)
         self.links: dict[str, ReplicaLink] = {}  # by source
         self.reserve: dict[str, list[int]] = {}  # worker -> its blocks kept for replicas
-        self.stats = dict(bytes_replicated=0, tokens_restored=0, tokens_recomputed=0,
-                          requests_restored=0)
-        # request id -> (tokens it had computed, tokens of KV it kept) at its
-        # last move, for the most recent MAX_MOVES requests moved
-        self.moves: dict[str, tuple[int, int]] = {}
-
-    def moved(self, request_id: str, computed: int, kept: int) -> None:
-        self.moves.pop(request_id, None)
-        self.moves[request_id] = (computed, kept)
-        while len(self.moves) > MAX_MOVES:
-            del self.moves[next(iter(self.moves))]
+        self.bytes_replicated = 0
 
     # Membership ---------------------------------------------------------------------
 
     def new_pool(self, worker: str, pool: BlockManager) -> None:
         """A worker's fresh pool lends its replica blocks at once."""
-        self.reserve[worker] = pool.lend(self.replica_blocks[self.engine.slot_of[worker][1]])
+        self.reserve[worker] = pool.lend(self.replica_blocks[self.workers[worker].stage])
 
     def ring(self) -> dict[str, str]:
-        """source -> backup over the live home workers of each stage."""
+        """source -> backup over the ready workers of each stage, in instance order."""
         ring = {}
         for s in range(len(self.replica_blocks)):
-            live = [inst.home[s] for inst in self.engine.instances if inst.home[s] in self.engine.ready]
+            live = [r.name for r in self.workers if r.stage == s and r.ready]
             if len(live) >= 2:
                 ring.update({w: live[(k + 1) % len(live)] for k, w in enumerate(live)})
         return ring
@@ -160,23 +156,23 @@ class Replication:
                 self._open(source, backup)
 
     def _open(self, source: str, backup: str) -> None:
-        engine = self.engine
-        want = self.replica_blocks[engine.slot_of[backup][1]]
+        want = self.replica_blocks[self.workers[backup].stage]
         reserve = self.reserve[backup]
-        reserve += engine.pools[backup].lend(want - len(reserve))  # refill what was taken over
-        link = ReplicaLink(source, backup, next(engine._generations), list(reserve),
-                           engine.config.block_size)
+        reserve += self.pools[backup].lend(want - len(reserve))  # refill what was taken over
+        link = ReplicaLink(source, backup, self._next_generation(), list(reserve), self.block_size)
         self.links[source] = link
         for w in (source, backup):
-            engine.endpoint.send(engine.peer_of[w], "build_group", group=link.group,
-                                 members=[source, backup], generation=link.generation)
+            self._send(w, "build_group", group=link.group, members=[source, backup],
+                       generation=link.generation)
 
     def close(self, source: str) -> None:
-        """Stop a link; live ends leave its group before anything else."""
+        """Stop a link; live ends leave its group before anything else, and a
+        build still under way is called off."""
         link = self.links.pop(source)
         for w in (link.source, link.backup):
-            if w in self.engine.peer_of:
-                self.engine.endpoint.send(self.engine.peer_of[w], "leave_group", group=link.group)
+            self._send(w, "leave_group", group=link.group)
+        if not link.ready:
+            self._call_off(link.group, link.generation, [link.source, link.backup], "link closed")
         for seq in list(link.records):
             link.forget(seq)
 
@@ -185,22 +181,25 @@ class Replication:
         link = self.links.get(group[len(LINK_PREFIX):])
         return link if link is not None and link.generation == generation else None
 
-    def retry_links(self, worker: str) -> None:
-        """Links of worker that never connected are built anew (a member that
-        died meanwhile has left the ring by then)."""
-        for source, link in list(self.links.items()):
-            if worker in (link.source, link.backup) and not link.ready:
-                self.close(source)
-        self.reform()
+    def is_link(self, group: str) -> bool:
+        return group.startswith(LINK_PREFIX)
 
-    def group_ready(self, worker: str, group: str, generation: int) -> bool:
-        """True if the acknowledgement was a link's."""
-        if not group.startswith(LINK_PREFIX):
-            return False
+    def link_failed(self, group: str, generation: int) -> None:
+        """A link's build failed: it is built anew (a member that died
+        meanwhile has left the ring by then)."""
+        link = self._link_of(group, generation)
+        if link is not None:
+            self.close(link.source)
+            self.reform()
+
+    def group_ready(self, worker: str, group: str, generation: int) -> None:
         link = self._link_of(group, generation)
         if link is not None:
             link.acks.add(worker)
-        return True
+
+    def backup_of(self, worker: str) -> str | None:
+        link = self.links.get(worker)
+        return None if link is None else link.backup
 
     # Steps ----------------------------------------------------------------------------
 
@@ -208,7 +207,7 @@ class Replication:
         link = self.links.get(worker)
         if link is None or not link.ready:
             return None
-        pool = self.engine.pools[worker]
+        pool = self.pools[worker]
         pairs = [p for seq, n in items for p in link.plan(seq, n, pool.table(seq), step)]
         return pairs or None
 
@@ -217,9 +216,8 @@ class Replication:
         if link is not None and link.backup == m["worker"]:
             before = link.blocks_acked
             link.acknowledged(m["steps"])
-            stage = self.engine.slot_of[link.source][1]
-            self.stats["bytes_replicated"] += (link.blocks_acked - before) * \
-                self.engine.stage_block_bytes[stage]
+            stage = self.workers[link.source].stage
+            self.bytes_replicated += (link.blocks_acked - before) * self.block_bytes[stage]
 
     def forget(self, seq: Sequence) -> None:
         for link in self.links.values():
@@ -247,7 +245,7 @@ class Replication:
         kept = {seq: 0 for seq in seqs}
         if link is None or link.backup != new:
             return kept
-        pool = self.engine.pools[new]
+        pool = self.pools[new]
         taken = set()
         for seq in seqs:
             tokens = min(link.watermark(seq), seq.num_computed_tokens)
@@ -259,12 +257,48 @@ class Replication:
         self.close(old)
         return kept
 
-    def lag(self) -> list[int]:
+    def migration_links(self, inst) -> list[ReplicaLink] | None:
+        """The links from each worker inst borrows to inst's own worker of
+        that stage; None if some borrowed worker replicates elsewhere."""
+        borrowed = [(own, now) for own, now in zip(inst.home, inst.workers) if own != now]
+        links = [self.links.get(now) for _, now in borrowed]
+        if all(link is not None and link.backup == own for link, (own, _) in zip(links, borrowed)):
+            return links
+        return None
+
+    def caught_up(self, inst, links: list[ReplicaLink]) -> bool:
+        """Every running request of inst has KV at its own workers: the rest
+        is what its last steps wrote."""
+        return all(link.ready for link in links) and all(
+            link.watermark(seq) > 0 or link.records.get(seq, Record()).dropped
+            for link in links for seq in inst.running())
+
+    def durable(self, inst, links: list[ReplicaLink]) -> bool:
+        """All KV of inst's running requests is at its own workers (but for
+        requests whose replicas were dropped: waiting would not bring it)."""
+        return all(link.ready for link in links) and self.behind(inst, links) == 0
+
+    def behind(self, inst, links: list[ReplicaLink]) -> int:
+        return sum(max(0, seq.num_computed_tokens - link.watermark(seq))
+                   for link in links for seq in inst.running()
+                   if not link.records.get(seq, Record()).dropped)
+
+    def without_replicas(self, inst, links: list[ReplicaLink]) -> int:
+        return sum(link.records.get(seq, Record()).dropped for link in links
+                   for seq in inst.running())
+
+    def kv_bytes(self, inst) -> int:
+        """Bytes of KV of inst's running requests at the stages it borrows."""
+        tokens = sum(seq.num_computed_tokens for seq in inst.running())
+        return sum(tokens * self.block_bytes[s] // self.block_size
+                   for s, (own, now) in enumerate(zip(inst.home, inst.workers)) if own != now)
+
+    def lag(self, instances) -> list[int]:
         """Tokens computed but not yet durable at the backup, per sequence and
         link, over the running sequences of every instance."""
         lags = []
-        for inst in self.engine.instances:
-            for s, worker in enumerate(inst.workers):
+        for inst in instances:
+            for worker in inst.workers:
                 link = self.links.get(worker)
                 if link is None:
                     continue

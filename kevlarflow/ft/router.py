@@ -1,7 +1,9 @@
 """Picks the pipeline instance for a new request: the serving instance with
 the least outstanding work, counted in tokens still to compute (prompt tokens
-not yet prefilled plus output tokens still allowed). An instance that is not
-serving gets nothing."""
+not yet prefilled plus output tokens still allowed). While no instance
+serves, an instance that is recovering without needing a new worker (its
+communicator being rebuilt, say) takes the request, which then waits a
+moment rather than failing; only when none can is the request refused."""
 from __future__ import annotations
 
 from typing import Iterable, Protocol
@@ -10,6 +12,7 @@ from typing import Iterable, Protocol
 class Routable(Protocol):
     index: int
     serving: bool
+    accepting: bool
 
     def outstanding_tokens(self) -> int: ...
 
@@ -19,7 +22,9 @@ class NoInstanceServing(RuntimeError):
 
 
 def pick_instance(instances: Iterable[Routable]) -> Routable:
-    serving = [inst for inst in instances if inst.serving]
+    instances = list(instances)
+    serving = [inst for inst in instances if inst.serving] or \
+        [inst for inst in instances if inst.accepting]
     if not serving:
         raise NoInstanceServing("no pipeline instance is serving")
     # Ties go to the lowest index, so equal loads fill instances in order.

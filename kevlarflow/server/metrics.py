@@ -7,7 +7,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from kevlarflow.ft.events import KINDS
+from kevlarflow.ft.events import KINDS, recovery_times
 from kevlarflow.server.state import is_deployment, retry
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
@@ -17,69 +17,61 @@ class _EngineCollector:
     def __init__(self, async_engine):
         self.async_engine = async_engine
 
-    def _schedulers(self, engine):
-        if is_deployment(engine):
-            return [inst.scheduler for inst in list(engine.instances)]
-        return [engine.scheduler]
-
     def collect(self):
         engine = self.async_engine.engine
-        schedulers = retry(lambda: self._schedulers(engine))
+        st = engine.status() if is_deployment(engine) else None
+        if st is None:
+            scheduler = engine.scheduler
+            queued = retry(lambda: (len(scheduler.running), len(scheduler.waiting)))
+        else:
+            queued = (sum(i.running for i in st.instances), sum(i.waiting for i in st.instances))
         running = GaugeMetricFamily("kevlarflow_requests_running",
                                     "Requests scheduled in the engine (all instances)")
-        running.add_metric([], retry(lambda: sum(len(s.running) for s in schedulers)))
+        running.add_metric([], queued[0])
         waiting = GaugeMetricFamily("kevlarflow_requests_waiting",
                                     "Requests queued in the engine, not yet scheduled")
-        waiting.add_metric([], retry(lambda: sum(len(s.waiting) for s in schedulers)))
+        waiting.add_metric([], queued[1])
         alive = GaugeMetricFamily("kevlarflow_engine_alive", "1 while the engine loop runs")
         alive.add_metric([], 1.0 if self.async_engine.alive else 0.0)
         yield from (running, waiting, alive)
-        if not is_deployment(engine):
+        if st is None:
             return
-        events = retry(lambda: list(engine.events.events))
+        counts = engine.events.counts()
         faults = CounterMetricFamily("kevlarflow_fault_events",
                                      "Failure and recovery events by kind (the event log)",
                                      labels=["kind"])
         for kind in KINDS:
-            faults.add_metric([kind], sum(1 for e in events if e.kind == kind))
+            faults.add_metric([kind], counts.get(kind, 0))
         yield faults
         failures = CounterMetricFamily("kevlarflow_worker_failures", "Worker failures detected")
-        failures.add_metric([], sum(1 for e in events if e.kind == "detected"))
+        failures.add_metric([], counts.get("detected", 0))
         recoveries = CounterMetricFamily("kevlarflow_recoveries",
                                          "Instances rerouted to a borrowed worker or "
                                          "moved back to a replacement")
-        recoveries.add_metric([], sum(1 for e in events if e.kind in ("rerouted", "rejoined")))
+        recoveries.add_metric([], counts.get("rerouted", 0) + counts.get("rejoined", 0))
         yield failures
         yield recoveries
         serving = GaugeMetricFamily("kevlarflow_instance_serving", "1 while an instance serves",
                                     labels=["instance"])
-        for inst in retry(lambda: list(engine.instances)):
+        for inst in st.instances:
             serving.add_metric([str(inst.index)], 1.0 if inst.serving else 0.0)
-        ready = retry(lambda: set(engine.ready))
         live = GaugeMetricFamily("kevlarflow_worker_live", "1 while a worker slot is live",
                                  labels=["worker"])
-        for name in retry(lambda: list(engine.slot_of)):
-            live.add_metric([name], 1.0 if name in ready else 0.0)
+        for w in st.workers:
+            live.add_metric([w.name], 1.0 if w.live else 0.0)
         yield serving
         yield live
-        yield from _recovery_metrics(engine, events)
+        yield from _recovery_metrics(st)
 
 
-def _recovery_metrics(engine, events):
+def _recovery_metrics(st):
     """MTTR of the last failure and what replication moved and saved."""
     last_mttr = GaugeMetricFamily("kevlarflow_last_mttr_seconds",
                                   "From the last failure until its instance completed a step")
-    stepped = [e for e in events if e.kind == "first_step_after_failure"]
-    if stepped:
-        last = stepped[-1]
-        # From the injected fault if there was one, else from its detection.
-        before = [e for e in events if e.instance == last.instance and e.time <= last.time]
-        start = next((e.time for e in reversed(before) if e.kind == "failed"), None) or \
-            next((e.time for e in reversed(before) if e.kind == "detected"), None)
-        if start is not None:
-            last_mttr.add_metric([], last.time - start)
+    mttrs = recovery_times(st.events)
+    if mttrs:
+        last_mttr.add_metric([], mttrs[-1])
     yield last_mttr
-    stats = retry(lambda: dict(engine.replication.stats))
     for key, name, text in (
             ("bytes_replicated", "kevlarflow_replicated_bytes", "KV bytes acknowledged by backups"),
             ("tokens_recomputed", "kevlarflow_recomputed_tokens",
@@ -87,12 +79,11 @@ def _recovery_metrics(engine, events):
             ("tokens_restored", "kevlarflow_restored_tokens",
              "Tokens of KV kept through failures and moves (survivors and replicas)")):
         counter = CounterMetricFamily(name, text)
-        counter.add_metric([], stats[key])
+        counter.add_metric([], st.stats[key])
         yield counter
-    lags = retry(engine.replication.lag)
     lag = GaugeMetricFamily("kevlarflow_replication_lag_tokens",
                             "Largest replication lag over running requests")
-    lag.add_metric([], max(lags, default=0))
+    lag.add_metric([], max(st.lag_tokens, default=0))
     yield lag
 
 

@@ -1,9 +1,5 @@
-"""What /health and /status report, read from the engine without locking.
-
-The engine is stepped on its own thread (a deployment even when idle: its
-health checks run there), so every read here copies what it needs, and a copy
-that races with the engine thread (a set or dict that changed size while it
-was copied) is simply taken again."""
+"""What /health and /status report: a deployment's typed snapshot
+(DistributedEngine.status()), or the in-process engine's queues."""
 from __future__ import annotations
 
 import time
@@ -12,16 +8,18 @@ LATE_MIN_S = 0.3  # heartbeats later than this (or three intervals) mark a worke
 
 
 def retry(read, attempts: int = 20):
+    """read() again if it raced with the engine thread (a container that
+    changed size while it was copied)."""
     for _ in range(attempts - 1):
         try:
             return read()
-        except (RuntimeError, KeyError, IndexError):  # changed under us: read again
+        except (RuntimeError, KeyError, IndexError):
             time.sleep(0.001)
     return read()
 
 
 def is_deployment(engine) -> bool:
-    return hasattr(engine, "instances")
+    return hasattr(engine, "status")
 
 
 def health(async_engine) -> tuple[bool, dict]:
@@ -37,21 +35,12 @@ def health(async_engine) -> tuple[bool, dict]:
     engine = async_engine.engine
     if not is_deployment(engine):
         return True, {"status": "ok"}
-    late_s = max(3 * engine.config.heartbeat_s, LATE_MIN_S)
-
-    def read():
-        ready = set(engine.ready)
-        now = time.monotonic()
-        silent = sorted(w for w, t in dict(engine.health.last_seen).items() if now - t > late_s)
-        instances = [(inst.index, bool(inst.serving), list(inst.workers), list(inst.home))
-                     for inst in list(engine.instances)]
-        return ready, silent, instances
-
-    ready, silent, instances = retry(read)
-    down = [i for i, serving, _, _ in instances if not serving]
-    borrowing = {i: [w for w in workers if w not in home]
-                 for i, _, workers, home in instances if workers != home}
-    dead = sorted(w for _, _, _, home in instances for w in home if w not in ready)
+    st = engine.status()
+    late_s = max(3 * st.heartbeat_s, LATE_MIN_S)
+    silent = sorted(w.name for w in st.workers if w.silent_s is not None and w.silent_s > late_s)
+    down = [i.index for i in st.instances if not i.serving]
+    borrowing = {i.index: i.borrowed for i in st.instances if i.borrowed}
+    dead = sorted(w.name for w in st.workers if not w.live)
     reasons = []
     if silent:
         reasons.append(f"worker(s) {silent} missed their heartbeats")
@@ -63,7 +52,7 @@ def health(async_engine) -> tuple[bool, dict]:
         reasons.append("instance(s) " + ", ".join(f"{i} borrowing {w}" for i, w in borrowing.items()))
     if silent or down:
         return False, {"status": "unhealthy", "reason": "; ".join(reasons),
-                       "serving": len(down) < len(instances), "instances_down": down,
+                       "serving": len(down) < len(st.instances), "instances_down": down,
                        "workers_silent": silent, "workers_down": dead}
     if reasons:
         return True, {"status": "degraded", "reason": "; ".join(reasons), "workers_down": dead}
@@ -85,32 +74,20 @@ def status(async_engine, model_name: str) -> dict:
         body.update(engine="in-process", running=retry(lambda: len(scheduler.running)),
                     waiting=retry(lambda: len(scheduler.waiting)))
         return body
-
-    def read():
-        ready = set(engine.ready)
-        pids = dict(engine.pid_of)
-        replacing = dict(engine.replacing)
-        workers = {name: {"instance": i, "stage": s, "live": name in ready, "pid": pids.get(name),
-                          "replacements": replacing.get(name, 0)}
-                   for name, (i, s) in dict(engine.slot_of).items()}
-        instances = []
-        for inst in list(engine.instances):
-            current, home = list(inst.workers), list(inst.home)
-            instances.append({"index": inst.index, "serving": bool(inst.serving),
-                              "workers": current, "home": home,
-                              "borrowed": [w for w in current if w not in home],
-                              "requests": len(inst.sequences)})
-        return workers, instances
-
-    workers, instances = retry(read)
-    replication = engine.replication
-    lags = retry(lambda: replication.lag())
-    events = retry(lambda: list(engine.events.events)[-20:])
-    body.update(engine="deployment", num_instances=engine.config.num_instances,
-                pp_size=engine.config.pp_size, recovery=engine.config.recovery,
-                workers=workers, instances=instances,
-                replication={"enabled": replication.enabled, "stats": dict(replication.stats),
-                             "lag": _lag_summary(lags)},
-                recent_events=[{"kind": e.kind, "time": e.time, "worker": e.worker,
-                                "instance": e.instance, "detail": e.detail} for e in events])
+    st = engine.status()
+    body.update(
+        engine="deployment", num_instances=st.num_instances, pp_size=st.pp_size,
+        recovery=st.recovery,
+        workers={w.name: {"instance": w.instance, "stage": w.stage, "live": w.live,
+                          "state": w.state, "pid": w.pid, "replacements": w.replacements,
+                          "blocks_used": w.blocks_used}
+                 for w in st.workers},
+        instances=[{"index": i.index, "phase": i.phase, "serving": i.serving,
+                    "workers": i.workers, "home": i.home, "borrowed": i.borrowed,
+                    "requests": i.requests} for i in st.instances],
+        replication={"enabled": st.replication_enabled, "stats": st.stats,
+                     "lag": _lag_summary(st.lag_tokens),
+                     "replica_blocks_used": st.replica_blocks_used},
+        recent_events=[{"kind": e.kind, "time": e.time, "worker": e.worker,
+                        "instance": e.instance, "detail": e.detail} for e in st.recent_events])
     return body

@@ -106,11 +106,11 @@ def replay(deployment: Deployment, mode: str, trace: list[Request], failures: li
                     rec["finish_reason"] = out.finish_reason
                     bar.update(1)
             if time.monotonic() >= next_lag:
-                lags += engine.replication.lag()
+                lags += engine.status().lag_tokens
                 next_lag = time.monotonic() + LAG_SAMPLE_S
         for seq in seqs:  # requests failed by the engine may end without an output
             records[seq.request_id]["finish_reason"] = seq.finish_reason
-        stats = engine.replication.stats
+        stats = engine.status().stats
         return dict(
             elapsed_s=time.time() - start,
             requests=[records[seq.request_id] for seq in seqs],
