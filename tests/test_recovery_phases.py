@@ -1,0 +1,412 @@
+"""Every transition of recovery's per-instance state machine (ft/phases.py),
+in-process: the real Recovery, Replication, WorkerTable, pipeline instances
+and block pools, driven as the controller drives them, with the controller's
+outward actions (messages, processes) recorded instead of sent. Time is a
+clock of the test's own."""
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from kevlarflow.dist.config import DeploymentConfig
+from kevlarflow.dist.instance import MicroBatch, PipelineInstance
+from kevlarflow.dist.workers import WorkerState, WorkerTable
+from kevlarflow.engine.block_manager import BlockManager
+from kevlarflow.engine.params import SamplingParams
+from kevlarflow.engine.scheduler import ScheduledBatch
+from kevlarflow.engine.sequence import Sequence
+from kevlarflow.ft.events import EventLog
+from kevlarflow.ft.phases import Phase
+from kevlarflow.ft.recovery import Recovery
+from kevlarflow.ft.replication import Replication
+
+BLOCK = 4
+
+
+class Clock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Deployment:
+    """What the controller is to recovery, with its actions recorded."""
+
+    def __init__(self, num_instances=2, pp_size=2, recovery="kevlarflow", replica_blocks=32):
+        self.config = DeploymentConfig(num_instances=num_instances, pp_size=pp_size,
+                                       recovery=recovery, block_size=BLOCK, hang_timeout_s=1.0,
+                                       comm_deadline_s=5.0, replication_interval_s=0.0)
+        self.workers = WorkerTable(num_instances, pp_size)
+        self.events = EventLog()
+        self.sent, self.called_off, self.spawned, self.failed = [], [], [], []
+        self._generations = itertools.count()
+        self.pools: dict[str, BlockManager] = {}
+        replicas = [replica_blocks if recovery == "kevlarflow" else 0] * pp_size
+        self.replication = Replication(self.workers, self.pools, replicas, BLOCK, [64] * pp_size,
+                                       self._send, self._call_off, lambda: next(self._generations))
+        for name in self.workers.names():
+            self.pools[name] = self._pool(name)
+        self.instances = [PipelineInstance(i, [f"w{i}.{s}" for s in range(pp_size)],
+                                           [self.pools[f"w{i}.{s}"] for s in range(pp_size)],
+                                           64, 16, pp_size, on_free=self.replication.forget)
+                          for i in range(num_instances)]
+        self.clock = Clock()
+        self.recovery = Recovery(self, self.clock)
+        self.requests = itertools.count()
+
+    def _pool(self, name):
+        pool = BlockManager(64 + self.replication.replica_blocks[self.workers[name].stage], BLOCK,
+                            pool=name)
+        self.replication.new_pool(name, pool)
+        return pool
+
+    def _send(self, to, type_, /, **fields):
+        self.sent.append((to, type_, fields))
+
+    def _call_off(self, group, generation, members, reason):
+        self.called_off.append((group, generation))
+
+    # The view recovery acts on.
+    def build(self, inst, route):
+        inst.generation = next(self._generations)
+        self.sent += [(w, "build_group", dict(group=inst.group, generation=inst.generation))
+                      for w in route]
+
+    def abort(self, inst, reason):
+        if inst.generation >= 0:
+            self.called_off.append((inst.group, inst.generation))
+            inst.generation = -1
+
+    def fail_requests(self, inst, reason):
+        for seq in list(inst.sequences):
+            seq.finish_reason = "error"
+            self.failed.append(seq.request_id)
+            inst.sequences.discard(seq)
+            inst.scheduler.drop(seq)
+            inst.blocks.free_sequence(seq)
+
+    def discard(self, name):
+        self.workers.vacate(self.workers[name])
+
+    def spawn(self, name):
+        self.workers[name].enter(WorkerState.STARTING)
+        self.spawned.append(name)
+        return True
+
+    # What the controller does on workers' messages.
+    def ready(self, name):
+        record = self.workers[name]
+        self.workers.register(record, name.encode(), 1, "host")
+        record.enter(WorkerState.READY)
+        self.pools[name] = self._pool(name)
+        self.recovery.worker_ready(name)
+
+    def lose(self, name, reason="process exited"):
+        self.recovery.worker_lost(name, reason)
+
+    def connect(self, inst):
+        generation = inst.generation
+        for w in inst.workers:
+            self.recovery.group_ready(inst, generation, w)
+
+    def links_up(self):
+        for link in self.replication.links.values():
+            for w in (link.source, link.backup):
+                self.replication.group_ready(w, link.group, link.generation)
+
+    def start(self):
+        """Every worker ready, every instance serving, every link up."""
+        for name in self.workers.names():
+            self.ready(name)
+        for inst in self.instances:
+            self.connect(inst)
+        self.links_up()
+        assert all(self.phase(i) is Phase.SERVING for i in range(len(self.instances)))
+
+    def phase(self, i):
+        return self.recovery.phase(self.instances[i])
+
+    def add(self, i, prompt_len=6):
+        seq = Sequence(str(next(self.requests)), None, list(range(1, prompt_len + 1)),
+                       SamplingParams(max_tokens=50, ignore_eos=True))
+        self.instances[i].add(seq)
+        return seq
+
+    def step(self, i, ack=True):
+        """One micro-batch of instance i, dispatched and returned, its KV
+        acknowledged by every backup (or not)."""
+        inst = self.instances[i]
+        batch = inst.schedule()
+        step = next(self.requests)
+        for w in inst.workers:
+            self.replication.pairs(w, batch.items, step)
+        for seq, n in batch.items:
+            seq.num_computed_tokens += n
+            if seq.num_computed_tokens == seq.num_tokens:
+                seq.output_token_ids.append(7)
+        if ack:
+            for link in self.replication.links.values():
+                self.replication.acknowledged(dict(group=link.group, generation=link.generation,
+                                                   worker=link.backup, steps=[step]))
+        self.recovery.step_completed(inst)
+
+    def hold_step(self, i):
+        """A micro-batch of instance i in flight that has not come back."""
+        self.instances[i].in_flight[next(self.requests)] = MicroBatch(0, ScheduledBatch(), [])
+
+    def kinds(self):
+        return [e.kind for e in self.events.events]
+
+
+@pytest.fixture
+def d():
+    deployment = Deployment()
+    deployment.start()
+    return deployment
+
+
+def test_start_up_loading_building_serving():
+    d = Deployment()
+    assert d.phase(0) is Phase.LOADING and not d.instances[0].accepting
+    d.ready("w0.0")
+    assert d.phase(0) is Phase.LOADING
+    d.ready("w0.1")
+    assert d.phase(0) is Phase.BUILDING and d.phase(1) is Phase.LOADING
+    inst = d.instances[0]
+    generation = inst.generation
+    d.recovery.group_ready(inst, generation - 1, "w0.0")  # an older generation: ignored
+    d.recovery.group_ready(inst, generation, "w0.0")
+    assert d.phase(0) is Phase.BUILDING and inst.accepting and not inst.serving
+    d.recovery.group_ready(inst, generation, "w0.1")
+    assert d.phase(0) is Phase.SERVING and inst.serving
+
+
+def test_a_failed_build_is_retried_after_a_backoff(d):
+    inst = d.instances[0]
+    d.lose("w1.1")  # instance 1 rebuilds on w0.1
+    inst1 = d.instances[1]
+    generation = inst1.generation
+    d.recovery.group_failed(inst1, generation, "w1.0", "peer failure")
+    assert d.phase(1) is Phase.BUILDING and (inst1.group, generation) in d.called_off
+    assert inst1.generation == -1
+    d.recovery.group_failed(inst1, generation, "w0.1", "peer failure")  # the same failure again
+    d.recovery.tick()
+    assert inst1.generation == -1  # still waiting out the backoff
+    d.clock.now += 0.1
+    d.recovery.tick()
+    assert inst1.generation > generation and inst1.workers == ["w1.0", "w0.1"]
+    d.connect(inst1)
+    assert d.phase(1) is Phase.SERVING and d.phase(0) is Phase.SERVING
+    assert inst.workers == inst.home
+
+
+def test_a_build_past_its_deadline_is_called_off_and_retried(d):
+    inst = d.instances[0]
+    d.recovery.comm_error("w0.0", "peer failure")
+    d.clock.now += 2.1
+    d.recovery.tick()
+    generation = inst.generation
+    assert d.phase(0) is Phase.BUILDING
+    d.clock.now += d.config.comm_deadline_s + 0.1
+    d.recovery.tick()
+    assert (inst.group, generation) in d.called_off
+    d.clock.now += 0.1
+    d.recovery.tick()
+    assert inst.generation > generation
+    d.connect(inst)
+    assert d.phase(0) is Phase.SERVING
+
+
+def test_a_comm_error_pauses_then_rebuilds_the_same_workers(d):
+    inst = d.instances[0]
+    seq = d.add(0)
+    d.step(0)
+    d.recovery.comm_error("w0.1", "peer failure")
+    assert d.phase(0) is Phase.PAUSED and not inst.serving and inst.accepting
+    d.recovery.tick()
+    assert d.phase(0) is Phase.PAUSED
+    d.clock.now += 2.1
+    d.recovery.tick()
+    assert d.phase(0) is Phase.BUILDING and inst.workers == inst.home
+    assert "rerouted" not in d.kinds() and seq.num_computed_tokens == 6  # KV kept
+
+
+def test_a_failure_while_paused_reroutes(d):
+    d.recovery.comm_error("w0.1", "peer failure")
+    d.lose("w0.0")
+    assert d.phase(0) is Phase.BUILDING and d.instances[0].workers == ["w1.0", "w0.1"]
+
+
+def test_a_kill_reroutes_through_the_backup_and_keeps_replicated_kv(d):
+    inst = d.instances[0]
+    seqs = [d.add(0) for _ in range(3)]
+    d.step(0)
+    d.step(0, ack=False)  # the last token's KV is not yet at the backup
+    assert all(s.num_computed_tokens == 7 for s in seqs)
+    d.hold_step(0)  # a step in flight is given up on
+    d.lose("w0.1")
+    assert d.phase(0) is Phase.BUILDING and inst.workers == ["w0.0", "w1.1"]
+    assert not inst.in_flight and d.spawned == ["w0.1"] and d.phase(1) is Phase.SERVING
+    assert all(s.num_computed_tokens == 6 for s in seqs)  # durable: the 6 prompt tokens
+    d.connect(inst)
+    assert d.phase(0) is Phase.SERVING
+    assert d.kinds()[-3:] == ["aborted", "rerouted", "resumed"]
+    d.step(0)
+    assert d.kinds()[-1] == "first_step_after_failure"
+
+
+def test_both_workers_of_a_stage_lost_fails_requests_until_one_joins(d):
+    seq = d.add(0)
+    d.step(0)
+    d.lose("w0.1")
+    assert d.phase(0) is Phase.BUILDING
+    d.lose("w1.1")  # the borrowed worker, while the rebuild is under way
+    assert d.phase(0) is Phase.DOWN and d.phase(1) is Phase.DOWN
+    assert d.failed == [seq.request_id] and not d.instances[0].accepting
+    assert "requests_failed" not in d.kinds()  # the controller records it, not this fake
+    d.ready("w1.1")  # a replacement of w1.1 joins first: both can run on it
+    assert d.phase(0) is Phase.BUILDING and d.instances[0].workers == ["w0.0", "w1.1"]
+    assert d.phase(1) is Phase.BUILDING and d.instances[1].workers == ["w1.0", "w1.1"]
+
+
+def _borrowing(d):
+    """Instance 0 runs on w1.1 after w0.1 died; its replacement is ready."""
+    seqs = [d.add(0) for _ in range(2)]
+    d.step(0)
+    d.lose("w0.1")
+    inst = d.instances[0]
+    d.connect(inst)
+    d.step(0)
+    d.ready("w0.1")
+    d.links_up()  # the ring now has w1.1 -> w0.1
+    return inst, seqs
+
+
+def test_a_rejoin_catches_up_drains_and_moves_without_recompute(d):
+    inst, seqs = _borrowing(d)
+    assert d.phase(0) is Phase.CATCHING_UP and inst.serving
+    d.step(0)  # the first copy of its KV reaches w0.1
+    d.recovery.tick()
+    assert d.phase(0) is Phase.DRAINING and not inst.serving and inst.accepting
+    d.hold_step(0)
+    d.recovery.tick()
+    assert d.phase(0) is Phase.DRAINING  # a step still in flight
+    inst.in_flight.clear()
+    d.recovery.tick()
+    assert d.phase(0) is Phase.BUILDING and inst.workers == inst.home
+    rejoined = d.events.of("rejoined")[-1]
+    assert rejoined.detail == "2 requests keep 16 tokens of KV, recompute 0"
+    assert all(s.num_computed_tokens == 8 for s in seqs)
+
+
+def test_a_replacement_lost_while_catching_up_keeps_the_borrowed_worker(d):
+    inst, _ = _borrowing(d)
+    assert d.phase(0) is Phase.CATCHING_UP
+    d.lose("w0.1")
+    assert d.phase(0) is Phase.SERVING and inst.workers == ["w0.0", "w1.1"]
+    assert d.spawned == ["w0.1", "w0.1"]
+
+
+def test_the_borrowed_worker_lost_while_draining_moves_home_from_replicas(d):
+    inst, seqs = _borrowing(d)
+    d.step(0)
+    d.recovery.tick()
+    assert d.phase(0) is Phase.DRAINING
+    d.lose("w1.1")
+    assert d.phase(0) is Phase.BUILDING and inst.workers == inst.home
+    assert d.events.of("rejoined")[-1].detail.endswith("recompute 0")
+    assert d.phase(1) is Phase.BUILDING and d.instances[1].workers == ["w1.0", "w0.1"]
+
+
+def test_a_drain_past_its_deadline_moves_and_says_why(d):
+    inst, _ = _borrowing(d)
+    d.step(0)
+    d.step(0, ack=False)  # its KV never arrives
+    d.recovery.tick()
+    assert d.phase(0) is Phase.DRAINING
+    d.recovery.tick()
+    assert d.phase(0) is Phase.DRAINING
+    d.clock.now += 60
+    d.recovery.tick()
+    assert d.phase(0) is Phase.BUILDING and inst.workers == inst.home
+    assert d.events.of("rejoined")[-1].detail == (
+        "2 requests keep 16 tokens of KV, recompute 2: the copy deadline passed with 2 tokens "
+        "not yet at its own workers")
+
+
+def test_without_a_link_the_rejoin_recomputes_and_says_why():
+    d = Deployment(replica_blocks=0)
+    d.start()
+    inst, seqs = _borrowing(d)
+    assert d.phase(0) is Phase.BUILDING and inst.workers == inst.home
+    detail = d.events.of("rejoined")[-1].detail
+    assert detail == "2 requests keep 0 tokens of KV, recompute 14: no replication link to its " \
+                     "own worker", detail
+
+
+def test_restart_baseline_replaces_the_whole_instance():
+    d = Deployment(recovery="restart")
+    d.start()
+    seq = d.add(0)
+    d.step(0)
+    d.lose("w0.1")
+    assert d.phase(0) is Phase.RESTARTING and not d.instances[0].accepting
+    assert sorted(d.spawned) == ["w0.0", "w0.1"] and seq.num_computed_tokens == 0
+    assert d.workers["w0.0"].state is WorkerState.STARTING
+    d.workers.register(d.workers["w0.0"], b"x", 2, "host")
+    d.lose("w0.0")  # a replacement dies while it loads
+    assert d.phase(0) is Phase.RESTARTING and d.spawned.count("w0.0") == 1  # after its backoff
+    d.clock.now += 1
+    d.recovery.tick()
+    assert d.spawned.count("w0.0") == 2
+    d.ready("w0.0")
+    d.ready("w0.1")
+    assert d.phase(0) is Phase.BUILDING and d.kinds()[-1] == "rejoined"
+
+
+def test_faults_in_two_instances_at_once(d):
+    d.add(0), d.add(1)
+    d.step(0), d.step(1)
+    d.lose("w0.0")
+    d.lose("w1.1")
+    assert d.instances[0].workers == ["w1.0", "w0.1"]
+    assert d.instances[1].workers == ["w1.0", "w0.1"]
+    assert d.phase(0) is Phase.BUILDING and d.phase(1) is Phase.BUILDING
+    for inst in d.instances:
+        d.connect(inst)
+    assert d.phase(0) is Phase.SERVING and d.phase(1) is Phase.SERVING
+
+
+def test_a_replacement_that_dies_loading_is_replaced_with_backoff(d):
+    d.lose("w0.1")
+    d.connect(d.instances[0])
+    record = d.workers["w0.1"]
+    d.workers.register(record, b"x", 2, "host")  # registered, loading
+    d.lose("w0.1", "no heartbeat")
+    assert d.phase(0) is Phase.SERVING and d.spawned == ["w0.1"]
+    d.clock.now += 0.5
+    d.recovery.tick()
+    assert d.spawned == ["w0.1", "w0.1"]
+    d.recovery.replacement_died("w0.1", "exited with code 1")  # before registering
+    d.clock.now += 0.5
+    d.recovery.tick()
+    assert d.spawned == ["w0.1", "w0.1"]  # the third waits 1 s
+    d.clock.now += 0.6
+    d.recovery.tick()
+    assert d.spawned == ["w0.1"] * 3
+    d.ready("w0.1")
+    assert not d.recovery.replacements.pending()
+
+
+def test_a_fault_during_a_build_calls_the_build_off(d):
+    d.lose("w0.1")
+    inst = d.instances[0]
+    generation = inst.generation
+    d.lose("w0.0")  # a member of the build under way
+    assert (inst.group, generation) in d.called_off
+    assert d.phase(0) is Phase.BUILDING and inst.workers == ["w1.0", "w1.1"]
+    d.recovery.group_ready(inst, generation, "w1.1")  # the old build's late ack: ignored
+    assert d.recovery.states[0].acks == set()
