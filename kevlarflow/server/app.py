@@ -190,6 +190,8 @@ def build_app(engine, model_name: str, *, api_key: str | None = None,
                           "logprobs": completion_logprobs(out.logprobs, token_text)
                           if out.logprobs is not None else None,
                           "finish_reason": out.finish_reason}
+            if req.return_token_ids:
+                choice["token_ids"] = list(out.token_ids)
             body_choices.append(choice)
         count(path, "ok")
         return {"id": request_id, "object": "chat.completion" if chat else "text_completion",
@@ -217,13 +219,18 @@ def build_app(engine, model_name: str, *, api_key: str | None = None,
                     lps = chat_logprobs(new, token_text) if chat else \
                         completion_logprobs(new, token_text)
             reason = out.finish_reason if out.finished else None
-            if not (out.new_text or reason or lps):
+            ids = req.return_token_ids and out.new_token_ids
+            if not (out.new_text or reason or lps or ids):
                 return None
             if chat:
                 d = {"content": out.new_text} if out.new_text else {}
-                return chunk({"index": index, "delta": d, "logprobs": lps, "finish_reason": reason})
-            return chunk({"index": index, "text": out.new_text, "logprobs": lps,
-                          "finish_reason": reason})
+                choice = {"index": index, "delta": d, "logprobs": lps, "finish_reason": reason}
+            else:
+                choice = {"index": index, "text": out.new_text, "logprobs": lps,
+                          "finish_reason": reason}
+            if req.return_token_ids:
+                choice["token_ids"] = list(out.new_token_ids)
+            return chunk(choice)
 
         outcome = "aborted"
         try:

@@ -55,6 +55,8 @@ class _SamplingFields(_Model):
     ignore_eos: bool = False
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # Each choice (each streamed chunk) also carries the ids of its tokens.
+    return_token_ids: bool = False
     user: Optional[str] = None
     # Accepted at their neutral value only.
     best_of: Optional[int] = None
