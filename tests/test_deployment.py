@@ -1,6 +1,8 @@
 """Deployments of real worker processes on loopback: pipeline outputs equal
 the single-process engine's, instances share the load, nothing is orphaned."""
 
+import time
+
 import psutil
 import pytest
 
@@ -94,6 +96,40 @@ def test_logprobs_and_streaming_through_a_pipeline():
     for a, b in zip(remote, local.logprobs):
         assert a.logprob == pytest.approx(b.logprob, abs=1e-4)
         assert [i for i, _ in a.top] == [i for i, _ in b.top]
+
+
+def test_a_stream_closed_early_aborts_its_request_and_the_engine_goes_on():
+    """A client that goes away mid-stream aborts its request (the server
+    does this on a disconnect); the deployment frees its KV and serves on."""
+    import asyncio
+
+    from kevlarflow import AsyncEngine
+    from kevlarflow.dist.engine import DeploymentConfig
+
+    params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+    engine = AsyncEngine(tiny_model(), DeploymentConfig(num_instances=2, pp_size=2,
+                                                        **ENGINE_ARGS))
+    try:
+        async def leave_early():
+            stream = engine.generate("goodbye", params)
+            async for out in stream:
+                if len(out.token_ids) >= 3:
+                    break
+            await stream.aclose()
+
+        async def complete():
+            return [out async for out in engine.generate("still served", params)][-1]
+
+        asyncio.run(leave_early())
+        last = asyncio.run(complete())
+        assert engine.alive and last.finish_reason == "length" and len(last.token_ids) == 40
+        deployment = engine.engine
+        deadline = time.monotonic() + 10
+        while deployment.has_unfinished() or any(w.blocks_used for w in deployment.status().workers):
+            assert time.monotonic() < deadline, "the aborted request kept its KV"
+            time.sleep(0.05)
+    finally:
+        engine.shutdown()
 
 
 def test_a_worker_that_cannot_start_fails_the_deployment_at_once(tmp_path):

@@ -75,7 +75,7 @@ class Deployment:
         self.sent += [(w, "build_group", dict(group=inst.group, generation=inst.generation))
                       for w in route]
 
-    def abort(self, inst, reason):
+    def abort_generation(self, inst, reason):
         if inst.generation >= 0:
             self.called_off.append((inst.group, inst.generation))
             inst.generation = -1

@@ -155,7 +155,7 @@ class DistributedEngine(RequestFrontend):
             self.send(w, "build_group", group=inst.group, members=route,
                       generation=inst.generation)
 
-    def abort(self, inst: PipelineInstance, reason: str) -> None:
+    def abort_generation(self, inst: PipelineInstance, reason: str) -> None:
         """Through the heartbeat sockets, so that a worker blocked in an op of
         the group wakes at once; and in the store, so that a build of it
         still under way gives up wherever it runs."""

@@ -7,8 +7,9 @@ sleeps on a condition variable when idle: no busy waiting."""
 from __future__ import annotations
 
 import asyncio
-import os
 import itertools
+import logging
+import os
 import threading
 from collections import deque
 from typing import AsyncIterator
@@ -17,6 +18,8 @@ from kevlarflow.engine.llm_engine import EngineConfig, LLMEngine
 from kevlarflow.engine.outputs import RequestOutput
 from kevlarflow.engine.params import SamplingParams
 from kevlarflow.ft.router import NoInstanceServing
+
+log = logging.getLogger("kevlarflow.engine")
 
 
 class EngineDeadError(RuntimeError):
@@ -122,6 +125,7 @@ class AsyncEngine:
                     for out in self.engine.step():
                         self._deliver(out.request_id, out)
         except BaseException as error:  # noqa: BLE001  (reported to every caller)
+            log.exception("the engine loop stopped")
             self._error = error
         finally:
             reason = self._error or EngineDeadError("the engine was shut down")

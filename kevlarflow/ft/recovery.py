@@ -55,7 +55,7 @@ class DeploymentView(Protocol):
     def build(self, inst, route: list[str]) -> None:
         """A new generation of inst's communicator over route (inst.workers)."""
 
-    def abort(self, inst, reason: str) -> None:
+    def abort_generation(self, inst, reason: str) -> None:
         """Stop inst's current generation, built or being built, everywhere."""
 
     def fail_requests(self, inst, reason: str) -> None:
@@ -246,7 +246,7 @@ class Recovery:
         st = self.states[inst.index]
         log.warning("instance %d: building generation %d failed (%s); retrying", inst.index,
                     inst.generation, why)
-        self.d.abort(inst, f"build failed: {why}")
+        self.d.abort_generation(inst, f"build failed: {why}")
         st.build_failures += 1
         st.retry_at = self.clock() + min(MAX_BUILD_BACKOFF_S,
                                              0.1 * 2 ** (st.build_failures - 1))
@@ -259,7 +259,7 @@ class Recovery:
         if failure and st.failed_at is None:
             st.failed_at = time.time()
         if inst.generation >= 0 or self.phase(inst) is Phase.BUILDING:
-            self.d.abort(inst, reason)
+            self.d.abort_generation(inst, reason)
             self.d.events.record("aborted", instance=inst.index, detail=reason)
         inst.abandon_in_flight()
         workers = self.d.workers
@@ -295,7 +295,7 @@ class Recovery:
         if st.failed_at is None:
             st.failed_at = time.time()
         if inst.generation >= 0 or self.phase(inst) is Phase.BUILDING:
-            self.d.abort(inst, reason)
+            self.d.abort_generation(inst, reason)
         self.d.events.record("aborted", instance=inst.index, detail=reason)
         self.stats.tokens_recomputed += sum(seq.num_computed_tokens for seq in inst.running())
         inst.preempt_all()
@@ -343,7 +343,7 @@ class Recovery:
         """Move inst back to its own workers; at each stage it borrowed, its
         own worker takes over its replicas of the borrowed one."""
         returning = [own for own, now in zip(inst.home, inst.workers) if own != now]
-        self.d.abort(inst, f"{', '.join(returning)} rejoins")
+        self.d.abort_generation(inst, f"{', '.join(returning)} rejoins")
         inst.abandon_in_flight()
         move = self._move(inst, inst.home)
         self._build(inst, inst.home)
