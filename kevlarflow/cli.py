@@ -64,11 +64,11 @@ def _add_demo(subparsers) -> None:
 BENCHMARKS = {"kernels": "kevlarflow.bench.kernels", "throughput": "kevlarflow.bench.throughput",
               "pipeline": "kevlarflow.bench.pipeline", "comm": "kevlarflow.bench.comm",
               "failover": "kevlarflow.bench.failover", "serve": "kevlarflow.bench.serve",
-              "simulate": "kevlarflow.bench.simulate"}
+              "simulate": "kevlarflow.bench.simulate", "chaos": "kevlarflow.bench.chaos"}
 
 
 def _add_bench(subparsers) -> None:
-    parser = subparsers.add_parser("bench", help="run a benchmark (kernels, throughput, pipeline, comm, failover, serve, simulate)")
+    parser = subparsers.add_parser("bench", help="run a benchmark (kernels, throughput, pipeline, comm, failover, serve, simulate, chaos)")
     parser.add_argument("benchmark", choices=sorted(BENCHMARKS))
     parser.add_argument("args", nargs=argparse.REMAINDER, help="the benchmark's own options")
 

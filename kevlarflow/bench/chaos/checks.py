@@ -1,0 +1,155 @@
+"""The invariants a chaos run must keep, each checked from what the run
+recorded: the clients' streams, the /status samples, the resource samples
+and how the server stopped.
+
+    outputs        every completed request streamed exactly the failure-free
+                   greedy tokens: none missing, none twice, none different
+    failures       a request fails only while some stage has no live worker
+                   (the deployment cannot serve it then), with a clear error;
+                   never a timeout
+    no_503         no request refused while every stage had a live worker
+    recovered      every instance serving again within `recovery_s` of the
+                   last fault (and back on its own workers eventually)
+    end_state      /health "ok" at the end, every slot on its own worker
+    idle_pools     no KV block in use once the last request ended
+    clean_stop     SIGTERM stops the server within its grace, with no
+                   traceback in its log, and no process of it outlives it
+    no_leaks       threads and file descriptors of the controller and of
+                   the workers back where they were when the run started
+    memory         the controller's memory does not grow with the run
+"""
+from __future__ import annotations
+
+import signal
+import statistics
+
+COVER_SLACK_S = 2.0       # a failure's moment against the nearest status samples
+THREAD_SLACK = 2
+FD_SLACK = 8
+MEMORY_SLACK_MB = 64.0
+
+
+def _check(ok: bool, value, detail: str = "") -> dict:
+    return dict(ok=bool(ok), value=value, detail=detail)
+
+
+def _uncovered(samples: list[dict], t: float) -> bool:
+    """Some stage had no live worker around time t."""
+    return any(not s["every_stage_live"] for s in samples
+               if t - COVER_SLACK_S <= s["t_s"] <= t + COVER_SLACK_S / 4)
+
+
+def outputs(records, expected: dict) -> dict:
+    done = [r for r in records if r.ok]
+    wrong = [r for r in done if r.token_ids != expected[(tuple(r.prompt), r.max_tokens)]]
+    miscounted = [r for r in wrong if len(r.token_ids) != r.max_tokens]
+    detail = ""
+    if wrong:
+        r = wrong[0]
+        want = expected[(tuple(r.prompt), r.max_tokens)]
+        at = next((k for k, (a, b) in enumerate(zip(r.token_ids, want)) if a != b),
+                  min(len(r.token_ids), len(want)))
+        detail = (f"{len(wrong)} of {len(done)} differ ({len(miscounted)} with a token missing "
+                  f"or repeated); e.g. client {r.client} at {r.start_s:.1f} s from token {at}")
+    return _check(not wrong and done, dict(completed=len(done), wrong=len(wrong),
+                                           missing_or_repeated=len(miscounted)), detail)
+
+
+# The server's words for "no live worker could take it": the only failures
+# a deployment that lost a whole stage may give.
+EXCUSES = ("a worker failure left no instance to finish it", "no pipeline instance is serving")
+
+
+def failures(records, samples) -> dict:
+    failed = [r for r in records if not r.ok]
+    unexcused = [r for r in failed if not any(e in r.error for e in EXCUSES)
+                 or not _uncovered(samples, r.end_s)]
+    detail = f"e.g. {unexcused[0].error[:160]!r} at {unexcused[0].end_s:.1f} s" if unexcused else ""
+    return _check(not unexcused, dict(failed=len(failed), unexcused=len(unexcused)), detail)
+
+
+def no_503(records, samples) -> dict:
+    refused = [r for r in records if r.status == 503 and not _uncovered(samples, r.end_s)]
+    return _check(not refused, len(refused),
+                  f"first at {refused[0].end_s:.1f} s" if refused else "")
+
+
+def _settled_after(samples, last: float, good) -> float | None:
+    """Seconds from `last` until the samples after it are good for good:
+    0 if none after it is bad; None if the last one is bad."""
+    after = [s for s in samples if s["t_s"] >= last]
+    bad = [k for k, s in enumerate(after) if not good(s)]
+    if not bad:
+        return 0.0
+    if bad[-1] + 1 >= len(after):
+        return None
+    return after[bad[-1] + 1]["t_s"] - last
+
+
+def recovered(samples, faults, events, limit_s: float) -> dict:
+    """From the last fault until every instance serves again (the later of
+    the last gap in the status samples and the last "resumed" event after
+    it), and until every slot is back on its own worker."""
+    injected = [f.t_s for f in faults if f.injected]
+    if not injected:
+        return _check(False, None, "no fault was injected")
+    last = max(injected)
+    serving = _settled_after(samples, last, lambda s: all(s["serving"]))
+    resumed = [e["t_s"] - last for e in events if e["kind"] == "resumed" and e["t_s"] >= last]
+    if serving is not None and resumed:
+        serving = max(serving, max(resumed))
+    home = _settled_after(samples, last, lambda s: all(s["serving"]) and all(s["home"]) and all(
+        v == "ready" for v in s["states"].values()))
+    ok = serving is not None and serving <= limit_s and home is not None
+    return _check(ok, dict(all_serving_s=serving, all_home_s=home),
+                  f"target: all serving within {limit_s:g} s of the last fault")
+
+
+def end_state(final: dict, health: tuple[int, dict]) -> dict:
+    code, body = health
+    home = all(final["home"]) and all(v == "ready" for v in final["states"].values())
+    ok = code == 200 and body.get("status") == "ok" and home
+    return _check(ok, dict(health=body.get("status"), every_slot_home=home),
+                  body.get("reason", ""))
+
+
+def idle_pools(final: dict) -> dict:
+    value = dict(requests=final["requests"], blocks_used=final["blocks_used"],
+                 replica_blocks_used=final["replica_blocks_used"])
+    return _check(not any(value.values()), value)
+
+
+def clean_stop(stopped: dict, grace_s: float) -> dict:
+    """uvicorn ends a graceful shutdown by raising the signal it caught again,
+    so a server stopped by SIGTERM exits "by SIGTERM" (-15) once it is done."""
+    ok = stopped["exit_code"] in (0, -signal.SIGTERM) and stopped["stop_s"] <= grace_s \
+        and not stopped["orphans"] and not stopped["tracebacks"]
+    return _check(ok, stopped)
+
+
+def no_leaks(start, end) -> dict:
+    """start, end: Usage samples taken idle, every slot on its own worker."""
+    if start is None or end is None:
+        return _check(False, None, "no resource sample")
+    worker_start = max(start.workers.values(), default=(0, 0))
+    worker_end = max(end.workers.values(), default=(0, 0))
+    value = dict(controller_threads=[start.threads, end.threads],
+                 controller_fds=[start.fds, end.fds],
+                 worker_threads_max=[worker_start[0], worker_end[0]],
+                 worker_fds_max=[worker_start[1], worker_end[1]])
+    ok = end.threads <= start.threads + THREAD_SLACK and end.fds <= start.fds + FD_SLACK and \
+        worker_end[0] <= worker_start[0] + THREAD_SLACK and \
+        worker_end[1] <= worker_start[1] + FD_SLACK
+    return _check(ok, value, "[at the start, at the end]")
+
+
+def memory(usage) -> dict:
+    rss = [u.rss_mb for u in usage]
+    if len(rss) < 10:
+        return _check(False, None, "too few samples")
+    early = max(rss[len(rss) // 10: len(rss) * 4 // 10])
+    late = statistics.median(rss[len(rss) * 8 // 10:])
+    return _check(late <= early + MEMORY_SLACK_MB,
+                  dict(early_peak_mb=round(early, 1), late_median_mb=round(late, 1),
+                       peak_mb=round(max(rss), 1)),
+                  f"late median within {MEMORY_SLACK_MB:g} MB of the early peak")
