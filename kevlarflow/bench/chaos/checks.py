@@ -3,7 +3,8 @@ recorded: the clients' streams, the /status samples, the resource samples
 and how the server stopped.
 
     outputs        every completed request streamed exactly the failure-free
-                   greedy tokens: none missing, none twice, none different
+                   greedy tokens (none missing, none twice, none different),
+                   but where the reference itself had a near-tie
     failures       a request fails only while some stage has no live worker
                    (the deployment cannot serve it then), with a clear error;
                    never a timeout
@@ -23,7 +24,7 @@ from __future__ import annotations
 import signal
 import statistics
 
-COVER_SLACK_S = 2.0       # a failure's moment against the nearest status samples
+COVER_SLACK_S = 0.5       # between the controller failing a request and its client seeing it
 THREAD_SLACK = 2
 FD_SLACK = 8
 MEMORY_SLACK_MB = 64.0
@@ -33,26 +34,64 @@ def _check(ok: bool, value, detail: str = "") -> dict:
     return dict(ok=bool(ok), value=value, detail=detail)
 
 
-def _uncovered(samples: list[dict], t: float) -> bool:
-    """Some stage had no live worker around time t."""
-    return any(not s["every_stage_live"] for s in samples
-               if t - COVER_SLACK_S <= s["t_s"] <= t + COVER_SLACK_S / 4)
+def uncovered(samples: list[dict], events: list[dict]) -> list[tuple[float, float]]:
+    """The periods when some stage had no live worker: status samples that
+    say so, and, for periods too short for the samples, the controller's own
+    word: from an instance's requests failing for want of a live worker to
+    its next "resumed"."""
+    periods = [(a["t_s"], b["t_s"]) for a, b in zip(samples, samples[1:])
+               if not a["every_stage_live"]]
+    for k, e in enumerate(events):
+        if e["kind"] == "requests_failed" and "no live worker" in e["detail"]:
+            end = next((f["t_s"] for f in events[k:] if f["kind"] == "resumed"
+                        and f["instance"] == e["instance"]), e["t_s"])
+            periods.append((e["t_s"], end))
+    return periods
 
 
-def outputs(records, expected: dict) -> dict:
+def _during(periods, t: float) -> bool:
+    return any(a - COVER_SLACK_S <= t <= b + COVER_SLACK_S for a, b in periods)
+
+
+def first_difference(got: list[int], want: list[int]) -> int | None:
+    if got == want:
+        return None
+    return next((k for k, (a, b) in enumerate(zip(got, want)) if a != b),
+                min(len(got), len(want)))
+
+
+def outputs(records, expected: dict, near_tie: float) -> dict:
+    """Each completed stream against the failure-free output. A stream may
+    part from it only where the reference's top choice was a near-tie (the
+    streamed token's logprob within near_tie of the best): forward passes
+    in other batches round differently, so which of two equal tokens wins
+    is not a property of recovery. Anything else is wrong."""
     done = [r for r in records if r.ok]
-    wrong = [r for r in done if r.token_ids != expected[(tuple(r.prompt), r.max_tokens)]]
-    miscounted = [r for r in wrong if len(r.token_ids) != r.max_tokens]
+    wrong, tied, miscounted = [], [], []
+    for r in done:
+        want, tops = expected[(tuple(r.prompt), r.max_tokens)]
+        k = first_difference(r.token_ids, want)
+        if k is None:
+            continue
+        miss = len(r.token_ids) != r.max_tokens
+        if miss:
+            miscounted.append(r)
+        top = dict(tops[k]) if k < len(tops) and k < len(r.token_ids) else {}
+        best = max(top.values(), default=None)
+        served = top.get(r.token_ids[k]) if k < len(r.token_ids) else None
+        if miss or served is None or best - served > near_tie:
+            wrong.append((r, k))
+        else:
+            tied.append(r)
     detail = ""
     if wrong:
-        r = wrong[0]
-        want = expected[(tuple(r.prompt), r.max_tokens)]
-        at = next((k for k, (a, b) in enumerate(zip(r.token_ids, want)) if a != b),
-                  min(len(r.token_ids), len(want)))
+        r, k = wrong[0]
         detail = (f"{len(wrong)} of {len(done)} differ ({len(miscounted)} with a token missing "
-                  f"or repeated); e.g. client {r.client} at {r.start_s:.1f} s from token {at}")
-    return _check(not wrong and done, dict(completed=len(done), wrong=len(wrong),
-                                           missing_or_repeated=len(miscounted)), detail)
+                  f"or repeated); e.g. client {r.client} at {r.start_s:.1f} s from token {k}")
+    value = dict(completed=len(done), exact=len(done) - len(wrong) - len(tied),
+                 parted_at_a_near_tie=len(tied), wrong=len(wrong),
+                 missing_or_repeated=len(miscounted))
+    return _check(not wrong and done, value, detail)
 
 
 # The server's words for "no live worker could take it": the only failures
@@ -60,16 +99,16 @@ def outputs(records, expected: dict) -> dict:
 EXCUSES = ("a worker failure left no instance to finish it", "no pipeline instance is serving")
 
 
-def failures(records, samples) -> dict:
+def failures(records, periods) -> dict:
     failed = [r for r in records if not r.ok]
     unexcused = [r for r in failed if not any(e in r.error for e in EXCUSES)
-                 or not _uncovered(samples, r.end_s)]
+                 or not _during(periods, r.end_s)]
     detail = f"e.g. {unexcused[0].error[:160]!r} at {unexcused[0].end_s:.1f} s" if unexcused else ""
     return _check(not unexcused, dict(failed=len(failed), unexcused=len(unexcused)), detail)
 
 
-def no_503(records, samples) -> dict:
-    refused = [r for r in records if r.status == 503 and not _uncovered(samples, r.end_s)]
+def no_503(records, periods) -> dict:
+    refused = [r for r in records if r.status == 503 and not _during(periods, r.end_s)]
     return _check(not refused, len(refused),
                   f"first at {refused[0].end_s:.1f} s" if refused else "")
 

@@ -16,6 +16,10 @@ from kevlarflow.bench.chaos.report import plot, summary
 from kevlarflow.bench.chaos.server import Server
 
 SETTLE_S = 90.0        # for the deployment to be idle and home again after the load
+TOP = 5                # reference logprobs kept per position (near-ties)
+# How close two logprobs are for a near-tie: rounding differences of forward
+# passes in different batches, per dtype.
+NEAR_TIE = {"float32": 1e-3, "float16": 1e-2, "bfloat16": 0.0625}
 RESOURCES_S = 40.0     # then for abandoned builds to run out (their deadline is 30 s)
 
 
@@ -41,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recovery-target", type=float, default=5.0, help="seconds from the last "
                    "fault to every instance serving")
     p.add_argument("--hang-timeout", type=float, default=1.0)
+    p.add_argument("--dtype", default="float32", choices=sorted(NEAR_TIE),
+                   help="of the deployment and of the reference (float32: a random-weight "
+                        "checkpoint in 16 bits has exact ties everywhere)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--serve-arg", action="append", default=[],
                    help="one more option for `kevlarflow serve` (repeatable)")
@@ -73,7 +80,8 @@ def main(argv: list[str] | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     load = Load(args.clients, args.think, args.prompt_len, args.output_len,
                 ModelConfig.from_pretrained(model).vocab_size, seed=args.seed)
-    serve_args = ["--hang-timeout", str(args.hang_timeout), *args.serve_arg]
+    serve_args = ["--hang-timeout", str(args.hang_timeout), "--dtype", args.dtype,
+                  *args.serve_arg]
     print(f"starting kevlarflow serve {model} ({args.instances} x {args.pp}); its log: "
           f"{out / 'server.log'}", flush=True)
     server = Server(model, args.instances, args.pp, serve_args, out / "server.log")
@@ -82,7 +90,7 @@ def main(argv: list[str] | None = None) -> dict:
         run = asyncio.run(_drive(args, server, load))
     finally:
         stopped = server.stop(grace_s=15.0)
-    expected = references(model, run["records"])
+    expected = references(model, args.dtype, run["records"])
     result = _result(args, model, load, run, stopped, expected)
     (out / "chaos.json").write_text(json.dumps(result, indent=1))
     plot(result, out / "chaos-timeline.png")
@@ -187,29 +195,32 @@ async def _resources_back(server: Server, start, t0: float):
         await asyncio.sleep(1.0)
 
 
-def references(model: str, records: list[RequestRecord]) -> dict:
+def references(model: str, dtype: str, records: list[RequestRecord]) -> dict:
     """The failure-free greedy tokens of every request sent, from the
-    in-process engine."""
+    in-process engine, with the top choices at each position."""
     from kevlarflow import LLM, SamplingParams
 
     wanted = sorted({(tuple(r.prompt), r.max_tokens) for r in records})
     if not wanted:
         return {}
     print(f"computing the failure-free outputs of {len(wanted)} requests", flush=True)
-    with LLM(model, load_progress=False) as llm:
+    with LLM(model, load_progress=False, dtype=dtype) as llm:
         outs = llm.generate([list(p) for p, _ in wanted],
-                            [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
+                            [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True,
+                                            logprobs=TOP)
                              for _, n in wanted])
-    return {key: out.token_ids for key, out in zip(wanted, outs)}
+    return {key: (out.token_ids, [lp.top for lp in out.logprobs])
+            for key, out in zip(wanted, outs)}
 
 
 def _result(args, model, load, run, stopped, expected) -> dict:
     records = run["records"]
     samples = run["samples"]
+    periods = checks.uncovered(samples, run["events"])
     result_checks = {
-        "outputs": checks.outputs(records, expected),
-        "failures": checks.failures(records, samples),
-        "no_503": checks.no_503(records, samples),
+        "outputs": checks.outputs(records, expected, NEAR_TIE[args.dtype]),
+        "failures": checks.failures(records, periods),
+        "no_503": checks.no_503(records, periods),
         "recovered": checks.recovered(samples, run["faults"], run["events"],
                                       args.recovery_target),
         "end_state": checks.end_state(run["final"], run["health"]),
@@ -222,7 +233,8 @@ def _result(args, model, load, run, stopped, expected) -> dict:
                   pp=args.pp, duration_s=args.duration, fault_every_s=args.fault_every,
                   kinds=args.kinds, clients=args.clients, think_s=args.think,
                   prompt_len=load.prompt_len, output_len=load.output_len, seed=args.seed,
-                  hang_timeout_s=args.hang_timeout, serve_args=args.serve_arg,
+                  hang_timeout_s=args.hang_timeout, dtype=args.dtype,
+                  serve_args=args.serve_arg,
                   recovery_target_s=args.recovery_target, cpu_count=os.cpu_count())
     result = dict(
         config=config, ok=all(c["ok"] for c in result_checks.values()), checks=result_checks,

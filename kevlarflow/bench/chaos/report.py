@@ -24,6 +24,11 @@ def summary(result: dict) -> str:
     kinds = {k: sum(f["kind"] == k for f in injected) for k in ("kill", "hang")}
     lines.append(f"faults: {len(injected)} injected ({kinds['kill']} kills, {kinds['hang']} "
                  f"hangs); by scenario: " + ", ".join(f"{s} {n}" for s, n in sorted(by.items())))
+    rejoins = [e for e in result["events"] if e["kind"] == "rejoined"
+               and "restarted" not in e["detail"]]
+    recomputing = [e for e in rejoins if not e["detail"].split(":")[0].endswith("recompute 0")]
+    lines.append(f"moves back to a replacement: {len(rejoins)}, {len(recomputing)} of them "
+                 "recomputing" + "".join(f"; {e['detail']}" for e in recomputing[:3]))
     r = result["requests"]
     lines.append(f"requests: {r['sent']} sent, {r['completed']} completed, {r['failed']} failed; "
                  f"{r['tokens']} tokens streamed")
