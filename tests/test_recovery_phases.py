@@ -205,7 +205,7 @@ def test_a_failed_build_is_retried_after_a_backoff(d):
 
 def test_a_build_past_its_deadline_is_called_off_and_retried(d):
     inst = d.instances[0]
-    d.recovery.comm_error("w0.0", "peer failure")
+    d.recovery.comm_error(inst, "w0.0", "peer failure")
     d.clock.now += 2.1
     d.recovery.tick()
     generation = inst.generation
@@ -224,7 +224,7 @@ def test_a_comm_error_pauses_then_rebuilds_the_same_workers(d):
     inst = d.instances[0]
     seq = d.add(0)
     d.step(0)
-    d.recovery.comm_error("w0.1", "peer failure")
+    d.recovery.comm_error(inst, "w0.1", "peer failure")
     assert d.phase(0) is Phase.PAUSED and not inst.serving and inst.accepting
     d.recovery.tick()
     assert d.phase(0) is Phase.PAUSED
@@ -235,7 +235,7 @@ def test_a_comm_error_pauses_then_rebuilds_the_same_workers(d):
 
 
 def test_a_failure_while_paused_reroutes(d):
-    d.recovery.comm_error("w0.1", "peer failure")
+    d.recovery.comm_error(d.instances[0], "w0.1", "peer failure")
     d.lose("w0.0")
     assert d.phase(0) is Phase.BUILDING and d.instances[0].workers == ["w1.0", "w0.1"]
 
@@ -365,6 +365,15 @@ def test_restart_baseline_replaces_the_whole_instance():
     d.ready("w0.0")
     d.ready("w0.1")
     assert d.phase(0) is Phase.BUILDING and d.kinds()[-1] == "rejoined"
+
+
+def test_a_comm_error_of_one_pipeline_pauses_only_that_one(d):
+    """Instance 0 borrows w1.1; a step of instance 0 fails at w1.1 (its
+    stage-0 peer died): instance 1, which w1.1 also serves, goes on."""
+    d.lose("w0.1")
+    d.connect(d.instances[0])
+    d.recovery.comm_error(d.instances[0], "w1.1", "peer failure")
+    assert d.phase(0) is Phase.PAUSED and d.phase(1) is Phase.SERVING
 
 
 def test_faults_in_two_instances_at_once(d):

@@ -133,7 +133,7 @@ class Membership:
         if m["step"] is not None and inst is None:
             return  # about a step given up on already
         log.warning("%s: %s: %s", name, m["kind"], m["message"])
-        if m["kind"] == "comm":
-            c.recovery.comm_error(name, m["message"])
+        if m["kind"] == "comm" and inst is not None:
+            c.recovery.comm_error(inst, name, m["message"])
         else:
             c.on_bad_step(name, m["step"], m["message"])

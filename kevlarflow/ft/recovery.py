@@ -174,15 +174,14 @@ class Recovery:
         if self.phase(inst) is Phase.BUILDING and generation == inst.generation:
             self._build_failed(inst, f"{worker}: {message}")
 
-    def comm_error(self, worker: str, message: str) -> None:
-        """A step failed in a communicator op. Some member of the pipeline is
-        dead or hung, not necessarily the reporter: the health monitor finds
-        which. Until then the instance pauses."""
-        for inst in self.d.instances:
-            if worker in inst.workers and self.phase(inst) in (
-                    Phase.SERVING, Phase.CATCHING_UP, Phase.DRAINING):
-                self._enter(inst, Phase.PAUSED, f"{worker}: {message}",
-                            deadline=2 * self.config.hang_timeout_s)
+    def comm_error(self, inst, worker: str, message: str) -> None:
+        """A step of inst failed in a communicator op at worker. Some member
+        of inst's pipeline is dead or hung, not necessarily the reporter: the
+        health monitor finds which. Until then inst pauses. (Only inst: a
+        borrowed reporter also serves another pipeline, which is fine.)"""
+        if self.phase(inst) in (Phase.SERVING, Phase.CATCHING_UP, Phase.DRAINING):
+            self._enter(inst, Phase.PAUSED, f"{worker}: {message}",
+                        deadline=2 * self.config.hang_timeout_s)
 
     def step_completed(self, inst) -> None:
         st = self.states[inst.index]
