@@ -118,9 +118,7 @@ class Worker:
         group wakes the main thread if an op holds it."""
         log.warning("%s: %s; exiting", self.label, reason)
         self.stop_reason = reason
-        manager = self.groups._manager
-        if manager is not None:
-            manager.close()
+        self.groups.abort_all()
         self.waker.wake()
 
     def close(self) -> None:

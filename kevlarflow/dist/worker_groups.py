@@ -99,6 +99,12 @@ class WorkerGroups:
             self._manager = self._make_manager()
         return self._manager
 
+    def abort_all(self) -> None:
+        """Every op of every group fails at once; nothing is told to the
+        store (whose host may be gone). Any thread; never blocks."""
+        if self._manager is not None:
+            self._manager.close()
+
     def close(self) -> None:
         """Calls off every build and aborts every group; never blocks."""
         with self._lock:
