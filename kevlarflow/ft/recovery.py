@@ -41,6 +41,7 @@ log = logging.getLogger("kevlarflow.ft")
 MIN_COPY_RATE = 20e6       # bytes/s a catch-up deadline allows for, at the least
 MAX_BUILD_BACKOFF_S = 2.0  # between retries of a build that keeps failing
 MAX_MOVES = 10_000         # moves remembered per request id (most recent)
+MOVING_BACK = "moving back"  # the reason of the build that ends a move back
 
 
 class DeploymentView(Protocol):
@@ -111,7 +112,7 @@ class Recovery:
                 if all(self.d.workers.ready(w) for w in inst.home):
                     # New processes: their pools are new too.
                     inst.use_workers(inst.home, [self.d.pools[w] for w in inst.home])
-                    self._build(inst, inst.home)
+                    self._build(inst, inst.home, "starting")
                     if phase is Phase.RESTARTING:
                         self.d.events.record("rejoined", worker=name, instance=inst.index,
                                              detail="restarted on new workers")
@@ -201,7 +202,7 @@ class Recovery:
             if st.phase is Phase.BUILDING:
                 if st.retry_at is not None and now >= st.retry_at:
                     st.retry_at = None
-                    self._build(inst, inst.workers, keep_failures=True)
+                    self._build(inst, inst.workers, "retrying", keep_failures=True)
                 elif st.retry_at is None and late:
                     self._build_failed(inst, f"not connected within {self.config.comm_deadline_s} s")
             elif st.phase is Phase.PAUSED and late:
@@ -232,10 +233,10 @@ class Recovery:
         inst.serving, inst.accepting = phase.dispatches, phase.accepts
         log.debug("instance %d: %s (%s)", inst.index, phase.value, reason)
 
-    def _build(self, inst, route: list[str], keep_failures: bool = False) -> None:
+    def _build(self, inst, route: list[str], reason: str, keep_failures: bool = False) -> None:
         st = self.states[inst.index]
         failures = st.build_failures if keep_failures else 0
-        self._enter(inst, Phase.BUILDING, "building", deadline=self.config.comm_deadline_s)
+        self._enter(inst, Phase.BUILDING, reason, deadline=self.config.comm_deadline_s)
         st.build_failures, st.acks = failures, set()
         self.d.build(inst, route)
 
@@ -247,9 +248,8 @@ class Recovery:
                     inst.generation, why)
         self.d.abort_generation(inst, f"build failed: {why}")
         st.build_failures += 1
-        st.retry_at = self.clock() + min(MAX_BUILD_BACKOFF_S,
-                                             0.1 * 2 ** (st.build_failures - 1))
-        st.deadline = None
+        backoff = min(MAX_BUILD_BACKOFF_S, 0.1 * 2 ** (st.build_failures - 1))
+        st.retry_at, st.deadline = self.clock() + backoff, None
 
     def _reroute(self, inst, reason: str, failure: bool = False) -> None:
         """Run inst on ready workers, its own where it can; rebuild its
@@ -275,7 +275,7 @@ class Recovery:
             self._rejoin(inst, f"moved back while recovering from: {reason}")
             return
         move = self._move(inst, route)
-        self._build(inst, route)
+        self._build(inst, route, "rerouted")
         if route != inst.home:
             self.d.events.record("rerouted", instance=inst.index,
                                  detail=" -> ".join(route) + f"; {move}")
@@ -345,7 +345,7 @@ class Recovery:
         self.d.abort_generation(inst, f"{', '.join(returning)} rejoins")
         inst.abandon_in_flight()
         move = self._move(inst, inst.home)
-        self._build(inst, inst.home)
+        self._build(inst, inst.home, MOVING_BACK)
         self.d.replication.reform()
         detail = str(move) + (f": {why}" if move.recomputed and why else "")
         self.d.events.record("rejoined", worker=returning[0] if returning else None,

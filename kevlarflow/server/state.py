@@ -82,7 +82,7 @@ def status(async_engine, model_name: str) -> dict:
                           "state": w.state, "pid": w.pid, "replacements": w.replacements,
                           "blocks_used": w.blocks_used}
                  for w in st.workers},
-        instances=[{"index": i.index, "phase": i.phase, "serving": i.serving,
+        instances=[{"index": i.index, "phase": i.phase, "reason": i.reason, "serving": i.serving,
                     "workers": i.workers, "home": i.home, "borrowed": i.borrowed,
                     "requests": i.requests} for i in st.instances],
         replication={"enabled": st.replication_enabled, "stats": st.stats,

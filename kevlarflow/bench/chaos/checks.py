@@ -128,12 +128,14 @@ def _settled_after(samples, last: float, good) -> float | None:
 def recovered(samples, faults, events, limit_s: float) -> dict:
     """From the last fault until every instance serves again (the later of
     the last gap in the status samples and the last "resumed" event after
-    it), and until every slot is back on its own worker."""
+    it; a planned move back to a replacement is no gap), and until every
+    slot is back on its own worker."""
     injected = [f.t_s for f in faults if f.injected]
     if not injected:
         return _check(False, None, "no fault was injected")
     last = max(injected)
-    serving = _settled_after(samples, last, lambda s: all(s["serving"]))
+    serving = _settled_after(samples, last, lambda s: all(
+        a or b for a, b in zip(s["serving"], s["moving_back"])))
     resumed = [e["t_s"] - last for e in events if e["kind"] == "resumed" and e["t_s"] >= last]
     if serving is not None and resumed:
         serving = max(serving, max(resumed))

@@ -130,6 +130,10 @@ def _digest(status: dict) -> dict:
     return dict(
         phases=[i["phase"] for i in status["instances"]],
         serving=[i["serving"] for i in status["instances"]],
+        # A move back to a replacement pauses its instance on purpose.
+        moving_back=[i["phase"] == "draining" or (i["phase"] == "building"
+                                                  and i["reason"] == "moving back")
+                     for i in status["instances"]],
         home=[i["workers"] == i["home"] for i in status["instances"]],
         borrowed=[w for i in status["instances"] for w in i["borrowed"]],
         states={name: w["state"] for name, w in workers.items()},

@@ -30,7 +30,9 @@ def summary(result: dict) -> str:
     lines.append(f"moves back to a replacement: {len(rejoins)}, {len(recomputing)} of them "
                  "recomputing" + "".join(f"; {e['detail']}" for e in recomputing[:3]))
     r = result["requests"]
-    lines.append(f"requests: {r['sent']} sent, {r['completed']} completed, {r['failed']} failed; "
+    refused = sum(1 for x in result["records"] if x["status"] == 503)
+    lines.append(f"requests: {r['sent']} sent, {r['completed']} completed, {r['failed']} failed "
+                 f"({refused} refused with 503, {r['failed'] - refused} ended with an error); "
                  f"{r['tokens']} tokens streamed")
     for name, check in result["checks"].items():
         mark = "ok  " if check["ok"] else "FAIL"
