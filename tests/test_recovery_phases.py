@@ -138,12 +138,22 @@ class Deployment:
     def step(self, i, ack=True):
         """One micro-batch of instance i, dispatched and returned, its KV
         acknowledged by every backup (or not)."""
+        self.complete(i, self.dispatch(i), ack)
+
+    def dispatch(self, i):
         inst = self.instances[i]
         batch = inst.schedule()
         step = next(self.requests)
         for w in inst.workers:
             self.replication.pairs(w, batch.items, step)
-        for seq, n in batch.items:
+        inst.in_flight[step] = MicroBatch(step, batch, [])
+        inst.busy.update(seq for seq, _ in batch.items)
+        return step
+
+    def complete(self, i, step, ack=True):
+        inst = self.instances[i]
+        for seq, n in inst.in_flight.pop(step).batch.items:
+            inst.busy.discard(seq)
             seq.num_computed_tokens += n
             if seq.num_computed_tokens == seq.num_tokens:
                 seq.output_token_ids.append(7)
@@ -300,6 +310,39 @@ def test_a_rejoin_catches_up_drains_and_moves_without_recompute(d):
     rejoined = d.events.of("rejoined")[-1]
     assert rejoined.detail == "2 requests keep 16 tokens of KV, recompute 0"
     assert all(s.num_computed_tokens == 8 for s in seqs)
+
+
+def test_kv_computed_before_the_link_was_up_sends_the_drain_back_to_catch_up(d):
+    """A step dispatched before the link to the replacement was up comes
+    back during the drain: no step has asked to copy that KV, so waiting
+    cannot bring it; the instance catches up again (one more step of the
+    request asks) and then moves without recomputing."""
+    seqs = [d.add(0) for _ in range(2)]
+    d.step(0)
+    d.lose("w0.1")
+    inst = d.instances[0]
+    d.connect(inst)
+    d.ready("w0.1")  # its link is not up yet: nothing is planned for copy
+    others = d.dispatch(0)
+    late = d.add(0, prompt_len=9)
+    early = d.dispatch(0)  # late's prefill alone
+    d.complete(0, others)
+    d.links_up()
+    assert d.phase(0) is Phase.CATCHING_UP
+    d.recovery.tick()
+    assert d.phase(0) is Phase.CATCHING_UP  # the others' KV is not copied yet
+    d.step(0)  # the others again (late is in flight), now with the link up
+    d.recovery.tick()
+    assert d.phase(0) is Phase.DRAINING
+    d.complete(0, early, ack=False)
+    d.recovery.tick()
+    assert d.phase(0) is Phase.CATCHING_UP and late.num_computed_tokens == 9
+    d.step(0)
+    d.recovery.tick()
+    assert d.phase(0) is Phase.DRAINING
+    d.recovery.tick()
+    assert d.phase(0) is Phase.BUILDING and inst.workers == inst.home
+    assert d.events.of("rejoined")[-1].detail.endswith("recompute 0")
 
 
 def test_a_replacement_lost_while_catching_up_keeps_the_borrowed_worker(d):

@@ -334,6 +334,11 @@ class Recovery:
         elif not inst.in_flight and replication.durable(inst, links):
             dropped = replication.without_replicas(inst, links)
             self._rejoin(inst, f"{dropped} requests found the replica pool full" if dropped else "")
+        elif not inst.in_flight and replication.unplanned(inst, links):
+            # A step in flight when draining began was sent before the link was
+            # up: waiting cannot copy its KV, one more step of the request will.
+            self._enter(inst, Phase.CATCHING_UP, "KV computed before the link was up",
+                        deadline=self._copy_time(inst))
         elif late:
             self._rejoin(inst, f"the copy deadline passed with {replication.behind(inst, links)} "
                          "tokens not yet at its own workers")

@@ -267,11 +267,19 @@ class Replication:
         return None
 
     def caught_up(self, inst, links: list[ReplicaLink]) -> bool:
-        """Every running request of inst has KV at its own workers: the rest
-        is what its last steps wrote."""
-        return all(link.ready for link in links) and all(
+        """Every running request of inst has KV at its own workers, and the
+        copy of all it computed is under way: the rest is what its last steps
+        wrote."""
+        return all(link.ready for link in links) and not self.unplanned(inst, links) and all(
             link.watermark(seq) > 0 or link.records.get(seq, Record()).dropped
             for link in links for seq in inst.running())
+
+    def unplanned(self, inst, links: list[ReplicaLink]) -> bool:
+        """Some running request of inst computed KV that no step asked to copy
+        (a step dispatched before the link was up): only its next step will."""
+        return any(link.records.get(seq, Record()).sent < seq.num_computed_tokens
+                   and not link.records.get(seq, Record()).dropped
+                   for link in links for seq in inst.running())
 
     def durable(self, inst, links: list[ReplicaLink]) -> bool:
         """All KV of inst's running requests is at its own workers (but for
