@@ -152,3 +152,25 @@ def test_two_instances_hit_at_once(expected):
         assert streams.tokens(seqs) == expected
         streams.until(lambda: _all_home(engine), "both replacements")
         assert [o.token_ids for o in llm.generate(prompts[:3], params[:3])] == expected[:3]
+
+
+def test_a_failure_in_one_pipeline_of_a_borrowed_worker_leaves_the_other_alone(expected):
+    """w1.0 serves instance 0 (its w0.0 died) and instance 1. When w1.1 dies,
+    w1.0's failed sends to it belong to instance 1's steps: instance 0 goes
+    on without a pause, and only instance 1 is rerouted."""
+    prompts, params = workload()
+    with LLM(tiny_model(), num_instances=2, pp_size=2, **ARGS) as llm:
+        engine, streams, seqs = _start(llm, prompts, params)
+        engine.inject_fault(0, 0, "kill")
+        streams.until(lambda: _phase(engine, 0) is Phase.SERVING
+                      and engine.instances[0].workers == ["w1.0", "w0.1"], "the reroute")
+        streams.until(lambda: len(streams.outputs) > 0 and engine.instances[0].steps_dispatched
+                      > 0, "steps of both pipelines")
+        before = len(engine.events.events)
+        engine.inject_fault(1, 1, "kill")
+        streams.until(lambda: len(engine.events.of("detected")) == 2, "the second failure")
+        streams.finish()
+        assert streams.tokens(seqs) == expected
+        after = list(engine.events.events)[before:]
+        assert not [e for e in after if e.instance == 0 and e.kind == "aborted"
+                    and "communicator error" in e.detail], after

@@ -234,8 +234,12 @@ def test_a_comm_error_pauses_then_rebuilds_the_same_workers(d):
     inst = d.instances[0]
     seq = d.add(0)
     d.step(0)
+    generation = inst.generation
+    d.hold_step(0)
     d.recovery.comm_error(inst, "w0.1", "peer failure")
     assert d.phase(0) is Phase.PAUSED and not inst.serving and inst.accepting
+    # The broken generation is aborted at once, its steps in flight given up.
+    assert (inst.group, generation) in d.called_off and not inst.in_flight
     d.recovery.tick()
     assert d.phase(0) is Phase.PAUSED
     d.clock.now += 2.1

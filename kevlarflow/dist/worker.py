@@ -208,7 +208,7 @@ class Worker:
 
     def _drop_sends(self, group: str) -> None:
         """Hidden states still on their way on group: nobody waits for them."""
-        self.pending_sends = deque(p for p in self.pending_sends if p[0] != group)
+        self.pending_sends = deque(p for p in self.pending_sends if p[1] != group)
 
     def _new_comm(self):
         from kevlarflow.dist.comm import CommManager
@@ -267,9 +267,12 @@ class Worker:
             start += size
 
     def _report(self, m: dict, error: Exception) -> None:
+        self._report_step(m["step"], error)
+
+    def _report_step(self, step: int, error: Exception) -> None:
         kind = "bad_step" if isinstance(error, BadStep) else "comm"
-        log.warning("%s: step %d: %s: %s", self.name, m["step"], kind, error)
-        self.endpoint.send("error", step=m["step"], kind=kind, message=str(error))
+        log.warning("%s: step %d: %s: %s", self.name, step, kind, error)
+        self.endpoint.send("error", step=step, kind=kind, message=str(error))
 
     def _take_in(self) -> None:
         """Queue what has arrived, without waiting."""
@@ -319,7 +322,7 @@ class Worker:
 
     def _finish_step(self, p: "_Prepared", out: torch.Tensor) -> None:
         if not self.spec.is_last:
-            self._send_hidden(p.message["group"], p.members[p.me + 1], out)
+            self._send_hidden(p.message["step"], p.message["group"], p.members[p.me + 1], out)
         else:
             self._sample_and_reply(p.message["step"],
                                    [s for s in p.message["sample"] if s is not None], out)
@@ -345,19 +348,23 @@ class Worker:
         self.groups.manager().recv(group, buffer, src)
         return buffer.view(self.cfg.dtype)
 
-    def _send_hidden(self, group: str, dst: str, hidden: torch.Tensor) -> None:
+    def _send_hidden(self, step: int, group: str, dst: str, hidden: torch.Tensor) -> None:
         while len(self.pending_sends) >= MAX_PENDING_SENDS:
             self._wait_oldest_send()
         op = self.groups.manager().isend(group, hidden.contiguous().view(torch.uint8), dst)
-        self.pending_sends.append((group, self.groups.generation(group), op))
+        self.pending_sends.append((step, group, self.groups.generation(group), op))
 
     def _wait_oldest_send(self) -> None:
-        group, generation, op = self.pending_sends.popleft()
+        """A send that failed is reported as its own step's error: it may be
+        of another pipeline than the step that waits for room (a borrowed
+        worker sends for two)."""
+        step, group, generation, op = self.pending_sends.popleft()
         try:
             op.wait()
-        except CommError:
+        except CommError as error:
             if generation == self.groups.generation(group):
-                raise  # else: a generation given up on meanwhile; nobody waits for it
+                self._report_step(step, error)
+            # else: a generation given up on meanwhile; nobody waits for it
 
     def _drain_sends(self) -> None:
         while self.pending_sends:

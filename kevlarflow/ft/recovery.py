@@ -178,9 +178,15 @@ class Recovery:
     def comm_error(self, inst, worker: str, message: str) -> None:
         """A step of inst failed in a communicator op at worker. Some member
         of inst's pipeline is dead or hung, not necessarily the reporter: the
-        health monitor finds which. Until then inst pauses. (Only inst: a
-        borrowed reporter also serves another pipeline, which is fine.)"""
+        health monitor finds which. The generation is broken, so it is
+        aborted at once (its members blocked in it wake up, and a borrowed
+        one goes on with its other pipeline); inst pauses until the failed
+        member is known. (Only inst: the reporter may serve another one.)"""
         if self.phase(inst) in (Phase.SERVING, Phase.CATCHING_UP, Phase.DRAINING):
+            self.d.abort_generation(inst, f"{worker}: {message}")
+            self.d.events.record("aborted", instance=inst.index,
+                                 detail=f"communicator error at {worker}")
+            inst.abandon_in_flight()
             self._enter(inst, Phase.PAUSED, f"{worker}: {message}",
                         deadline=2 * self.config.hang_timeout_s)
 
