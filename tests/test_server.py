@@ -12,6 +12,7 @@ import pytest
 import uvicorn
 from hypothesis import HealthCheck, given, settings, strategies as st
 
+from kevlarflow import LLM, SamplingParams
 from kevlarflow.dist.engine import DeploymentConfig
 from kevlarflow.engine.async_engine import AsyncEngine
 from kevlarflow.engine.llm_engine import EngineConfig
@@ -89,6 +90,25 @@ def test_completion_streams_the_same_text(client):
     assert "".join(c.choices[0].text for c in chunks if c.choices) == choice.text
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
     assert chunks[-1].usage.completion_tokens == 12 and not chunks[-1].choices
+
+
+def test_return_token_ids_streamed_and_not(http):
+    """Each chunk carries its own tokens' ids; together they are the whole
+    answer, the same as the in-process engine's, and as a plain answer's."""
+    body = {"model": "tiny", "prompt": [5, 6, 7], "max_tokens": 9, "temperature": 0,
+            "ignore_eos": True, "return_token_ids": True}
+    plain = http.post("/v1/completions", json=body).json()["choices"][0]
+    streamed = []
+    with http.stream("POST", "/v1/completions", json=dict(body, stream=True)) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                streamed += json.loads(line[len("data: "):])["choices"][0]["token_ids"]
+    with LLM(tiny_model()) as llm:
+        want = llm.generate([[5, 6, 7]], SamplingParams(max_tokens=9, temperature=0,
+                                                        ignore_eos=True))[0].token_ids
+    assert streamed == plain["token_ids"] == want
+    without = http.post("/v1/completions", json=dict(body, return_token_ids=False)).json()
+    assert "token_ids" not in without["choices"][0]
 
 
 def test_prompt_as_token_ids(client):
