@@ -1,5 +1,5 @@
 // The Python module kevlarflow._comm: the communicator manager and its
-// exceptions. kevlarflow/dist/comm.py is the public face; it constructs gloo
+// exceptions. kevlarflow/comm/manager.py is the public face; it constructs gloo
 // process groups (torch's Python API) and hands them over here.
 #include <torch/csrc/distributed/c10d/Backend.hpp>
 #include <torch/csrc/utils/pybind.h>
@@ -7,6 +7,8 @@
 #include <cmath>
 #include <optional>
 
+#include "block_packer.h"
+#include "comm_channel.h"
 #include "comm_error.h"
 #include "comm_manager.h"
 #include "gloo_transport.h"
@@ -17,8 +19,33 @@
 namespace py = pybind11;
 using namespace kevlarflow::comm;
 using kevlarflow::replication::KVReplicator;
+namespace replication = kevlarflow::replication;
 
 namespace {
+
+// The packer of a worker's KV caches: every K and V cache, each
+// [num_blocks, ...], contiguous, CPU, one shape and dtype. The packer keeps
+// the tensors, so their memory outlives it.
+std::unique_ptr<replication::BlockPacker> cpu_packer(std::vector<at::Tensor> caches) {
+  if (caches.empty()) throw std::invalid_argument("KVReplicator: no caches");
+  const at::Tensor& first = caches.front();
+  std::vector<void*> ptrs;
+  for (const at::Tensor& c : caches) {
+    if (!c.defined() || c.device().type() != at::kCPU || !c.is_contiguous() || c.dim() < 1)
+      throw std::invalid_argument("KVReplicator: caches must be contiguous CPU tensors");
+    if (c.sizes() != first.sizes() || c.scalar_type() != first.scalar_type())
+      throw std::invalid_argument(
+          "KVReplicator: every cache must have the shape and dtype of the first");
+    ptrs.push_back(c.data_ptr());
+  }
+  const int64_t num_blocks = first.size(0);
+  if (num_blocks < 1) throw std::invalid_argument("KVReplicator: caches hold no block");
+  const int64_t cache_block_bytes =
+      first.numel() / num_blocks * static_cast<int64_t>(first.element_size());
+  auto owner = std::make_shared<std::vector<at::Tensor>>(std::move(caches));
+  return replication::make_cpu_packer(std::move(ptrs), num_blocks, cache_block_bytes,
+                                      std::move(owner));
+}
 
 // Deadlines cross the boundary in seconds (Python) and become milliseconds,
 // rounded up so that a tiny positive deadline never becomes zero.
@@ -58,7 +85,7 @@ py::object new_exception(py::module_& m, const char* name, PyObject* base, const
 }  // namespace
 
 PYBIND11_MODULE(_comm, m) {
-  m.doc() = "KevlarFlow communicator manager (see kevlarflow.dist.comm)";
+  m.doc() = "KevlarFlow communicator manager (see kevlarflow.comm.manager)";
 
   g_types = new ExceptionTypes();
   auto* types = g_types;
@@ -199,9 +226,11 @@ PYBIND11_MODULE(_comm, m) {
                throw std::invalid_argument("interval_s must be >= 0, got " +
                                            std::to_string(interval_s));
              auto interval = Millis(static_cast<int64_t>(std::ceil(interval_s * 1000.0)));
-             return std::make_shared<KVReplicator>(manager, std::move(caches), max_transfer_bytes,
-                                                   *to_millis(keepalive_s, "keepalive_s"),
-                                                   interval);
+             auto keepalive = *to_millis(keepalive_s, "keepalive_s");
+             auto channels = replication::comm_channels(manager);
+             return std::make_shared<KVReplicator>(cpu_packer(std::move(caches)),
+                                                   std::move(channels), max_transfer_bytes,
+                                                   keepalive, interval);
            }),
            py::arg("manager"), py::arg("caches"), py::arg("max_transfer_bytes"),
            py::arg("keepalive_s"), py::arg("interval_s") = 0.0)

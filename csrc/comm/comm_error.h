@@ -1,7 +1,7 @@
 // Errors of the communicator manager. A transport reports what went wrong
 // (TransportError: a kind and the backend's text); the manager adds where it
 // happened (CommFailure: group, generation, op, peer), which the bindings
-// turn into kevlarflow.dist.comm.CommTimeout / PeerFailure / CommAborted.
+// turn into kevlarflow.comm.manager.CommTimeout / PeerFailure / CommAborted.
 #pragma once
 #include <cstdint>
 #include <stdexcept>

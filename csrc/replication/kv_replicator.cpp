@@ -1,10 +1,9 @@
 #include "kv_replicator.h"
 
+#include <algorithm>
 #include <chrono>
 #include <limits>
 #include <stdexcept>
-
-#include "cache_ops.h"
 
 namespace kevlarflow::replication {
 
@@ -12,38 +11,22 @@ namespace {
 
 constexpr int64_t kMaxStepsPerTransfer = 1 << 20;
 
-// The transfer header: blocks and steps that follow ([n dst ids, steps], then
-// n packed blocks). A header of zeros is a keepalive, so that an idle
-// backup's receive deadline means a dead or hung source.
-at::Tensor header(int64_t num_blocks, int64_t num_steps) {
-  auto t = at::empty({2}, at::kLong);
-  t[0] = num_blocks;
-  t[1] = num_steps;
-  return t;
-}
+// A transfer is a header [number of blocks, number of steps], then (unless
+// both are 0) the backup's block ids and the steps, then the packed blocks.
+// A header of zeros is a keepalive, so that an idle backup's receive
+// deadline means a dead or hung source.
+constexpr int64_t kHeaderBytes = 2 * sizeof(int64_t);
 
 }  // namespace
 
-KVReplicator::KVReplicator(std::shared_ptr<comm::CommManager> comm, std::vector<at::Tensor> caches,
-                           int64_t max_transfer_bytes, comm::Millis keepalive,
-                           comm::Millis interval)
-    : comm_(std::move(comm)), caches_(std::move(caches)), keepalive_(keepalive),
+KVReplicator::KVReplicator(std::unique_ptr<BlockPacker> packer, ChannelFactory channels,
+                           int64_t max_transfer_bytes, Millis keepalive, Millis interval)
+    : packer_(std::move(packer)), channels_(std::move(channels)), keepalive_(keepalive),
       interval_(interval) {
-  if (!comm_) throw std::invalid_argument("KVReplicator: no communicator manager");
-  if (caches_.empty()) throw std::invalid_argument("KVReplicator: no caches");
+  if (!packer_) throw std::invalid_argument("KVReplicator: no caches");
+  if (!channels_) throw std::invalid_argument("KVReplicator: no communicator manager");
   if (keepalive_.count() <= 0) throw std::invalid_argument("KVReplicator: keepalive must be positive");
   if (interval_.count() < 0) throw std::invalid_argument("KVReplicator: interval must be >= 0");
-  const at::Tensor& first = caches_.front();
-  for (const at::Tensor& c : caches_) {
-    if (!c.defined() || c.device().type() != at::kCPU || !c.is_contiguous() || c.dim() < 1)
-      throw std::invalid_argument("KVReplicator: caches must be contiguous CPU tensors");
-    if (c.sizes() != first.sizes() || c.scalar_type() != first.scalar_type())
-      throw std::invalid_argument("KVReplicator: every cache must have the shape and dtype of the first");
-    ptrs_.push_back(c.data_ptr());
-  }
-  num_blocks_ = first.size(0);
-  if (num_blocks_ < 1) throw std::invalid_argument("KVReplicator: caches hold no block");
-  block_bytes_ = first.numel() / num_blocks_ * static_cast<int64_t>(first.element_size());
   if (max_transfer_bytes < block_bytes())
     throw std::invalid_argument("KVReplicator: max_transfer_bytes " +
                                 std::to_string(max_transfer_bytes) + " is below one block (" +
@@ -59,20 +42,18 @@ void KVReplicator::start(const std::string& group, const std::string& backup) {
   if (thread_.joinable()) thread_.join();  // a link that stopped on an error (nothing pending)
   stats_.error.clear();
   running_ = true;
-  group_ = group;
-  thread_ = std::thread(&KVReplicator::loop, this, group, backup);
+  sending_ = channels_(group, backup);
+  thread_ = std::thread(&KVReplicator::loop, this, sending_);
 }
 
 void KVReplicator::stop() {
-  std::string group;
-  bool was_running;
+  std::shared_ptr<LinkChannel> channel;
   {
     std::lock_guard<std::mutex> lock(mu_);
-    was_running = running_;
     running_ = false;
-    group = group_;
+    channel = std::move(sending_);
   }
-  if (was_running) comm_->abort(group);  // a send blocked on the backup fails now
+  if (channel) channel->abort();  // a send blocked on the backup fails now
   wake_.notify_all();
   if (thread_.joinable()) thread_.join();
   std::lock_guard<std::mutex> lock(mu_);
@@ -90,10 +71,11 @@ bool KVReplicator::submit(const std::vector<int64_t>& src, const std::vector<int
                           int64_t step) {
   if (src.size() != dst.size())
     throw std::invalid_argument("KVReplicator.submit: src and dst differ in length");
+  const int64_t num_blocks = packer_->num_blocks();
   for (size_t k = 0; k < src.size(); ++k) {
-    if (src[k] < 0 || src[k] >= num_blocks_ || dst[k] < 0)
+    if (src[k] < 0 || src[k] >= num_blocks || dst[k] < 0)
       throw std::invalid_argument("KVReplicator.submit: block ids must be in [0, " +
-                                  std::to_string(num_blocks_) + ") (source) and >= 0 (backup)");
+                                  std::to_string(num_blocks) + ") (source) and >= 0 (backup)");
   }
   std::lock_guard<std::mutex> lock(mu_);
   if (!running_) return false;
@@ -119,7 +101,7 @@ bool KVReplicator::submit(const std::vector<int64_t>& src, const std::vector<int
   return true;
 }
 
-void KVReplicator::loop(std::string group, std::string backup) {
+void KVReplicator::loop(std::shared_ptr<LinkChannel> channel) {
   auto last_transfer = std::chrono::steady_clock::now() - interval_;
   try {
     while (true) {
@@ -150,7 +132,7 @@ void KVReplicator::loop(std::string group, std::string backup) {
         }
         stats_.pending_blocks = static_cast<int64_t>(pending_.size());
       }
-      send_transfer(group, backup, pairs, steps);
+      send_transfer(*channel, pairs, steps);
     }
   } catch (const std::exception& e) {
     std::lock_guard<std::mutex> lock(mu_);
@@ -160,29 +142,26 @@ void KVReplicator::loop(std::string group, std::string backup) {
   }
 }
 
-void KVReplicator::send_transfer(const std::string& group, const std::string& backup,
+void KVReplicator::send_transfer(LinkChannel& channel,
                                  const std::vector<std::pair<int64_t, int64_t>>& pairs,
                                  const std::vector<int64_t>& steps) {
   auto started = std::chrono::steady_clock::now();
   const int64_t n = static_cast<int64_t>(pairs.size());
   const int64_t num_steps = static_cast<int64_t>(steps.size());
-  comm_->send(group, header(n, num_steps), backup, std::nullopt);
+  const int64_t header[2] = {n, num_steps};
+  channel.send(header, kHeaderBytes);
   if (n + num_steps == 0) return;
-  auto meta = at::empty({n + num_steps}, at::kLong);
-  auto src = at::empty({n}, at::kLong);
-  int64_t* m = meta.data_ptr<int64_t>();
+  std::vector<int64_t> meta(n + num_steps), src(n);
   for (int64_t k = 0; k < n; ++k) {
-    src.data_ptr<int64_t>()[k] = pairs[k].first;
-    m[k] = pairs[k].second;
+    src[k] = pairs[k].first;
+    meta[k] = pairs[k].second;
   }
-  for (int64_t k = 0; k < num_steps; ++k) m[n + k] = steps[k];
-  comm_->send(group, meta, backup, std::nullopt);
+  std::copy(steps.begin(), steps.end(), meta.begin() + n);
+  channel.send(meta.data(), static_cast<int64_t>(meta.size() * sizeof(int64_t)));
   if (n > 0) {
-    auto staging = at::empty({n * block_bytes()}, at::kByte);
-    BlockCaches caches{ptrs_.data(), static_cast<int64_t>(ptrs_.size()), block_bytes_};
-    // Serial: this thread must not compete with the forward pass for cores.
-    pack_blocks_cpu(caches, src.data_ptr<int64_t>(), n, staging.data_ptr(), serial_for);
-    comm_->send(group, staging, backup, std::nullopt);
+    std::vector<uint8_t> staging(static_cast<size_t>(n * block_bytes()));
+    packer_->pack(src.data(), n, staging.data());
+    channel.send(staging.data(), static_cast<int64_t>(staging.size()));
   }
   std::chrono::duration<double> took = std::chrono::steady_clock::now() - started;
   std::lock_guard<std::mutex> lock(mu_);
@@ -193,32 +172,32 @@ void KVReplicator::send_transfer(const std::string& group, const std::string& ba
 }
 
 std::vector<int64_t> KVReplicator::receive(const std::string& group, const std::string& source,
-                                           std::optional<comm::Millis> deadline) {
-  auto head = at::empty({2}, at::kLong);
-  comm_->recv(group, head, source, deadline);
-  const int64_t n = head[0].item<int64_t>(), num_steps = head[1].item<int64_t>();
+                                           std::optional<Millis> deadline) {
+  auto channel = channels_(group, source);
+  int64_t header[2];
+  channel->recv(header, kHeaderBytes, deadline);
+  const int64_t n = header[0], num_steps = header[1];
   if (n < 0 || n > max_blocks_per_transfer_ || num_steps < 0 || num_steps > kMaxStepsPerTransfer)
     throw std::invalid_argument("KVReplicator.receive: a transfer of " + std::to_string(n) +
                                 " blocks and " + std::to_string(num_steps) +
                                 " steps is out of bounds (the link is out of step)");
   if (n + num_steps == 0) return {};
-  auto meta = at::empty({n + num_steps}, at::kLong);
-  comm_->recv(group, meta, source, deadline);
-  const int64_t* m = meta.data_ptr<int64_t>();
+  std::vector<int64_t> meta(n + num_steps);
+  channel->recv(meta.data(), static_cast<int64_t>(meta.size() * sizeof(int64_t)), deadline);
   if (n > 0) {
+    const int64_t num_blocks = packer_->num_blocks();
     for (int64_t k = 0; k < n; ++k) {
-      if (m[k] < 0 || m[k] >= num_blocks_)
-        throw std::invalid_argument("KVReplicator.receive: block id " + std::to_string(m[k]) +
-                                    " is outside [0, " + std::to_string(num_blocks_) + ")");
+      if (meta[k] < 0 || meta[k] >= num_blocks)
+        throw std::invalid_argument("KVReplicator.receive: block id " + std::to_string(meta[k]) +
+                                    " is outside [0, " + std::to_string(num_blocks) + ")");
     }
-    auto staging = at::empty({n * block_bytes()}, at::kByte);
-    comm_->recv(group, staging, source, deadline);
-    BlockCaches caches{ptrs_.data(), static_cast<int64_t>(ptrs_.size()), block_bytes_};
-    unpack_blocks_cpu(caches, m, n, staging.data_ptr(), serial_for);
+    std::vector<uint8_t> staging(static_cast<size_t>(n * block_bytes()));
+    channel->recv(staging.data(), static_cast<int64_t>(staging.size()), deadline);
+    packer_->unpack(meta.data(), n, staging.data());
   }
   std::lock_guard<std::mutex> lock(mu_);
   stats_.blocks_received += n;
-  return std::vector<int64_t>(m + n, m + n + num_steps);
+  return std::vector<int64_t>(meta.begin() + n, meta.end());
 }
 
 ReplicatorStats KVReplicator::stats() const {

@@ -2,9 +2,11 @@
 //
 // The forward pass only calls submit(): (source block, backup block) pairs
 // and the step that wrote them. A dedicated thread packs pending blocks into
-// a staging buffer (pack_blocks) and sends them through the communicator
-// manager; the backup's receive() unpacks them into its replica blocks and
-// returns the steps that are now durable there.
+// a staging buffer (a BlockPacker) and sends them on the link's channel (a
+// LinkChannel); the backup's receive() unpacks them into its replica blocks
+// and returns the steps that are now durable there. Neither knows tensors:
+// the bindings give it a CPU packer and channels over the communicator
+// manager, a CUDA build can give it a packer of its own.
 //
 // Bounded memory by construction: pending work is keyed by backup block, so
 // a worker that falls behind coalesces (a block written by several steps is
@@ -17,8 +19,6 @@
 // entries keep their place in line when resubmitted, and a transfer takes the
 // oldest entries first, so "nothing older than the step is pending" is exact.
 #pragma once
-#include <ATen/ATen.h>
-
 #include <condition_variable>
 #include <cstdint>
 #include <deque>
@@ -30,7 +30,8 @@
 #include <thread>
 #include <vector>
 
-#include "comm_manager.h"
+#include "block_packer.h"
+#include "link_channel.h"
 
 namespace kevlarflow::replication {
 
@@ -48,11 +49,9 @@ struct ReplicatorStats {
 
 class KVReplicator {
  public:
-  // caches: every K and V cache of this worker, each [num_blocks, ...],
-  // contiguous, CPU, one shape and dtype.
-  KVReplicator(std::shared_ptr<comm::CommManager> comm, std::vector<at::Tensor> caches,
-               int64_t max_transfer_bytes, comm::Millis keepalive,
-               comm::Millis interval = comm::Millis(0));
+  // packer: this worker's caches; channels: the link to a peer.
+  KVReplicator(std::unique_ptr<BlockPacker> packer, ChannelFactory channels,
+               int64_t max_transfer_bytes, Millis keepalive, Millis interval = Millis(0));
   ~KVReplicator();
 
   // Start sending to `backup` on `group` (a link of two members). Refused
@@ -70,31 +69,27 @@ class KVReplicator {
   // caches; returns the steps it completes (empty for a keepalive). Block ids
   // outside [0, num_blocks) are refused before anything is written.
   std::vector<int64_t> receive(const std::string& group, const std::string& source,
-                               std::optional<comm::Millis> deadline);
+                               std::optional<Millis> deadline);
 
   ReplicatorStats stats() const;
-  int64_t num_blocks() const { return num_blocks_; }
-  int64_t block_bytes() const { return block_bytes_ * static_cast<int64_t>(ptrs_.size()); }
+  int64_t num_blocks() const { return packer_->num_blocks(); }
+  int64_t block_bytes() const { return packer_->block_bytes(); }
 
  private:
   struct Entry {
     int64_t src;
     uint64_t order;  // place in line: kept when the block is submitted again
   };
-  void loop(std::string group, std::string backup);
+  void loop(std::shared_ptr<LinkChannel> channel);
   void drop_pending();  // with mu_ held
-  void send_transfer(const std::string& group, const std::string& backup,
-                     const std::vector<std::pair<int64_t, int64_t>>& pairs,
+  void send_transfer(LinkChannel& channel, const std::vector<std::pair<int64_t, int64_t>>& pairs,
                      const std::vector<int64_t>& steps);
 
-  std::shared_ptr<comm::CommManager> comm_;
-  std::vector<at::Tensor> caches_;  // held so the pointers below stay valid
-  std::vector<void*> ptrs_;
-  int64_t num_blocks_ = 0;
-  int64_t block_bytes_ = 0;         // of one block of one cache
+  std::unique_ptr<BlockPacker> packer_;
+  ChannelFactory channels_;
   int64_t max_blocks_per_transfer_ = 1;
-  comm::Millis keepalive_;
-  comm::Millis interval_;
+  Millis keepalive_;
+  Millis interval_;
 
   mutable std::mutex mu_;
   std::condition_variable wake_;
@@ -103,7 +98,7 @@ class KVReplicator {
   std::deque<std::pair<uint64_t, int64_t>> steps_;   // (last order of the step, step)
   uint64_t next_order_ = 0;
   bool running_ = false;
-  std::string group_;
+  std::shared_ptr<LinkChannel> sending_;  // the running link's channel
   std::thread thread_;
   ReplicatorStats stats_;
 };
