@@ -49,13 +49,14 @@ def _add_make_model(subparsers) -> None:
 
 
 def _add_demo(subparsers) -> None:
-    parser = subparsers.add_parser("demo", help="generate from a fresh tiny model, then "
-                                   "print the kernel benchmark table", add_help=False)
+    parser = subparsers.add_parser(
+        "demo", help="what `make demo` runs: the failover benchmark's preset (its table, JSON "
+                     "and plots in demo-results/); any of its options may follow", add_help=False)
     parser.add_argument("args", nargs=argparse.REMAINDER)
 
     def run(args):
-        from kevlarflow.demo import main as demo
-        demo(args.args)
+        from kevlarflow.bench.failover import main as failover
+        failover(["--out", "demo-results", *args.args])
         return 0
 
     parser.set_defaults(run=run)
@@ -100,7 +101,7 @@ def _add_worker(subparsers) -> None:
         host, sep, port = args.controller.rpartition(":")
         if not sep or not host or not port.isdigit():
             parser.error(f"--controller must be HOST:PORT, got {args.controller!r}")
-        from kevlarflow.dist.worker import main as worker_main
+        from kevlarflow.deploy.worker import main as worker_main
         return worker_main(args.controller, args.instance, args.stage, args.threads,
                            args.parent_pid)
 
@@ -157,7 +158,7 @@ def _add_serve(subparsers) -> None:
                       max_num_batched_tokens=args.max_num_batched_tokens,
                       max_model_len=args.max_model_len)
         if args.instances * args.pp > 1:
-            from kevlarflow.dist.engine import DeploymentConfig
+            from kevlarflow.deploy.controller import DeploymentConfig
             config = DeploymentConfig(num_instances=args.instances, pp_size=args.pp,
                                       hang_timeout_s=args.hang_timeout, recovery=args.recovery,
                                       **common)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from kevlarflow import ops
-from kv_batches import make_batch
+from helpers.kv_batches import make_batch
 
 
 @pytest.fixture

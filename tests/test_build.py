@@ -21,10 +21,11 @@ def test_wheel_builds(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     assert any(n.startswith("kevlarflow/_C") and n.endswith(".so") for n in names), names
     assert "kevlarflow/ops.py" in names
-    # The communicator manager: its own native module, and kevlarflow/dist
-    # (which a careless "dist/" ignore rule would leave out of the wheel).
+    # The communicator manager: its own native module, and every package.
     assert any(n.startswith("kevlarflow/_comm") and n.endswith(".so") for n in names), names
-    assert "kevlarflow/dist/comm.py" in names and "kevlarflow/dist/nccl.py" in names
+    for package in ("comm", "deploy", "ft", "replication", "engine", "model", "server", "bench"):
+        assert f"kevlarflow/{package}/__init__.py" in names, package
+    assert "kevlarflow/comm/manager.py" in names and "kevlarflow/comm/nccl.py" in names
 
 
 def test_cuda_kernels_built_only_with_a_cuda_torch():

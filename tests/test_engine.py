@@ -7,7 +7,7 @@ import shutil
 import pytest
 
 from kevlarflow import LLM, AsyncEngine, EngineConfig, SamplingParams
-from models import tiny_model
+from helpers.models import tiny_model
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from kevlarflow import LLM, SamplingParams
-from models import PROMPTS, tiny_model
+from helpers.models import PROMPTS, tiny_model
 
 NEW_TOKENS = 20
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from kevlarflow import ops, reference
-from kv_batches import TOLERANCES, make_batch
+from helpers.kv_batches import TOLERANCES, make_batch
 
 pytestmark = pytest.mark.gpu
 

@@ -5,7 +5,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kevlarflow import _C, ops, reference
-from kv_batches import TOLERANCES, make_batch
+from helpers.kv_batches import TOLERANCES, make_batch
 
 
 def check_against_reference(batch, sliding_window=0):

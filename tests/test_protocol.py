@@ -4,8 +4,8 @@ import msgpack
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from kevlarflow.dist import protocol
-from kevlarflow.dist.protocol import TO_CONTROLLER, TO_WORKER, ProtocolError, decode, encode
+from kevlarflow.deploy import protocol
+from kevlarflow.deploy.protocol import TO_CONTROLLER, TO_WORKER, ProtocolError, decode, encode
 
 STEP = dict(step=3, group="pipe0", generation=0, seqs=[[2, 0, [5]], [1, 7, [1, 2]]], token_ids=[4, 5, 6],
             sample=[None, dict(temperature=0.0, top_k=0, top_p=1.0, min_p=0.0, seed=None,

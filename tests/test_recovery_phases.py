@@ -9,9 +9,9 @@ import itertools
 
 import pytest
 
-from kevlarflow.dist.config import DeploymentConfig
-from kevlarflow.dist.instance import MicroBatch, PipelineInstance
-from kevlarflow.dist.workers import WorkerState, WorkerTable
+from kevlarflow.deploy.config import DeploymentConfig
+from kevlarflow.deploy.instance import MicroBatch, PipelineInstance
+from kevlarflow.deploy.workers import WorkerState, WorkerTable
 from kevlarflow.engine.block_manager import BlockManager
 from kevlarflow.engine.params import SamplingParams
 from kevlarflow.engine.scheduler import ScheduledBatch
@@ -19,7 +19,7 @@ from kevlarflow.engine.sequence import Sequence
 from kevlarflow.ft.events import EventLog
 from kevlarflow.ft.phases import Phase
 from kevlarflow.ft.recovery import Recovery
-from kevlarflow.ft.replication import Replication
+from kevlarflow.replication.controller import Replication
 
 BLOCK = 4
 

@@ -30,7 +30,7 @@ TIMEOUT = datetime.timedelta(seconds=120)
 
 def _worker(me: str, members: list[str], rounds: int, port: int, results) -> None:
     torch.set_num_threads(1)
-    from kevlarflow.dist.comm import CommManager
+    from kevlarflow.comm.manager import CommManager
 
     store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=TIMEOUT)
     mgr = CommManager(store, me, deadline_s=5.0)

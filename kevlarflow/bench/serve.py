@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import random
 import statistics
 import time
 from dataclasses import dataclass, field
+
+from kevlarflow.bench import sse
 
 
 @dataclass
@@ -37,14 +38,7 @@ async def one_request(session, url: str, headers: dict, body: dict) -> Result:
             if response.status != 200:
                 result.error = f"HTTP {response.status}: {(await response.text())[:200]}"
                 return result
-            async for raw in response.content:
-                line = raw.decode("utf-8").strip()
-                if not line.startswith("data:"):
-                    continue
-                data = line[len("data:"):].strip()
-                if data == "[DONE]":
-                    break
-                chunk = json.loads(data)
+            async for chunk in sse.chunks(response):
                 if "error" in chunk:
                     result.error = str(chunk["error"].get("message", chunk["error"]))
                     return result

@@ -17,7 +17,7 @@ from typing import AsyncIterator
 from kevlarflow.engine.llm_engine import EngineConfig, LLMEngine
 from kevlarflow.engine.outputs import RequestOutput
 from kevlarflow.engine.params import SamplingParams
-from kevlarflow.ft.router import NoInstanceServing
+from kevlarflow.deploy.router import NoInstanceServing
 
 log = logging.getLogger("kevlarflow.engine")
 
@@ -29,12 +29,12 @@ class EngineDeadError(RuntimeError):
 class AsyncEngine:
     def __init__(self, model, config: EngineConfig | None = None):
         """model: a checkpoint folder, or an engine (LLMEngine or
-        DistributedEngine). A DeploymentConfig makes a DistributedEngine."""
+        Controller). A DeploymentConfig makes a Controller."""
         if isinstance(model, (str, os.PathLike)):
-            from kevlarflow.dist.engine import DeploymentConfig, DistributedEngine
+            from kevlarflow.deploy.controller import DeploymentConfig, Controller
 
             if isinstance(config, DeploymentConfig):
-                model = DistributedEngine(str(model), config)
+                model = Controller(str(model), config)
             else:
                 model = LLMEngine(str(model), config)
         self.engine = model

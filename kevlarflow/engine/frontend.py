@@ -99,6 +99,13 @@ class RequestFrontend:
 
     # Tokens in, outputs out ---------------------------------------------------
 
+    def _append_sampled(self, seq: Sequence, token: int, now: float, logprob: float | None = None,
+                        top: list[tuple[int, float]] | None = None) -> RequestOutput:
+        """A token sampled for seq, with its logprob and the top ones if the
+        request asked for them: the output of this step."""
+        entry = None if logprob is None else TokenLogprob(token, logprob, top)
+        return self._append_token(seq, token, now, entry)
+
     def _append_token(self, seq: Sequence, token: int, now: float,
                       logprob: TokenLogprob | None = None) -> RequestOutput:
         seq.output_token_ids.append(token)

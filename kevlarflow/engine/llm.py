@@ -19,7 +19,7 @@ class LLM:
     shutdown() (or use `with LLM(...) as llm:`) to stop them."""
 
     def __init__(self, model: str, **engine_args):
-        from kevlarflow.dist.engine import DeploymentConfig, DistributedEngine
+        from kevlarflow.deploy.controller import DeploymentConfig, Controller
 
         local = {f.name for f in fields(EngineConfig)}
         known = {f.name for f in fields(DeploymentConfig)}
@@ -29,7 +29,7 @@ class LLM:
         if set(engine_args) <= local:
             self.engine = LLMEngine(model, EngineConfig(**engine_args))
         else:
-            self.engine = DistributedEngine(model, DeploymentConfig(**engine_args))
+            self.engine = Controller(model, DeploymentConfig(**engine_args))
         self.tokenizer = self.engine.tokenizer
 
     def shutdown(self) -> None:

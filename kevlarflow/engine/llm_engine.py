@@ -12,8 +12,8 @@ import torch
 from kevlarflow.engine.block_manager import BlockManager
 from kevlarflow.engine.frontend import RequestFrontend
 from kevlarflow.engine.model_runner import ModelRunner
-from kevlarflow.engine.outputs import RequestOutput, TokenLogprob
-from kevlarflow.engine.sampler import Sampler, request_generator
+from kevlarflow.engine.outputs import RequestOutput
+from kevlarflow.engine.sampler import Sampler
 from kevlarflow.engine.scheduler import Scheduler
 from kevlarflow.engine.sequence import Sequence
 from kevlarflow.model.config import DTYPES, ModelConfig
@@ -85,22 +85,15 @@ class LLMEngine(RequestFrontend):
             if self.scheduler.waiting and not self.scheduler.running:
                 raise RuntimeError("the KV pool cannot hold the next waiting request")
             return []
+        to_sample = [seq for (seq, _), s in zip(batch.items, batch.samples()) if s]
         logits = self.runner.run(batch)
         for seq, n in batch.items:
             seq.num_computed_tokens += n
             self.blocks.register_full_blocks(seq)
-        to_sample = [seq for seq, _ in batch.items if seq.num_computed_tokens == seq.num_tokens]
         if not to_sample:  # only partial prefill chunks this step
             return []
-        sampled = self.sampler(logits, [s.params for s in to_sample],
-                               [request_generator(s.params, len(s.output_token_ids), self.config.device)
-                                for s in to_sample])
+        sampled = self.sampler.sample_requests(logits, [s.params for s in to_sample],
+                                               [len(s.output_token_ids) for s in to_sample])
         now = time.time()
-        outputs = []
-        for i, seq in enumerate(to_sample):
-            token = sampled.token_ids[i]
-            logprob = None
-            if sampled.logprobs[i] is not None:
-                logprob = TokenLogprob(token, sampled.logprobs[i], sampled.top_logprobs[i])
-            outputs.append(self._append_token(seq, token, now, logprob))
-        return outputs
+        return [self._append_sampled(seq, token, now, lp, top) for seq, token, lp, top in
+                zip(to_sample, sampled.token_ids, sampled.logprobs, sampled.top_logprobs)]

@@ -39,30 +39,41 @@ def attention_metadata(chunks: list[tuple[int, int, list[int]]], block_size: int
         query_start_loc=torch.tensor(starts, dtype=torch.int32, device=device))
 
 
+def sample_rows(chunk_tokens: list[int], samples: list[bool],
+                device: torch.device | str = "cpu") -> torch.Tensor:
+    """Rows of a batch of chunks whose logits are needed: the last token of
+    each chunk that is sampled."""
+    ends = torch.tensor(chunk_tokens, dtype=torch.int64).cumsum(0) - 1
+    return ends[torch.tensor(samples, dtype=torch.bool)].to(device)
+
+
 class ModelRunner:
+    """One stage of a model (the whole model in the in-process engine) on a
+    paged KV cache: the one path from a batch of chunks to the kernels, for
+    the in-process engine and for a deployment's workers alike."""
+
     def __init__(self, stage: DecoderStage, num_blocks: int, block_size: int,
                  attention_backend: str = "native", device: str = "cpu"):
         self.stage, self.block_size = stage, block_size
+        self.num_blocks = num_blocks
         self.device = torch.device(device)
         self.attention_backend = attention_backend
         self.kv_caches = allocate_kv_cache(stage, num_blocks, block_size, self.device)
 
-    def prepare(self, batch: ScheduledBatch):
-        """Token ids, attention metadata, and the batch rows whose logits are
-        needed: the last token of every chunk that reaches its sequence's end."""
-        chunks = [(n, seq.num_computed_tokens, seq.block_table) for seq, n in batch.items]
+    def forward(self, inputs: torch.Tensor, chunks: list[tuple[int, int, list[int]]],
+                rows: torch.Tensor | None = None) -> torch.Tensor:
+        """inputs: token ids (first stage) or hidden states, one row per token
+        of the chunks (tokens, first position, block table), in batch order.
+        The last stage returns fp32 logits of the given rows; the others their
+        hidden states."""
         meta = attention_metadata(chunks, self.block_size, self.device)
-        input_ids, logits_rows, row = [], [], 0
-        for seq, n in batch.items:
-            input_ids.extend(seq.token_ids(seq.num_computed_tokens, seq.num_computed_tokens + n))
-            row += n
-            if seq.num_computed_tokens + n == seq.num_tokens:
-                logits_rows.append(row - 1)
-        ids = torch.tensor(input_ids, dtype=torch.int64, device=self.device)
-        return ids, meta, torch.tensor(logits_rows, dtype=torch.int64, device=self.device)
+        return self.stage(inputs, meta, self.kv_caches, logits_indices=rows,
+                          attention_backend=self.attention_backend)
 
     def run(self, batch: ScheduledBatch) -> torch.Tensor:
         """fp32 logits [number of sequences to sample, vocab], in batch order."""
-        ids, meta, rows = self.prepare(batch)
-        return self.stage(ids, meta, self.kv_caches, logits_indices=rows,
-                          attention_backend=self.attention_backend)
+        ids = [t for seq, n in batch.items
+               for t in seq.token_ids(seq.num_computed_tokens, seq.num_computed_tokens + n)]
+        rows = sample_rows([n for _, n in batch.items], batch.samples(), self.device)
+        return self.forward(torch.tensor(ids, dtype=torch.int64, device=self.device),
+                            batch.chunks(), rows)

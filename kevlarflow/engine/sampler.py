@@ -138,6 +138,13 @@ class Sampler:
         logprobs, top_logprobs = self._logprobs(logits, params, token_ids)
         return SampleOutput(sampled, logprobs, top_logprobs)
 
+    def sample_requests(self, logits: torch.Tensor, params: Sequence[SamplingParams],
+                        token_indices: Sequence[int]) -> SampleOutput:
+        """The next token of each row's request, whose output token it is
+        (token_indices): seeded requests draw from request_generator."""
+        generators = [request_generator(p, i, logits.device) for p, i in zip(params, token_indices)]
+        return self(logits, params, generators)
+
     @staticmethod
     def _sample(logits: torch.Tensor, params: list[SamplingParams],
                 generator: torch.Generator | None) -> torch.Tensor:

@@ -26,6 +26,15 @@ class ScheduledBatch:
     def num_tokens(self) -> int:
         return sum(n for _, n in self.items)
 
+    def samples(self) -> list[bool]:
+        """Per item: its chunk reaches the end of its sequence, so this step
+        yields the sequence's next token (partial prefill chunks do not)."""
+        return [seq.num_computed_tokens + n == seq.num_tokens for seq, n in self.items]
+
+    def chunks(self, table=lambda seq: seq.block_table) -> list[tuple[int, int, list[int]]]:
+        """Per item: (tokens this step, position of the first, block table)."""
+        return [(n, seq.num_computed_tokens, table(seq)) for seq, n in self.items]
+
     def __bool__(self) -> bool:
         return bool(self.items)
 

@@ -47,20 +47,25 @@ class EventLog:
         return dict(self._counts)
 
 
-def recovery_times(events) -> list[float]:
-    """MTTR of each recovery that completed a step: from the injected fault,
-    if there was one, else from its detection, to the instance's first step
-    after it."""
+def failure_timings(events: list[tuple[str, float, int | None, str | None]]) -> list[dict]:
+    """Per failure (a detection), in seconds from its start (the injected
+    fault that caused it, if one did, else the detection itself): to the
+    detection (detect_s), to its instance's communicator being up again
+    (resumed_s) and to that instance's first completed step (mttr_s, the
+    time to recovery); None where that never happened. events: (kind, time,
+    instance, worker) in time order."""
     out = []
-    failed: dict[int | None, float] = {}    # instance -> its last injected fault
-    detected: dict[int | None, float] = {}  # instance -> its last detection
-    for event in events:
-        if event.kind == "failed":
-            failed[event.instance] = event.time
-        elif event.kind == "detected":
-            detected[event.instance] = event.time
-        elif event.kind == "first_step_after_failure":
-            start = failed.get(event.instance) or detected.get(event.instance)
-            if start is not None:
-                out.append(event.time - start)
+    injected: dict[str | None, float] = {}  # worker -> its last injected fault
+    for k, (kind, t, instance, worker) in enumerate(events):
+        if kind == "failed":
+            injected[worker] = t
+        if kind != "detected":
+            continue
+        start = injected.pop(worker, t)
+
+        def after(wanted: str) -> float | None:
+            return next((t2 - start for kind2, t2, inst2, _ in events[k:]
+                         if kind2 == wanted and inst2 == instance and t2 >= t), None)
+        out.append(dict(detect_s=t - start, resumed_s=after("resumed"),
+                        mttr_s=after("first_step_after_failure")))
     return out

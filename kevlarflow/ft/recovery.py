@@ -29,59 +29,17 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
-from typing import Protocol
 
 from kevlarflow.ft.phases import InstanceRecovery, Phase
 from kevlarflow.ft.replacements import Replacements
 from kevlarflow.ft.reroute import KVMove, move_kv, plan_route
+from kevlarflow.ft.view import DeploymentView, RecoveryStats
 
 log = logging.getLogger("kevlarflow.ft")
 
 MIN_COPY_RATE = 20e6       # bytes/s a catch-up deadline allows for, at the least
 MAX_BUILD_BACKOFF_S = 2.0  # between retries of a build that keeps failing
-MAX_MOVES = 10_000         # moves remembered per request id (most recent)
 MOVING_BACK = "moving back"  # the reason of the build that ends a move back
-
-
-class DeploymentView(Protocol):
-    """What recovery reads and does on the controller, which implements it."""
-    config: object              # DeploymentConfig
-    instances: list             # PipelineInstance, by index
-    workers: object             # WorkerTable
-    pools: dict                 # worker -> BlockManager
-    replication: object         # Replication
-    events: object              # EventLog
-
-    def build(self, inst, route: list[str]) -> None:
-        """A new generation of inst's communicator over route (inst.workers)."""
-
-    def abort_generation(self, inst, reason: str) -> None:
-        """Stop inst's current generation, built or being built, everywhere."""
-
-    def fail_requests(self, inst, reason: str) -> None:
-        """inst's requests end with an error."""
-
-    def discard(self, name: str) -> None:
-        """The slot's process is gone or must go: forget it, kill it if it runs."""
-
-    def spawn(self, name: str) -> bool:
-        """Start a process for the slot; False when this controller starts none."""
-
-
-@dataclass
-class RecoveryStats:
-    tokens_restored: int = 0
-    tokens_recomputed: int = 0
-    requests_restored: int = 0
-    # request id -> (tokens computed, tokens of KV kept) at its last move
-    moves: dict[str, tuple[int, int]] = field(default_factory=dict)
-
-    def moved(self, request_id: str, computed: int, kept: int) -> None:
-        self.moves.pop(request_id, None)
-        self.moves[request_id] = (computed, kept)
-        while len(self.moves) > MAX_MOVES:
-            del self.moves[next(iter(self.moves))]
 
 
 class Recovery:
@@ -90,7 +48,7 @@ class Recovery:
         self.config = deployment.config
         self.clock = clock  # deadlines and delays (tests pass a clock of their own)
         self.states = [InstanceRecovery(since=clock()) for _ in deployment.instances]
-        self.replacements = Replacements(deployment.spawn,
+        self.replacements = Replacements(lambda name: deployment.spawn(name),
                                          lambda name: deployment.workers[name].instance,
                                          deployment.events, clock)
         self.stats = RecoveryStats()

@@ -11,7 +11,7 @@ from typing import AsyncIterator
 
 from kevlarflow.engine.async_engine import EngineDeadError
 from kevlarflow.engine.outputs import RequestOutput
-from kevlarflow.ft.router import NoInstanceServing
+from kevlarflow.deploy.router import NoInstanceServing
 from kevlarflow.server.errors import APIError
 
 _END = object()

@@ -7,7 +7,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from kevlarflow.ft.events import KINDS, recovery_times
+from kevlarflow.ft.events import KINDS, failure_timings
 from kevlarflow.server.state import is_deployment, retry
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
@@ -68,7 +68,8 @@ def _recovery_metrics(st):
     """MTTR of the last failure and what replication moved and saved."""
     last_mttr = GaugeMetricFamily("kevlarflow_last_mttr_seconds",
                                   "From the last failure until its instance completed a step")
-    mttrs = recovery_times(st.events)
+    mttrs = [f["mttr_s"] for f in failure_timings([(e.kind, e.time, e.instance, e.worker)
+                                                   for e in st.events]) if f["mttr_s"] is not None]
     if mttrs:
         last_mttr.add_metric([], mttrs[-1])
     yield last_mttr

@@ -1,5 +1,5 @@
 """What /health and /status report: a deployment's typed snapshot
-(DistributedEngine.status()), or the in-process engine's queues."""
+(Controller.status()), or the in-process engine's queues."""
 from __future__ import annotations
 
 import time
@@ -19,7 +19,9 @@ def retry(read, attempts: int = 20):
 
 
 def is_deployment(engine) -> bool:
-    return hasattr(engine, "status")
+    from kevlarflow.deploy.controller import Controller
+
+    return isinstance(engine, Controller)
 
 
 def health(async_engine) -> tuple[bool, dict]:
@@ -83,6 +85,7 @@ def status(async_engine, model_name: str) -> dict:
                           "blocks_used": w.blocks_used}
                  for w in st.workers},
         instances=[{"index": i.index, "phase": i.phase, "reason": i.reason, "serving": i.serving,
+                    "steps": i.steps,
                     "workers": i.workers, "home": i.home, "borrowed": i.borrowed,
                     "requests": i.requests} for i in st.instances],
         replication={"enabled": st.replication_enabled, "stats": st.stats,

@@ -8,10 +8,11 @@ token against the failure-free output."""
 from __future__ import annotations
 
 import asyncio
-import json
 import random
 import time
 from dataclasses import asdict, dataclass, field
+
+from kevlarflow.bench import sse
 
 FIRST_ID = 16  # prompts skip the first ids: special tokens live there
 
@@ -67,14 +68,7 @@ async def one_request(session, url: str, model: str, record: RequestRecord, t0: 
             if response.status != 200:
                 record.error = f"HTTP {response.status}: {(await response.text())[:300]}"
                 return
-            async for raw in response.content:
-                line = raw.decode("utf-8").strip()
-                if not line.startswith("data:"):
-                    continue
-                data = line[len("data:"):].strip()
-                if data == "[DONE]":
-                    break
-                chunk = json.loads(data)
+            async for chunk in sse.chunks(response):
                 if "error" in chunk:
                     record.error = str(chunk["error"].get("message", chunk["error"]))
                     return

@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 def finish(args, model, deployment, trace, runs, rate, measured_capacity, started) -> dict:
     from kevlarflow.bench.failover.timeline import plot_modes, plot_run
-    from kevlarflow.dist.config import DeploymentConfig
+    from kevlarflow.deploy.config import DeploymentConfig
 
     base_mode = "restart" if "restart" in runs else args.modes[0]
     base_runs = runs[base_mode].get("fault_free") or next(iter(runs[base_mode].values()))

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import statistics
 
+from kevlarflow.ft.events import failure_timings
+
 # Summaries of several runs, and the paper's ratios, use these keys.
 RATIO_METRICS = ("mttr_s", "avg_latency_s", "p99_latency_s", "avg_ttft_s", "p99_ttft_s")
 SLO_FACTOR = 5.0  # default SLOs: this many times the fault-free baseline's median TTFT and TPOT
@@ -54,22 +56,15 @@ def within(value: float | None, bound: float | None) -> bool:
     return value is None or bound is None or value <= bound
 
 
-def _after(events: list[dict], kind: str, instance: int, t: float) -> float | None:
-    """Seconds from t to the first event of this kind for this instance."""
-    return next((e["t_s"] - t for e in events
-                 if e["kind"] == kind and e["instance"] == instance and e["t_s"] >= t), None)
-
-
 def recovery_times(run: dict) -> dict:
     """Per failure in the run, seconds from the fault to its detection, to the
     failed instance's communicator being up again, and to its first completed
     forward step (MTTR); averaged over the run's failures."""
-    events = run["events"]
-    failures = [e for e in events if e["kind"] == "failed"]
+    timings = failure_timings([(e["kind"], e["t_s"], e["instance"], e.get("worker"))
+                               for e in run["events"]])
     out = {}
-    for key, kind in (("detect_s", "detected"), ("resumed_s", "resumed"),
-                      ("mttr_s", "first_step_after_failure")):
-        times = [_after(events, kind, f["instance"], f["t_s"]) for f in failures]
+    for key in ("detect_s", "resumed_s", "mttr_s"):
+        times = [t[key] for t in timings]
         out[key] = mean(times) if times and None not in times else None
     return out
 

@@ -45,7 +45,7 @@ def _median_time(fn, repeats: int = REPEATS) -> float:
 
 
 def process_start_s() -> float:
-    cmd = [sys.executable, "-c", "import kevlarflow.dist.worker"]
+    cmd = [sys.executable, "-c", "import kevlarflow.deploy.worker"]
     return _median_time(lambda: subprocess.run(cmd, check=True))
 
 
@@ -53,7 +53,7 @@ def _comm_member(me: str, port: int, results) -> None:
     import torch
     import torch.distributed as dist
 
-    from kevlarflow.dist.comm import CommManager
+    from kevlarflow.comm.manager import CommManager
 
     torch.set_num_threads(1)
     store = dist.TCPStore("127.0.0.1", port, is_master=False,

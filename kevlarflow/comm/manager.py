@@ -1,0 +1,298 @@
+"""Communicators that can be aborted, shrunk and rebuilt, with a deadline on every op.
+
+A communicator is keyed by a group name and has a generation number and an
+explicit member list (member ids such as "w0.1"; rank = index in the list).
+Each generation is connected through its own store prefix
+("kevlarflow/comm/{group}/gen{generation}"), so it gets its own connections:
+a message sent on one generation can never be received on another.
+
+A build can run in the background (start_build) and be called off at any
+moment (Build.cancel, or abandon_generation from anyone who can reach the
+store): its members meet at an abortable rendezvous first (rendezvous.py), so
+a build never waits out its deadline for a member that is dead or has moved
+on.
+
+The op execution, deadlines, error classification, the broken state and the
+registry live in the native module (csrc/comm/); this class only builds what
+needs torch's Python API (the gloo process group over a PrefixStore).
+"""
+from __future__ import annotations
+
+import datetime
+import logging
+import threading
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+from kevlarflow import _comm
+from kevlarflow.comm import rendezvous
+
+CommError = _comm.CommError          # base; .group .generation .op .peer
+CommTimeout = _comm.CommTimeout      # the deadline passed (a hung peer)
+PeerFailure = _comm.PeerFailure      # a peer closed its connection / died
+CommAborted = _comm.CommAborted      # op on an aborted or broken communicator
+PendingOp = _comm.PendingOp          # from isend(); .wait(deadline_s=None)
+
+BACKENDS = ("gloo", "nccl")
+
+log = logging.getLogger("kevlarflow.comm")
+
+__all__ = ["CommManager", "Build", "CommError", "CommTimeout", "PeerFailure", "CommAborted",
+           "PendingOp", "BACKENDS", "store_prefix", "abandon_generation"]
+
+
+def store_prefix(group: str, generation: int) -> str:
+    """The store namespace of one generation of a group."""
+    return f"kevlarflow/comm/{group}/gen{generation}"
+
+
+def abandon_generation(store: dist.Store, group: str, generation: int, size: int,
+                       reason: str) -> None:
+    """Call off a generation of `size` members: every member building it gives
+    up at once (CommAborted), wherever it runs. `store` is the deployment's
+    store itself (not a PrefixStore), on a client no build waits on."""
+    rendezvous.abandon(dist.PrefixStore(store_prefix(group, generation), store), size, reason)
+
+
+def _build_error(group: str, generation: int, members: list[str], cause: Exception) -> CommError:
+    """A failed connect as the native errors look: a store wait that ran out is
+    a timeout (a member never came), a generation called off is aborted,
+    anything else a peer failure."""
+    text = str(cause)
+    lower = text.lower()
+    if isinstance(cause, rendezvous.Abandoned):
+        kind, text = CommAborted, f"abandoned: {text}"
+    elif "timeout" in lower or "timed out" in lower:
+        kind = CommTimeout
+    else:
+        kind = PeerFailure
+    error = kind(f"build on group {group!r} generation {generation} among {members}: {text}")
+    error.group, error.generation, error.op = group, generation, "build"
+    error.peer = "all of " + str(members)
+    return error
+
+
+class Build:
+    """One generation of a group being connected on a thread of its own.
+
+    on_done(build) is called on that thread once it ends, however it ends:
+    then `error` is None (connected and installed) or the CommError."""
+
+    def __init__(self, manager: "CommManager", group: str, members: list[str], generation: int,
+                 rank: int, deadline_s: float, on_done: Callable[["Build"], None] | None):
+        self.group, self.members, self.generation = group, members, generation
+        self.error: CommError | None = None
+        self._manager, self._rank, self._deadline_s = manager, rank, deadline_s
+        self._on_done = on_done
+        self._done = threading.Event()
+        self._cancelled = False
+        self._thread = threading.Thread(target=self._run, name=f"kevlarflow-build-{group}",
+                                        daemon=True)
+
+    def _run(self) -> None:
+        try:
+            self._manager._connect(self.group, self.members, self.generation, self._rank,
+                                   self._deadline_s)
+        except CommError as error:
+            self.error = error
+        finally:
+            self._done.set()
+            if self._on_done is not None:
+                self._on_done(self)
+
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled
+
+    def cancel(self, reason: str) -> None:
+        """Give up on this generation here and call it off for every member;
+        never blocks on a peer. Ops of the group fail as aborted after it."""
+        if self._cancelled or self._done.is_set():
+            return
+        self._cancelled = True
+        self._manager._call_off(self.group, self.generation, len(self.members), reason)
+
+    def wait(self, timeout_s: float | None = None) -> None:
+        """Until the build ends; raises its CommError if it failed."""
+        if not self._done.wait(timeout_s):
+            raise TimeoutError(f"build of {self.group!r} generation {self.generation} still running")
+        if self.error is not None:
+            raise self.error
+
+
+class CommManager:
+    """The communicators of one process (member id `me`).
+
+    connect_store, if given, makes a new client of the deployment's store; each
+    build then waits on a client of its own (a client serialises its calls, so
+    builds that share one would wait for each other, and so would a cancel).
+    Without it, builds use `store`, one at a time."""
+
+    def __init__(self, store: dist.Store, me: str, deadline_s: float = 5.0,
+                 backend: str = "gloo", connect_store: Callable[[], dist.Store] | None = None):
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown communicator backend {backend!r}; choose one of {BACKENDS}")
+        if not isinstance(store, dist.Store):
+            raise TypeError(f"store must be a torch.distributed.Store, got {type(store).__name__}")
+        if backend == "nccl":
+            from kevlarflow.comm import nccl
+            reason = nccl.unavailable_reason()
+            if reason:
+                raise RuntimeError(f"CommManager(backend='nccl'): {reason}")
+        self._store = store
+        self._connect_store = connect_store
+        self._signal_lock = threading.Lock()
+        self._signal_store: dist.Store | None = None  # the client that calls builds off
+        self._backend = backend
+        self._deadline_s = float(deadline_s)
+        self._core = _comm.Manager(str(me), self._deadline_s)
+
+    @property
+    def me(self) -> str:
+        return self._core.me
+
+    @property
+    def backend(self) -> str:
+        return self._backend
+
+    # ---- group lifecycle --------------------------------------------------
+
+    def build(self, group: str, members: list[str], generation: int = 0,
+              deadline_s: float | None = None) -> None:
+        """Connect `group` among `members` (collective: every member calls it)."""
+        self.start_build(group, members, generation, deadline_s).wait()
+
+    def start_build(self, group: str, members: list[str], generation: int,
+                    deadline_s: float | None = None,
+                    on_done: Callable[[Build], None] | None = None) -> Build:
+        """Begin `generation` of `group` now (ops on the group fail as aborted
+        until it is connected; its previous generation is retired) and
+        connect it on a background thread."""
+        members = [str(m) for m in members]
+        deadline_s = self._deadline(deadline_s)
+        rank = self._core.begin_generation(group, members, int(generation))
+        build = Build(self, group, members, int(generation), rank, deadline_s, on_done)
+        build._thread.start()
+        return build
+
+    def abort(self, group: str, generation: int | None = None) -> None:
+        """Abort `group`'s communicator (only if `generation` is still its
+        current one, when given); never blocks, idempotent."""
+        if generation is None:
+            self._core.abort(group)
+        else:
+            self._core.abort_generation(group, int(generation))
+
+    def shrink(self, group: str, excluded: list[str], deadline_s: float | None = None) -> int:
+        """Drop `excluded` (survivors call it with the same set); returns the new generation.
+
+        Ranks are renumbered: a survivor's new rank is its index among the survivors.
+        NCCL 2.27+ shrinks a healthy communicator in place (ncclCommShrink); a
+        broken one, and every other case, is connected anew."""
+        excluded = [str(m) for m in excluded]
+        if self._backend == "nccl":
+            generation = self._core.shrink_by_backend(
+                group, excluded, self._deadline_s if deadline_s is None else float(deadline_s))
+            if generation >= 0:
+                return generation
+        members, generation = self._core.shrink_plan(group, excluded)
+        rank = self._core.begin_generation(group, members, generation)
+        self._connect(group, members, generation, rank, deadline_s)
+        return generation
+
+    def rebuild(self, group: str, members: list[str], deadline_s: float | None = None) -> int:
+        """Connect `group` anew among any `members`; returns the new generation
+        (the last one this process used for `group` plus one, or 0)."""
+        members = [str(m) for m in members]
+        generation = self._core.rebuild_generation(group)
+        rank = self._core.begin_generation(group, members, generation)
+        self._connect(group, members, generation, rank, deadline_s)
+        return generation
+
+    def close(self) -> None:
+        """Abort every communicator; never blocks. The manager is unusable after."""
+        self._core.close()
+
+    def _deadline(self, deadline_s: float | None) -> float:
+        deadline_s = self._deadline_s if deadline_s is None else float(deadline_s)
+        if not deadline_s > 0:
+            raise ValueError(f"deadline_s must be positive, got {deadline_s}")
+        return deadline_s
+
+    def _call_off(self, group: str, generation: int, size: int, reason: str) -> None:
+        self._core.fail(group, generation, f"called off: {reason}")
+        if self._connect_store is None:
+            return  # the only client may be waiting in that very build
+        try:
+            with self._signal_lock:
+                if self._signal_store is None:
+                    self._signal_store = self._connect_store()
+                abandon_generation(self._signal_store, group, generation, size, reason)
+        except Exception as error:  # noqa: BLE001  (the store is gone: so is every build)
+            log.info("could not call off %s generation %d in the store: %s", group, generation,
+                     error)
+
+    def _connect(self, group, members, generation, rank, deadline_s) -> None:
+        deadline_s = self._deadline(deadline_s)
+        try:
+            client = self._connect_store() if self._connect_store is not None else self._store
+            store = dist.PrefixStore(store_prefix(group, generation), client)
+            rendezvous.meet(store, rank, len(members), deadline_s)
+            if self._backend == "gloo":
+                self._core.install_gloo(group, generation, self._new_gloo(store, rank, len(members),
+                                                                         deadline_s))
+            else:
+                from kevlarflow.comm import nccl
+                nccl.connect(self._core, store, group, generation, rank, len(members), deadline_s)
+        except CommError:
+            raise
+        except Exception as e:
+            self._core.fail(group, generation, str(e))
+            raise _build_error(group, generation, members, e) from e
+
+    @staticmethod
+    def _new_gloo(store, rank: int, size: int, deadline_s: float):
+        # The gloo timeout is the deadline, so gloo's own threads give up too.
+        # No reference is kept here: the native side owns the group, so its
+        # teardown happens on the reaper thread, not in a Python decref.
+        return dist.ProcessGroupGloo(store, rank, size, datetime.timedelta(seconds=deadline_s))
+
+    # ---- ops --------------------------------------------------------------
+
+    def send(self, group: str, tensor: torch.Tensor, dst: str, deadline_s=None) -> None:
+        self._core.send(group, tensor, dst, deadline_s)
+
+    def isend(self, group: str, tensor: torch.Tensor, dst: str) -> PendingOp:
+        return self._core.isend(group, tensor, dst)
+
+    def recv(self, group: str, tensor: torch.Tensor, src: str, deadline_s=None) -> None:
+        self._core.recv(group, tensor, src, deadline_s)
+
+    def allreduce(self, group: str, tensor: torch.Tensor, deadline_s=None) -> None:
+        self._core.allreduce(group, tensor, deadline_s)
+
+    def broadcast(self, group: str, tensor: torch.Tensor, root: str, deadline_s=None) -> None:
+        self._core.broadcast(group, tensor, root, deadline_s)
+
+    # ---- queries ----------------------------------------------------------
+
+    def generation(self, group: str) -> int:
+        return self._core.generation(group)
+
+    def members(self, group: str) -> list[str]:
+        return self._core.members(group)
+
+    def rank(self, group: str) -> int:
+        return self._core.rank(group)
+
+    def has(self, group: str) -> bool:
+        return self._core.has(group)
+
+    def healthy(self, group: str) -> bool:
+        """True while `group` can run ops (connected, not aborted, not broken)."""
+        return self._core.has(group) and not self._core.broken(group)

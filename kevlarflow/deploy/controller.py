@@ -1,0 +1,314 @@
+"""The controller of a deployment: num_instances pipeline instances of pp_size
+stage workers each, behind one request API (the same as LLMEngine's).
+
+The controller hosts the rendezvous store (torch.distributed's TCPStore) and
+the control socket, starts the workers (or waits for external ones to
+register), assigns each a slot, and once every worker of an instance has
+loaded its stage, asks them to build the instance's communicator. Then step()
+keeps each instance's pipeline full of micro-batches and turns the tokens
+that come back into outputs. What happens when workers fail is decided by
+ft.recovery, which acts on the deployment through the methods under
+"Recovery's view" below."""
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import time
+from datetime import timedelta
+
+import torch
+
+from kevlarflow.comm.manager import abandon_generation
+from kevlarflow.deploy.config import DeploymentConfig, StagePools
+from kevlarflow.deploy.control import ControllerEndpoint
+from kevlarflow.deploy.instance import MicroBatch, PipelineInstance
+from kevlarflow.deploy.launcher import LocalLauncher
+from kevlarflow.deploy.membership import Membership
+from kevlarflow.deploy.router import pick_instance
+from kevlarflow.deploy.status import DeploymentStatus, snapshot
+from kevlarflow.deploy.workers import WorkerTable
+from kevlarflow.engine.block_manager import BlockManager
+from kevlarflow.engine.frontend import RequestFrontend
+from kevlarflow.engine.outputs import RequestOutput
+from kevlarflow.engine.sequence import Sequence
+from kevlarflow.ft.events import EventLog
+from kevlarflow.ft.health import HealthMonitor
+from kevlarflow.ft.recovery import Recovery
+from kevlarflow.model.config import DTYPES, ModelConfig
+from kevlarflow.replication.controller import Replication
+
+log = logging.getLogger("kevlarflow.controller")
+
+__all__ = ["DeploymentConfig", "DeploymentError", "Controller"]
+
+
+class DeploymentError(RuntimeError):
+    """The deployment could not start, or lost what it needs to serve."""
+
+
+class Controller(RequestFrontend):
+    poll_interval_s = 0.05  # how often an idle caller should still step (health, recovery)
+
+    def __init__(self, model: str, config: DeploymentConfig | None = None, tokenizer=None):
+        from transformers import AutoTokenizer
+
+        self.config = config = config or DeploymentConfig()
+        config.validate()
+        self.model = os.path.abspath(model)
+        cfg = ModelConfig.from_pretrained(model)
+        if config.dtype:
+            cfg.dtype = DTYPES[config.dtype]
+        if config.pp_size > cfg.num_layers:
+            raise ValueError(f"pp_size {config.pp_size} exceeds the model's {cfg.num_layers} layers")
+        self.model_config = cfg
+        max_model_len = min(config.max_model_len or cfg.max_position_embeddings,
+                            cfg.max_position_embeddings)
+        sizes = StagePools.of(config, cfg)
+        self.stage_blocks = sizes.live_blocks
+        super().__init__(tokenizer or AutoTokenizer.from_pretrained(model), cfg.vocab_size,
+                         cfg.eos_token_ids, max_model_len, min(self.stage_blocks) * config.block_size)
+
+        self.workers = WorkerTable(config.num_instances, config.pp_size)
+        self.events = EventLog()
+        self.health = HealthMonitor(config.hang_timeout_s)
+        self._generations = itertools.count()
+        self.pools: dict[str, BlockManager] = {}
+        self.replication = Replication(self.workers, self.pools, sizes.replica_blocks,
+                                       config.block_size, sizes.block_bytes, self.send,
+                                       self.call_off, lambda: next(self._generations))
+        for name in self.workers.names():
+            self.pools[name] = self._new_pool(name)
+        self.instances = []
+        for i in range(config.num_instances):
+            workers = [f"w{i}.{s}" for s in range(config.pp_size)]
+            self.instances.append(PipelineInstance(
+                i, workers, [self.pools[w] for w in workers], config.max_num_batched_tokens,
+                config.max_num_seqs, config.max_in_flight or config.pp_size,
+                on_free=self.replication.forget))
+        self.owner: dict[Sequence, PipelineInstance] = {}
+        self._steps = itertools.count()
+        self._undelivered: list[RequestOutput] = []  # ended outside a result (failures)
+        self._closed = False
+        self.launcher = None
+        self.membership = None
+        self.recovery = Recovery(self)
+
+        self.store = torch.distributed.TCPStore(config.host, config.store_port, is_master=True,
+                                                wait_for_workers=False,
+                                                timeout=timedelta(seconds=config.start_timeout_s))
+        self.endpoint = ControllerEndpoint(config.host, config.port)
+        self.address = f"{config.host}:{self.endpoint.port}"
+        log.info("controller on %s, rendezvous store on port %d", self.address, self.store.port)
+        self.launcher = LocalLauncher(self._local_address(), config.worker_threads) \
+            if config.spawn_workers else None
+        self.membership = Membership(self)
+        # Recovery's view of the workers' processes is membership's.
+        self.discard, self.spawn = self.membership.discard, self.membership.spawn
+        try:
+            if self.launcher:
+                for name in self.workers.names():
+                    self.spawn(name)
+            else:
+                log.info("waiting for %d workers: start each with `kevlarflow worker --controller "
+                         "%s`", len(self.workers.records), self.address)
+            self._wait_until_serving(config.start_timeout_s)
+            self.membership.started = True
+        except BaseException:
+            self.shutdown()
+            raise
+
+    def _new_pool(self, worker: str) -> BlockManager:
+        stage = self.workers[worker].stage
+        pool = BlockManager(self.stage_blocks[stage] + self.replication.replica_blocks[stage],
+                            self.config.block_size, self.config.enable_prefix_caching, pool=worker)
+        self.replication.new_pool(worker, pool)
+        return pool
+
+    def _local_address(self) -> str:
+        host = "127.0.0.1" if self.config.host in ("0.0.0.0", "") else self.config.host
+        return f"{host}:{self.endpoint.port}"
+
+    def _wait_until_serving(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not all(inst.serving for inst in self.instances):
+            if time.monotonic() > deadline:
+                ready = [r.name for r in self.workers if r.ready]
+                raise DeploymentError(f"workers not ready after {timeout_s:.0f} s: ready "
+                                      f"{sorted(ready)} of {self.workers.names()}")
+            self.membership.check()
+            self.membership.handle(self.endpoint.recv(100))
+
+    # Recovery's view: what ft.recovery reads (config, instances, workers,
+    # pools, replication, events) and does ---------------------------------------
+
+    def send(self, to: str, type_: str, /, **fields) -> None:
+        """A control message to worker `to`'s main socket; dropped if it is gone."""
+        peer = self.workers[to].peer
+        if peer is not None:
+            self.endpoint.send(peer, type_, **fields)
+
+    def call_off(self, group: str, generation: int, members: list[str], reason: str) -> None:
+        abandon_generation(self.store, group, generation, len(members), reason)
+
+    def build(self, inst: PipelineInstance, route: list[str]) -> None:
+        inst.generation = next(self._generations)
+        for w in route:
+            self.send(w, "build_group", group=inst.group, members=route,
+                      generation=inst.generation)
+
+    def abort_generation(self, inst: PipelineInstance, reason: str) -> None:
+        """Through the heartbeat sockets, so that a worker blocked in an op of
+        the group wakes at once; and in the store, so that a build of it
+        still under way gives up wherever it runs."""
+        if inst.generation < 0:
+            return
+        for w in inst.workers:
+            peer = self.workers[w].heartbeat_peer
+            if peer is not None:
+                self.endpoint.send(peer, "abort_group", group=inst.group,
+                                   generation=inst.generation)
+        self.call_off(inst.group, inst.generation, inst.workers, reason)
+        inst.generation = -1  # steps of the old generation are stale everywhere
+
+    def fail_requests(self, inst: PipelineInstance, reason: str) -> None:
+        """The instance's requests end with an error (never a hang)."""
+        if inst.sequences:
+            self.events.record("requests_failed", instance=inst.index,
+                               detail=f"{len(inst.sequences)} requests: {reason}")
+        for seq in list(inst.sequences):
+            seq.finish_reason = "error"
+            self._undelivered.append(self._finish(seq, "", []))
+
+    def status(self) -> DeploymentStatus:
+        """A typed snapshot, safe to take from another thread."""
+        return snapshot(self)
+
+    def worker_loaded(self, name: str) -> None:
+        """A worker finished loading: a new process, so an empty pool."""
+        self.pools[name] = self._new_pool(name)
+        self.recovery.worker_ready(name)
+
+    def inject_fault(self, instance: int, stage: int, kind: str = "kill") -> None:
+        """A real fault (SIGKILL for "kill", SIGSTOP for "hang") to the process
+        of slot (instance, stage), whatever it is doing. For tests, benchmarks
+        and demos."""
+        self.membership.inject_fault(instance, stage, kind)
+
+    # Requests --------------------------------------------------------------------
+
+    def _submit(self, seq: Sequence) -> None:
+        inst = pick_instance(self.instances)
+        self.owner[seq] = inst
+        inst.add(seq)
+
+    def _release(self, seq: Sequence) -> None:
+        inst = self.owner.pop(seq)
+        inst.sequences.discard(seq)
+        inst.scheduler.drop(seq)
+        self.replication.forget(seq)
+        if seq not in inst.busy:  # else a stage may still write its blocks: freed on return
+            inst.blocks.free_sequence(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.sequences)
+
+    # Steps -------------------------------------------------------------------------
+
+    def step(self, timeout_s: float = 0.1) -> list[RequestOutput]:
+        """Fill every serving pipeline with micro-batches, then collect what
+        comes back within timeout_s. Returns the outputs of this round."""
+        # What arrived while nobody was stepping first: heartbeats queued during
+        # a pause of the caller must count before the deadline is checked.
+        outputs = self._drain()
+        self.membership.check()
+        outputs, self._undelivered = self._undelivered + outputs, []
+        for inst in self.instances:
+            while inst.can_dispatch():
+                batch = inst.schedule()
+                if not batch:
+                    break
+                self._dispatch(inst, batch)
+        # Wait only while tokens are due; otherwise just take what is there.
+        waiting = self.recovery.busy() or any(inst.in_flight for inst in self.instances)
+        received = self.endpoint.recv(int(timeout_s * 1000) if waiting else 0)
+        if received is not None:
+            outputs += self.membership.handle(received) + self._drain()
+        return outputs
+
+    def _drain(self) -> list[RequestOutput]:
+        outputs = []
+        received = self.endpoint.recv(0)
+        while received is not None:
+            outputs += self.membership.handle(received)
+            received = self.endpoint.recv(0)
+        return outputs
+
+    def _dispatch(self, inst: PipelineInstance, batch) -> None:
+        step = next(self._steps)
+        messages, sampled = inst.stage_messages(step, batch)
+        for worker, message in zip(inst.workers, messages):
+            self.send(worker, "step", generation=inst.generation,
+                      replicate=self.replication.pairs(worker, batch.items, step), **message)
+        inst.in_flight[step] = MicroBatch(step, batch, sampled)
+        inst.steps_dispatched += 1
+        inst.peak_in_flight = max(inst.peak_in_flight, len(inst.in_flight))
+        inst.busy.update(seq for seq, _ in batch.items)
+
+    def instance_of_step(self, step: int | None) -> PipelineInstance | None:
+        """The instance with that step in flight; None if it was given up on."""
+        return next((inst for inst in self.instances if step in inst.in_flight), None)
+
+    def on_result(self, name: str, m: dict) -> list[RequestOutput]:
+        inst = self.instance_of_step(m["step"])
+        mb = inst.in_flight.get(m["step"]) if inst else None
+        if mb is None or name != inst.workers[-1] or len(m["tokens"]) != len(mb.sampled) \
+                or len(m["logprobs"]) != len(mb.sampled):
+            log.info("dropped a result for step %d from %s that matches no batch", m["step"], name)
+            return []
+        del inst.in_flight[m["step"]]
+        self.recovery.step_completed(inst)
+        for seq, n in mb.batch.items:
+            inst.busy.discard(seq)
+            if seq.is_finished:  # aborted while in flight
+                inst.blocks.free_sequence(seq)
+                continue
+            seq.num_computed_tokens += n
+            inst.blocks.register_full_blocks(seq)
+        now = time.time()
+        outputs = []
+        for seq, token, lp in zip(mb.sampled, m["tokens"], m["logprobs"]):
+            if not seq.is_finished:
+                logprob, top = (None, None) if lp is None else (lp[0], [tuple(p) for p in lp[1]])
+                outputs.append(self._append_sampled(seq, token, now, logprob, top))
+        return outputs
+
+    def on_bad_step(self, name: str, step: int | None, message: str) -> None:
+        """A step the worker refused: a bug; the requests end, not the process."""
+        inst = self.instance_of_step(step) or self.instances[self.workers[name].instance]
+        inst.in_flight.clear()
+        inst.busy.clear()
+        self.fail_requests(inst, f"{name}: {message}")
+
+    # Shutdown ------------------------------------------------------------------------
+
+    def shutdown(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        endpoint = getattr(self, "endpoint", None)
+        if endpoint is not None:
+            for record in self.workers:
+                if record.peer is not None:
+                    endpoint.send(record.peer, "shutdown")
+        if getattr(self, "launcher", None):
+            self.launcher.stop()
+        if endpoint is not None:
+            endpoint.close()
+        self.store = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()

@@ -1,0 +1,54 @@
+"""Hidden states between the stages of a worker's pipelines: received from
+the previous stage, sent on to the next without waiting for it, with a
+bounded number of sends on their way."""
+from __future__ import annotations
+
+from collections import deque
+from typing import Callable
+
+import torch
+
+from kevlarflow.comm.groups import WorkerGroups
+from kevlarflow.comm.manager import CommError
+
+MAX_PENDING_SENDS = 4
+
+
+class HiddenStates:
+    def __init__(self, groups: WorkerGroups, hidden_size: int, dtype: torch.dtype,
+                 report: Callable[[int, Exception], None]):
+        self.groups, self.hidden_size, self.dtype = groups, hidden_size, dtype
+        self.report = report  # a failed send, as an error of the step it belonged to
+        self.pending: deque = deque()  # (step, group, generation, op)
+
+    def recv(self, group: str, src: str, num_tokens: int) -> torch.Tensor:
+        width = self.hidden_size * self.dtype.itemsize
+        buffer = torch.empty(num_tokens, width, dtype=torch.uint8)  # bytes: any dtype travels
+        self.groups.manager().recv(group, buffer, src)
+        return buffer.view(self.dtype)
+
+    def send(self, step: int, group: str, dst: str, hidden: torch.Tensor) -> None:
+        while len(self.pending) >= MAX_PENDING_SENDS:
+            self._wait_oldest()
+        op = self.groups.manager().isend(group, hidden.contiguous().view(torch.uint8), dst)
+        self.pending.append((step, group, self.groups.generation(group), op))
+
+    def drop(self, group: str) -> None:
+        """Sends still on their way on group: nobody waits for them."""
+        self.pending = deque(p for p in self.pending if p[1] != group)
+
+    def drain(self) -> None:
+        while self.pending:
+            self._wait_oldest()
+
+    def _wait_oldest(self) -> None:
+        """A send that failed is reported as its own step's error: it may be
+        of another pipeline than the step that waits for room (a borrowed
+        worker sends for two)."""
+        step, group, generation, op = self.pending.popleft()
+        try:
+            op.wait()
+        except CommError as error:
+            if generation == self.groups.generation(group):
+                self.report(step, error)
+            # else: a generation given up on meanwhile; nobody waits for it

@@ -1,0 +1,251 @@
+"""A worker process: one pipeline stage of one instance.
+
+It registers with the controller, is assigned a stage, loads that stage's
+weights and allocates its KV pool on its own, and only then joins the
+communicators the controller asks for: weights and communicators have
+separate lives. After that it executes the micro-batches the controller sends,
+in order (steps.py), builds and leaves the communicators it is told to
+(kevlarflow.comm.groups), replicates its KV (kevlarflow.replication.worker),
+and exits when its controller is gone (heartbeat.py)."""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from collections import deque
+from datetime import timedelta
+
+import torch
+
+from kevlarflow.comm.groups import WorkerGroups
+from kevlarflow.deploy.control import Waker, WorkerEndpoint
+from kevlarflow.deploy.heartbeat import Heartbeat
+from kevlarflow.deploy.hidden_states import HiddenStates
+from kevlarflow.deploy.steps import BadStep, StageSteps
+from kevlarflow.engine.model_runner import ModelRunner
+from kevlarflow.model.config import DTYPES, ModelConfig
+from kevlarflow.model.loader import load_stage
+from kevlarflow.model.stage import StageSpec
+from kevlarflow.replication import is_link
+from kevlarflow.replication.worker import WorkerReplication
+
+log = logging.getLogger("kevlarflow.worker")
+
+POLL_MS = 200
+CONNECT_TIMEOUT_S = 120.0  # for a worker started before its controller listens
+
+
+class Worker:
+    def __init__(self, controller: str, instance: int | None = None, stage: int | None = None,
+                 threads: int = 1, parent_pid: int | None = None,
+                 connect_timeout_s: float = CONNECT_TIMEOUT_S):
+        torch.set_num_threads(threads)
+        self.controller_host = controller.rsplit(":", 1)[0]
+        self.waker = Waker()
+        self.endpoint = WorkerEndpoint(controller, self.waker)
+        self.name: str | None = None  # assigned by the controller
+        # Its stage of the model, and how it runs steps on it: once assigned.
+        self.runner: ModelRunner | None = None
+        self.hidden: HiddenStates | None = None
+        self.steps: StageSteps | None = None
+        self.groups = WorkerGroups(self._new_comm, self.waker.wake)
+        self.replication: WorkerReplication | None = None
+        self.controller = controller
+        self.connect_timeout_s = connect_timeout_s
+        self.stop_reason: str | None = None  # set from the heartbeat thread
+        self.backlog: deque = deque()  # messages read ahead while looking for a step to merge
+        self.merged_steps = 0
+        self.endpoint.send("register", pid=os.getpid(), host=socket.gethostname(),
+                           instance=instance, stage=stage)
+        self.heartbeat = Heartbeat(self, controller, parent_pid)
+        self.heartbeat.start()
+
+    @property
+    def label(self) -> str:
+        return self.name or "unassigned worker"
+
+    # Loop -------------------------------------------------------------------
+
+    def run(self) -> None:
+        try:
+            while self.stop_reason is None:
+                message = self.backlog.popleft() if self.backlog else self.endpoint.recv(POLL_MS)
+                self._finish_builds()
+                if message is None:
+                    continue
+                if message["type"] == "shutdown":
+                    return
+                self.handle(message)
+        finally:
+            self.close()
+
+    def handle(self, m: dict) -> None:
+        kind = m["type"]
+        if kind == "assign":
+            if self.steps is not None:
+                log.warning("%s: ignored a second assignment", self.label)
+                return
+            self._assign(m)
+        elif self.steps is None:
+            log.warning("unassigned worker: ignored %s", kind)
+        elif kind == "build_group":
+            self._build_group(m)
+        elif kind == "leave_group":
+            self._leave_group(m["group"])
+        elif kind == "step":
+            self._step(m)
+
+    def controller_lost(self, reason: str) -> None:
+        """From the heartbeat thread: stop serving and exit. Aborting every
+        group wakes the main thread if an op holds it."""
+        log.warning("%s: %s; exiting", self.label, reason)
+        self.stop_reason = reason
+        self.groups.abort_all()
+        self.waker.wake()
+
+    def close(self) -> None:
+        self.heartbeat.stopping.set()
+        self.heartbeat.join(timeout=5)
+        if self.stop_reason is None and self.hidden is not None:
+            self.hidden.drain()
+        if self.replication is not None:
+            self.replication.close()
+        self.groups.close()
+        self.endpoint.close()
+        self.waker.close()
+
+    # Assignment: weights and KV pool first, communicators later --------------
+
+    def _assign(self, m: dict) -> None:
+        start = time.perf_counter()
+        self.name = m["worker"]  # heartbeats start now: loading is watched too
+        torch.set_num_threads(m["threads"])
+        cfg = ModelConfig.from_pretrained(m["model"])
+        dtype = DTYPES[m["dtype"]] if m["dtype"] else None
+        spec = StageSpec.split(cfg.num_layers, m["num_stages"], m["stage"])
+        stage = load_stage(m["model"], spec, cfg, dtype, progress=False,
+                           max_positions=m["max_model_len"])
+        # Replica blocks follow the live ones in the same caches: after a
+        # failure the controller makes them live blocks without a copy.
+        self.runner = ModelRunner(stage, m["num_blocks"] + m["replica_blocks"], m["block_size"],
+                                  m["attention_backend"])
+        self.hidden = HiddenStates(self.groups, stage.cfg.hidden_size, stage.cfg.dtype,
+                                   self._report_step)
+        self.steps = StageSteps(self.name, spec, self.runner, self.groups, self.hidden,
+                                m["max_model_len"], self._reply, self._report_step)
+        self.transfer_bytes = m["replication_transfer_bytes"]
+        self.replication_interval_s = m["replication_interval_s"]
+        self.store_port, self.deadline_s = m["store_port"], m["deadline_s"]
+        self.heartbeat.interval_ms = max(1, int(m["heartbeat_s"] * 1000))
+        load_s = time.perf_counter() - start
+        log.info("%s: stage %d layers [%d, %d) loaded in %.2f s, %d KV blocks", self.name,
+                 m["stage"], spec.first_layer, spec.end_layer, load_s, m["num_blocks"])
+        self.endpoint.send("ready", worker=self.name, load_s=load_s, num_blocks=m["num_blocks"])
+
+    def _build_group(self, m: dict) -> None:
+        group, members = m["group"], m["members"]
+        if self.name not in members:
+            log.warning("%s: asked to join %s, whose members %s exclude it", self.name, group, members)
+            return
+        if is_link(group) and self.replication is not None:
+            self.replication.leave(group)  # a link's threads stop before it is rebuilt
+        self.hidden.drop(group)
+        self.groups.build(group, members, m["generation"])
+
+    def _finish_builds(self) -> None:
+        """Report the builds that ended: a link starts replicating at once."""
+        for build in self.groups.collect():
+            if build.error is not None:
+                log.info("%s: %s", self.name, build.error)
+                self.endpoint.send("group_failed", group=build.group, generation=build.generation,
+                                   message=str(build.error))
+                continue
+            if is_link(build.group):
+                self._replication().joined(build.group, build.members, build.generation)
+            self.endpoint.send("group_ready", group=build.group, generation=build.generation)
+
+    def _leave_group(self, group: str) -> None:
+        """Stop using group for good; for a replication link, also wait until
+        its threads are done (its blocks may become live blocks next)."""
+        if self.replication is not None:
+            self.replication.leave(group)
+        self.groups.stop(group, "left")
+        self.hidden.drop(group)
+
+    def _replication(self) -> WorkerReplication:
+        if self.replication is None:
+            self.replication = WorkerReplication(self.name, self.controller, self.groups.manager(),
+                                                 self.runner.kv_caches, self.transfer_bytes,
+                                                 self.replication_interval_s, self.deadline_s)
+        return self.replication
+
+    def abort_generation(self, group: str, generation: int) -> None:
+        """From the heartbeat thread: give up on that generation of group, if
+        it is the current one or the one being built, and wake the main thread
+        if it is blocked in an op of it. A newer generation is left alone."""
+        self.groups.abort(group, generation, "aborted by the controller")
+
+    def _new_comm(self):
+        from kevlarflow.comm.manager import CommManager
+
+        def client() -> torch.distributed.TCPStore:
+            return torch.distributed.TCPStore(
+                self.controller_host, self.store_port, is_master=False,
+                timeout=timedelta(seconds=max(30.0, self.deadline_s)))
+        return CommManager(client(), self.name, deadline_s=self.deadline_s, connect_store=client)
+
+    # One micro-batch ----------------------------------------------------------
+
+    def _step(self, m: dict) -> None:
+        steps = [m]
+        partner = self._merge_partner(m["group"])  # borrowed: it serves two pipelines
+        if partner is not None:
+            steps.append(partner)
+            self.merged_steps += 1
+            if self.merged_steps == 1:
+                log.info("%s: merging the steps of %s and %s into one forward pass",
+                         self.name, m["group"], partner["group"])
+        self.steps.run(steps, self._written)
+
+    def _written(self, messages: list[dict]) -> None:
+        """The KV of these steps is in the caches: copy it out to the backup."""
+        if self.replication is not None:
+            for m in messages:
+                self.replication.submit(m["replicate"] or [], m["step"])
+
+    def _reply(self, **fields) -> None:
+        self.endpoint.send("result", **fields)
+
+    def _report_step(self, step: int, error: Exception) -> None:
+        kind = "bad_step" if isinstance(error, BadStep) else "comm"
+        log.warning("%s: step %d: %s: %s", self.name, step, kind, error)
+        self.endpoint.send("error", step=step, kind=kind, message=str(error))
+
+    def _take_in(self) -> None:
+        """Queue what has arrived, without waiting."""
+        message = self.endpoint.recv(0)
+        while message is not None:
+            self.backlog.append(message)
+            message = self.endpoint.recv(0)
+
+    def _merge_partner(self, group: str) -> dict | None:
+        """The next step of another pipeline, if it is already queued and
+        nothing that must run before it (a rebuild, a shutdown) is in the way."""
+        self._take_in()
+        for i, message in enumerate(self.backlog):
+            if message["type"] != "step":
+                return None
+            if message["group"] != group:
+                del self.backlog[i]
+                return message
+        return None
+
+
+def main(controller: str, instance: int | None, stage: int | None, threads: int,
+         parent_pid: int | None) -> int:
+    logging.basicConfig(level=os.environ.get("KEVLARFLOW_LOG_LEVEL", "INFO"),
+                        format=f"%(asctime)s worker[{os.getpid()}] %(levelname)s %(message)s")
+    worker = Worker(controller, instance, stage, threads, parent_pid)
+    worker.run()
+    return 0

@@ -1,0 +1,90 @@
+"""One replication link as the controller sees it: the backup's blocks it
+lends, which of them hold which sequence's KV, and how much of each
+sequence is durable there (its watermark)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from kevlarflow.engine.block_manager import BlockManager
+from kevlarflow.engine.sequence import Sequence
+from kevlarflow.replication import link_group
+
+
+@dataclass(eq=False)
+class Record:
+    """One sequence on one link."""
+    durable: int = 0      # tokens whose KV is at the backup (acknowledged)
+    sent: int = 0         # tokens whose blocks were handed to the source to copy
+    dropped: bool = False  # the replica pool was full: no replicas until it ends
+
+
+@dataclass
+class ReplicaLink:
+    source: str
+    backup: str
+    generation: int
+    ids: list[int]                 # the backup's blocks lent to this link
+    block_size: int
+    acks: set[str] = field(default_factory=set)
+    records: dict[Sequence, Record] = field(default_factory=dict)
+    by_step: dict[int, list[tuple[Record, int]]] = field(default_factory=dict)
+    step_blocks: dict[int, int] = field(default_factory=dict)  # blocks each step copies
+    blocks_sent: int = 0           # handed to the source
+    blocks_acked: int = 0
+    dropped: int = 0               # sequences that found the replica pool full
+
+    def __post_init__(self):
+        self.group = link_group(self.source)
+        self.alloc = BlockManager(max(1, len(self.ids)), self.block_size,
+                                  pool=f"replica {self.source}")
+
+    @property
+    def ready(self) -> bool:
+        return self.acks >= {self.source, self.backup}
+
+    def plan(self, seq: Sequence, n: int, table: list[int], step: int) -> list[list[int]]:
+        """(source block, backup block) pairs that seq's chunk of n tokens in
+        this step makes to copy; blocks written before the link existed go
+        along the first time."""
+        record = self.records.setdefault(seq, Record())
+        if record.dropped:
+            return []
+        start = seq.num_computed_tokens
+        end = start + n
+        if not self.ids or not self.alloc.allocate(seq, end):
+            self.alloc.free_sequence(seq)
+            record.dropped, record.durable = True, 0
+            self.dropped += 1
+            return []
+        replicas = self.alloc.table(seq)
+        bs = self.block_size
+        pairs = [[table[k], self.ids[replicas[k]]]
+                 for k in range(min(start, record.sent) // bs, -(-end // bs))]
+        record.sent = max(record.sent, end)
+        self.by_step.setdefault(step, []).append((record, end))
+        self.step_blocks[step] = self.step_blocks.get(step, 0) + len(pairs)
+        self.blocks_sent += len(pairs)
+        return pairs
+
+    def acknowledged(self, steps: list[int]) -> None:
+        for step in steps:
+            self.blocks_acked += self.step_blocks.pop(step, 0)
+            for record, end in self.by_step.pop(step, []):
+                if not record.dropped:
+                    record.durable = max(record.durable, end)
+
+    def watermark(self, seq: Sequence) -> int:
+        record = self.records.get(seq)
+        return 0 if record is None or record.dropped else record.durable
+
+    def forget(self, seq: Sequence) -> None:
+        if self.records.pop(seq, None) is not None:
+            self.alloc.free_sequence(seq)
+
+    def take(self, seq: Sequence, tokens: int) -> list[int]:
+        """The backup's blocks that hold seq's first `tokens` tokens; they
+        leave the link (they become live blocks of the backup)."""
+        keep = -(-tokens // self.block_size)
+        taken = [self.ids[r] for r in self.alloc.table(seq)[:keep]]
+        self.forget(seq)
+        return taken

@@ -1,0 +1,86 @@
+"""A worker's side of KV replication.
+
+A worker sends on at most one link (to its backup, the same-stage worker of
+the next instance in the controller's ring) and receives on any number. Each
+link is a two-member communicator group "repl.<source>" with a generation of
+its own. The native KVReplicator packs and sends on a thread of its own; each
+incoming link has a receiver thread that unpacks into this worker's replica
+blocks and acknowledges the steps now durable, on a control socket of its
+own (zmq sockets are not shared between threads).
+
+The controller sends leave_group on the main socket before it turns replica
+blocks into live ones: the receiver is joined before any later step runs, so
+a late transfer can never write over live KV."""
+from __future__ import annotations
+
+import logging
+import threading
+
+from kevlarflow import _comm
+from kevlarflow.comm.manager import CommError
+from kevlarflow.deploy.control import WorkerEndpoint
+
+log = logging.getLogger("kevlarflow.replication")
+
+class ReplicaReceiver(threading.Thread):
+    def __init__(self, replicator, controller: str, me: str, group: str, generation: int,
+                 source: str, deadline_s: float):
+        super().__init__(name=f"kevlarflow-replica-{source}", daemon=True)
+        self.replicator, self.controller, self.me = replicator, controller, me
+        self.group, self.generation, self.source = group, generation, source
+        self.deadline_s = deadline_s
+
+    def run(self) -> None:
+        endpoint = WorkerEndpoint(self.controller)
+        try:
+            while True:
+                steps = self.replicator.receive(self.group, self.source, self.deadline_s)
+                if steps:
+                    endpoint.send("replicated", worker=self.me, group=self.group,
+                                  generation=self.generation, steps=steps)
+        except (CommError, ValueError) as error:  # aborted, source gone, or a bad transfer
+            log.info("%s: stopped receiving replicas from %s: %s", self.me, self.source, error)
+        finally:
+            endpoint.close()
+
+
+class WorkerReplication:
+    def __init__(self, me: str, controller: str, comm, kv_caches, transfer_bytes: int,
+                 interval_s: float, deadline_s: float):
+        caches = [t for pair in kv_caches for t in pair]
+        self.me, self.controller, self.comm, self.deadline_s = me, controller, comm, deadline_s
+        # Keepalives well inside the deadline: an idle link is not a dead one.
+        self.native = _comm.KVReplicator(comm._core, caches, transfer_bytes, deadline_s / 4,
+                                         interval_s)
+        self.sending: str | None = None
+        self.receivers: dict[str, ReplicaReceiver] = {}
+
+    def joined(self, group: str, members: list[str], generation: int) -> None:
+        """The link's group is built: start sending or receiving on it."""
+        if members[0] == self.me:
+            self.native.start(group, members[1])
+            self.sending = group
+        else:
+            receiver = ReplicaReceiver(self.native, self.controller, self.me, group, generation,
+                                       members[0], self.deadline_s)
+            self.receivers[group] = receiver
+            receiver.start()
+
+    def leave(self, group: str) -> None:
+        """Stop the link, and wait until nothing of it writes any more."""
+        if self.sending == group:
+            self.native.stop()
+            self.sending = None
+        receiver = self.receivers.pop(group, None)
+        if receiver is not None:
+            self.comm.abort(group)  # wakes a receive blocked on the source
+            receiver.join()
+
+    def submit(self, pairs: list[list[int]], step: int) -> None:
+        if self.sending is not None and pairs:
+            self.native.submit([p[0] for p in pairs], [p[1] for p in pairs], step)
+
+    def close(self) -> None:
+        for group in list(self.receivers) + ([self.sending] if self.sending else []):
+            self.leave(group)
+

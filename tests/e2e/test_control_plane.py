@@ -1,0 +1,125 @@
+"""Garbage and wrong-schema bytes on the control sockets are rejected and
+logged, and both ends keep working: a real worker process against a control
+socket of the test's own, and a real deployment against a raw socket."""
+import os
+import subprocess
+import sys
+import time
+
+import msgpack
+import pytest
+
+zmq = pytest.importorskip("zmq")  # a dependency of the package; absent on bare GPU images
+
+from kevlarflow import LLM, SamplingParams  # noqa: E402
+from kevlarflow.deploy.control import ControllerEndpoint
+from helpers.models import tiny_model
+
+GARBAGE = [b"", b"\xc1", b"not msgpack at all", msgpack.packb([1, 2, 3]),
+           msgpack.packb({"type": "assign"}), msgpack.packb({"type": "rm -rf /", "x": 1}),
+           msgpack.packb({"type": "step", "step": "1", "group": 0, "seqs": None,
+                          "token_ids": None, "sample": None}),
+           b"\x80\x04\x95" + b"cos\nsystem\n(S'echo pwned'\ntR."]  # a pickle
+
+
+def _expect(endpoint, kind, timeout_s=60.0):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        got = endpoint.recv(100)
+        if got is not None and got[1]["type"] == kind:
+            return got
+    raise AssertionError(f"no {kind!r} message within {timeout_s} s")
+
+
+@pytest.fixture
+def lone_worker():
+    """A real worker process connected to a control socket the test drives."""
+    endpoint = ControllerEndpoint()
+    proc = subprocess.Popen([sys.executable, "-m", "kevlarflow", "worker", "--controller",
+                             f"127.0.0.1:{endpoint.port}", "--parent-pid", str(os.getpid())])
+    try:
+        yield endpoint, proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        endpoint.close()
+
+
+def test_worker_rejects_garbage_and_keeps_serving(lone_worker):
+    endpoint, proc = lone_worker
+    peer, hello = _expect(endpoint, "register")
+    assert hello["pid"] == proc.pid
+    for data in GARBAGE:
+        endpoint.sock.send_multipart([peer, data])
+    endpoint.sock.send_multipart([peer, b"two", b"frames"])
+    # Still alive and listening: a valid assignment is carried out.
+    endpoint.send(peer, "assign", worker="w0.0", instance=0, stage=0, num_stages=1,
+                  model=tiny_model(), dtype=None, block_size=4, num_blocks=8, max_model_len=64,
+                  store_port=1, deadline_s=5.0, attention_backend="native", threads=1,
+                  heartbeat_s=0.1, replica_blocks=0, replication_transfer_bytes=1 << 20,
+                  replication_interval_s=0.0)
+    _expect(endpoint, "ready")
+    endpoint.send(peer, "build_group", group="pipe0", members=["w0.0"], generation=0)
+    _expect(endpoint, "group_ready")
+    sample = dict(temperature=0.0, top_k=0, top_p=1.0, min_p=0.0, seed=None, index=0, logprobs=None)
+    # Well-formed steps it cannot execute: an error reply each, nothing written.
+    for seqs, ids in [([[2, 0, [9]]], [1, 2]),        # block id out of the pool
+                      ([[9, 0, [0]]], [1] * 9),       # more tokens than its blocks hold
+                      ([[2, 0, [0]]], [1]),           # token ids missing
+                      ([[2, 0, [0]]], [1, 10**6])]:   # token id past the vocabulary
+        endpoint.send(peer, "step", step=1, group="pipe0", generation=0, seqs=seqs, token_ids=ids,
+                      sample=[sample], replicate=None)
+        _, reply = _expect(endpoint, "error")
+        assert reply["kind"] == "bad_step" and reply["step"] == 1
+    endpoint.send(peer, "step", step=2, group="nope", generation=0, seqs=[[2, 0, [0]]], token_ids=[1, 2],
+                  sample=[sample], replicate=None)
+    assert _expect(endpoint, "error")[1]["kind"] == "bad_step"
+    # And a good one is answered with a token.
+    endpoint.send(peer, "step", step=3, group="pipe0", generation=0, seqs=[[2, 0, [0]]], token_ids=[1, 2],
+                  sample=[sample], replicate=None)
+    _, result = _expect(endpoint, "result")
+    assert result["step"] == 3 and len(result["tokens"]) == 1
+    endpoint.send(peer, "shutdown")
+    assert proc.wait(timeout=30) == 0
+
+
+def test_worker_exits_when_its_controller_process_is_gone():
+    endpoint = ControllerEndpoint()
+    # A parent pid that is not ours: the worker sees "its controller" gone at once.
+    proc = subprocess.Popen([sys.executable, "-m", "kevlarflow", "worker", "--controller",
+                             f"127.0.0.1:{endpoint.port}", "--parent-pid", "1"])
+    try:
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        endpoint.close()
+
+
+def test_deployment_rejects_garbage_and_keeps_serving(caplog):
+    greedy = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    caplog.set_level("WARNING", logger="kevlarflow")
+    with LLM(tiny_model(), num_instances=1, pp_size=1, block_size=4) as llm:
+        before = llm.generate(["hello there"], greedy)[0].token_ids
+        ctx = zmq.Context()
+        sock = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(f"tcp://{llm.engine.address}")
+        for data in GARBAGE:
+            sock.send(data)
+        sock.send_multipart([b"two", b"frames"])
+        # Valid messages from a peer that never registered are dropped too.
+        sock.send(msgpack.packb({"type": "result", "step": 0, "tokens": [1], "logprobs": [None]}))
+        def dropped():
+            return [r.getMessage() for r in caplog.records if "dropped" in r.getMessage()]
+        deadline = time.monotonic() + 30
+        while len(dropped()) < len(GARBAGE) + 2 and time.monotonic() < deadline:
+            llm.engine.step(timeout_s=0.1)
+        # Each one dropped, and said so once: garbage, two frames, unregistered.
+        assert len(dropped()) == len(GARBAGE) + 2, dropped()
+        assert sum("frames (expected 2)" in m for m in dropped()) == 1
+        assert sum("unregistered peer" in m for m in dropped()) == 1
+        assert llm.generate(["hello there"], greedy)[0].token_ids == before
+        sock.close()
+        ctx.term()

@@ -1,0 +1,206 @@
+"""Failures of real worker processes (SIGKILL, SIGSTOP) under a load of
+requests: every request completes with the tokens of a failure-free run,
+through rerouting (KevlarFlow) or through restarting the instance (the
+baseline), and the hard cases end in clear errors, never hangs."""
+import random
+import time
+
+import psutil
+import pytest
+
+from kevlarflow import LLM
+from kevlarflow.deploy.router import NoInstanceServing
+from helpers.failover import ARGS, run_until_done, wait, workload
+from helpers.models import tiny_model
+
+@pytest.fixture(scope="module")
+def expected():
+    prompts, params = workload()
+    with LLM(tiny_model(), **{k: v for k, v in ARGS.items() if k != "hang_timeout_s"}) as llm:
+        return [o.token_ids for o in llm.generate(prompts, params)]
+
+
+def _serve_with_fault(stage, kind, recovery="kevlarflow", victim_instance=0):
+    prompts, params = workload()
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    with LLM(tiny_model(), num_instances=2, pp_size=2, recovery=recovery, **ARGS) as llm:
+        engine = llm.engine
+        seqs = [engine.add_request(p, sp) for p, sp in zip(prompts, params)]
+        outputs = {}
+        victims = [s for s in seqs if engine.owner[s].index == victim_instance]
+        # Fail once the victim instance's requests are generating.
+        while not any(len(s.output_token_ids) >= 3 for s in victims):
+            for out in engine.step():
+                outputs[out.request_id] = out
+        engine.inject_fault(victim_instance, stage, kind)
+        run_until_done(engine, outputs)
+        events = list(engine.events.events)
+        # Wait for the replacement to join, so that what it does is tested too.
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if engine.events.of("rejoined") and all(
+                    inst.serving and inst.workers == inst.home for inst in engine.instances):
+                break
+            engine.step()
+        else:
+            raise AssertionError("the replacement never rejoined")
+        # The deployment serves on, with every instance back on its own workers.
+        again = llm.generate(prompts[:4], params[:4])
+    # Failed workers, hung ones included, and replacements: all reaped.
+    assert not [p for p in psutil.Process().children(recursive=True)
+                if p.pid not in before and p.status() != psutil.STATUS_ZOMBIE]
+    return [outputs[s.request_id] for s in seqs], again, events
+
+
+@pytest.mark.parametrize("stage", [0, 1])
+@pytest.mark.parametrize("kind", ["kill", "hang"])
+def test_reroute_keeps_every_request(expected, stage, kind):
+    outs, again, events = _serve_with_fault(stage, kind)
+    assert [o.token_ids for o in outs] == expected
+    assert all(o.finish_reason == "length" for o in outs)
+    assert [o.token_ids for o in again] == expected[:4]
+    kinds = [e.kind for e in events]
+    for k in ("failed", "detected", "aborted", "replacement_started", "rerouted", "resumed",
+              "first_step_after_failure"):
+        assert k in kinds, (k, kinds)
+    assert kinds.index("failed") < kinds.index("detected") < kinds.index("rerouted") \
+        < kinds.index("resumed") < kinds.index("first_step_after_failure")
+    detected = next(e for e in events if e.kind == "detected")
+    assert detected.worker == f"w0.{stage}"
+    assert ("heartbeat" in detected.detail) == (kind == "hang")
+    # The instance borrowed instance 1's worker of the failed stage.
+    rerouted = next(e for e in events if e.kind == "rerouted")
+    assert f"w1.{stage}" in rerouted.detail.split("; ")[0].split(" -> ")
+
+
+def test_restart_baseline_recovers_too(expected):
+    outs, again, events = _serve_with_fault(1, "kill", recovery="restart")
+    assert [o.token_ids for o in outs] == expected
+    assert [o.token_ids for o in again] == expected[:4]
+    kinds = [e.kind for e in events]
+    assert "rerouted" not in kinds
+    # The whole instance was replaced: a replacement for each of its workers.
+    assert sorted(e.worker for e in events if e.kind == "replacement_started") == ["w0.0", "w0.1"]
+
+
+def test_no_live_worker_for_a_stage_ends_requests_with_an_error():
+    """Both workers of stage 0 die: no pipeline can be formed. The requests in
+    flight end with finish_reason "error" and new ones are refused with a
+    clear exception, until replacements join; then service resumes."""
+    prompts, params = workload(6)
+    with LLM(tiny_model(), num_instances=2, pp_size=1, **ARGS) as llm:
+        engine = llm.engine
+        seqs = [engine.add_request(p, sp) for p, sp in zip(prompts, params)]
+        engine.step()
+        engine.inject_fault(0, 0, "kill")
+        engine.inject_fault(1, 0, "kill")
+        outputs = {}
+        run_until_done(engine, outputs)
+        assert {outputs[s.request_id].finish_reason for s in seqs} == {"error"}
+        if not any(inst.serving for inst in engine.instances):
+            with pytest.raises(NoInstanceServing):
+                engine.add_request(prompts[0], params[0])
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if all(inst.serving for inst in engine.instances):
+                break
+            engine.step()
+        else:
+            raise AssertionError("replacements never joined")
+        out = llm.generate(prompts[:2], params[:2])
+        assert all(o.finish_reason == "length" for o in out)
+
+
+def test_borrowed_worker_fails_too(expected):
+    """(0, 1) dies, instance 0 borrows w1.1, then w1.1 dies as well, before
+    (0, 1)'s replacement has joined. Every request still ends, either with the
+    failure-free tokens or, if no stage-1 worker was left at that moment,
+    with finish_reason "error"; nothing hangs and no output is wrong."""
+    prompts, params = workload()
+    with LLM(tiny_model(), num_instances=2, pp_size=2, **ARGS) as llm:
+        engine = llm.engine
+        seqs = [engine.add_request(p, sp) for p, sp in zip(prompts, params)]
+        outputs = {}
+        wait(engine, lambda: any(len(s.output_token_ids) >= 2 for s in seqs), "tokens")
+        engine.inject_fault(0, 1, "kill")
+        wait(engine, lambda: engine.events.of("rerouted"), "the reroute")
+        engine.inject_fault(1, 1, "hang")
+        run_until_done(engine, outputs)
+        for seq, want in zip(seqs, expected):
+            out = outputs[seq.request_id]
+            assert out.finish_reason in ("length", "error")
+            if out.finish_reason == "length":
+                assert out.token_ids == want
+            else:
+                assert out.token_ids == want[:len(out.token_ids)]
+        wait(engine, lambda: all(i.serving and i.workers == i.home for i in engine.instances),
+              "both replacements")
+        assert [o.token_ids for o in llm.generate(prompts[:3], params[:3])] == expected[:3]
+
+
+def test_five_failures_in_a_row_under_load(expected):
+    """Kills and hangs of every position, one after another, each while
+    requests are running and the previous recovery may still be under way."""
+    prompts, params = workload()
+    rng = random.Random(1)
+    with LLM(tiny_model(), num_instances=2, pp_size=2, **ARGS) as llm:
+        engine = llm.engine
+        faults = [(0, 0, "kill"), (1, 1, "hang"), (0, 1, "kill"), (1, 0, "kill"), (0, 0, "hang")]
+        for round_, (instance, stage, kind) in enumerate(faults):
+            seqs = [engine.add_request(p, sp) for p, sp in zip(prompts, params)]
+            outputs = {}
+            wait(engine, lambda: any(len(s.output_token_ids) >= rng.randrange(1, 6) for s in seqs),
+                  "tokens")
+            engine.inject_fault(instance, stage, kind)
+            run_until_done(engine, outputs)
+            assert [outputs[s.request_id].token_ids for s in seqs] == expected, round_
+            wait(engine, lambda: all(i.serving and i.workers == i.home for i in engine.instances),
+                  "the rejoin")
+        assert len(engine.events.of("detected")) == 5
+
+
+def test_a_replacement_that_dies_while_loading_is_replaced_again(expected):
+    prompts, params = workload(4)
+    with LLM(tiny_model(), num_instances=2, pp_size=1, **ARGS) as llm:
+        engine = llm.engine
+        engine.inject_fault(0, 0, "kill")
+        wait(engine, lambda: engine.events.of("replacement_started"), "a replacement")
+        # Kill the replacement before it can register and load.
+        proc = engine.launcher.procs[(0, 0)]
+        proc.kill()
+        wait(engine, lambda: len(engine.events.of("replacement_started")) >= 2
+              or engine.events.of("rejoined"), "a second replacement")
+        outs = llm.generate(prompts, params)  # served meanwhile by the borrowed worker
+        assert all(o.finish_reason == "length" for o in outs)
+        wait(engine, lambda: all(i.serving and i.workers == i.home for i in engine.instances),
+              "the rejoin")
+
+
+def test_a_caller_that_pauses_is_no_failure():
+    """Heartbeats queue up while the caller does not step; a pause longer than
+    the hang timeout must not make healthy workers look hung."""
+    prompts, params = workload(2)
+    with LLM(tiny_model(), num_instances=1, pp_size=2, **ARGS) as llm:
+        llm.generate(prompts, params)
+        time.sleep(2.5 * ARGS["hang_timeout_s"])
+        outs = llm.generate(prompts, params)
+        assert all(o.finish_reason == "length" for o in outs)
+        assert not llm.engine.events.of("detected")
+
+
+def test_an_idle_async_engine_still_notices_a_hang():
+    from kevlarflow import AsyncEngine
+    from kevlarflow.deploy.controller import DeploymentConfig
+
+    engine = AsyncEngine(tiny_model(), DeploymentConfig(num_instances=2, pp_size=1, **ARGS))
+    try:
+        deployment = engine.engine
+        deployment.inject_fault(1, 0, "hang")  # no request anywhere: only polling can see it
+        deadline = time.monotonic() + 30
+        while not deployment.events.of("rejoined"):
+            assert time.monotonic() < deadline, "the hang was never noticed"
+            time.sleep(0.05)
+        detected = deployment.events.of("detected")[0]
+        assert detected.worker == "w1.0" and "heartbeat" in detected.detail
+    finally:
+        engine.shutdown()

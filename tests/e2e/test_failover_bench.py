@@ -1,0 +1,251 @@
+"""The failover benchmark: its traces, its metric arithmetic, and a real
+end-to-end run (tiny model, real kill) through the command line that checks
+the JSON, the plots and the table."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+from kevlarflow.bench.failover import metrics as m
+from kevlarflow.bench.failover.runner import Failure
+from kevlarflow.bench.trace import MAX_FACTOR, MIN_TOKENS, sharegpt_file, sharegpt_like, summary
+from helpers.models import tiny_model
+
+
+# Traces ----------------------------------------------------------------------------------
+
+def test_sharegpt_like_is_seeded_poisson_and_long_tailed():
+    trace = sharegpt_like(rate=20, duration_s=200, mean_prompt=64, mean_output=32,
+                          vocab_size=1000, seed=3)
+    assert trace == sharegpt_like(20, 200, 64, 32, 1000, seed=3)
+    assert trace != sharegpt_like(20, 200, 64, 32, 1000, seed=4)
+    # 4000 arrivals expected; Poisson sd is about 63.
+    assert abs(len(trace) - 4000) < 300
+    gaps = [b.arrival_s - a.arrival_s for a, b in zip(trace, trace[1:])]
+    assert abs(sum(gaps) / len(gaps) - 1 / 20) < 0.005
+    assert all(0 < t.arrival_s <= 200 for t in trace)
+    prompts = sorted(len(t.prompt) for t in trace)
+    outputs = [t.output_len for t in trace]
+    assert min(prompts) >= MIN_TOKENS and max(prompts) <= MAX_FACTOR * 64
+    assert min(outputs) >= MIN_TOKENS and max(outputs) <= MAX_FACTOR * 32
+    # Clipping trims the mean a little; the median sits well below it (long tail).
+    s = summary(trace)
+    assert 50 < s["mean_prompt_tokens"] < 70 and 25 < s["mean_output_tokens"] < 35
+    assert prompts[len(prompts) // 2] < 0.75 * s["mean_prompt_tokens"]
+    assert all(16 <= tok < 1000 for t in trace[:50] for tok in t.prompt)
+
+
+@pytest.mark.parametrize("bad", [dict(rate=0), dict(duration_s=-1), dict(mean_prompt=2)])
+def test_sharegpt_like_refuses_bad_arguments(bad):
+    args = dict(rate=1, duration_s=10, mean_prompt=64, mean_output=32, vocab_size=1000) | bad
+    with pytest.raises(ValueError):
+        sharegpt_like(**args)
+
+
+def test_sharegpt_file_reads_conversations(tmp_path):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model())
+    convs = [{"id": str(i), "conversations": [
+        {"from": "human", "value": "tell me about foxes " * (1 + i % 5)},
+        {"from": "gpt", "value": "foxes are quick and brown " * (1 + i % 3)}]} for i in range(40)]
+    convs.append({"id": "broken", "conversations": [{"from": "human"}]})  # skipped
+    path = tmp_path / "sharegpt.json"
+    path.write_text(json.dumps(convs))
+    trace = sharegpt_file(path, rate=2, duration_s=10, tokenizer=tokenizer, max_prompt=512,
+                          max_output=512, seed=0)
+    assert len(trace) > 5
+    texts = {tuple(tokenizer.encode(c["conversations"][0]["value"])) for c in convs[:40]}
+    assert all(tuple(r.prompt) in texts for r in trace)
+    replies = {len(tokenizer.encode(c["conversations"][1]["value"])) for c in convs[:40]}
+    assert all(r.output_len in replies for r in trace)
+    with pytest.raises(ValueError, match="only"):
+        sharegpt_file(path, rate=50, duration_s=10, tokenizer=tokenizer, max_prompt=512,
+                      max_output=512)
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(ValueError, match="cannot read"):
+        sharegpt_file(tmp_path / "bad.json", 1, 10, tokenizer, 512, 512)
+    (tmp_path / "empty.json").write_text("[]")
+    with pytest.raises(ValueError, match="no conversation"):
+        sharegpt_file(tmp_path / "empty.json", 1, 10, tokenizer, 512, 512)
+
+
+@pytest.mark.parametrize("text", ["", "10", "x:0:1", "10:0:1:melt", "-1:0:1", "1:2:3:kill:9"])
+def test_failure_schedule_refuses_bad_entries(text):
+    with pytest.raises(ValueError, match="AT:INSTANCE:STAGE|kind"):
+        Failure.parse(text)
+
+
+def test_failure_schedule_entries():
+    assert Failure.parse("12.5:1:0:hang") == Failure(12.5, 1, 0, "hang")
+    assert Failure.parse("3:0:1") == Failure(3.0, 0, 1, "kill")
+
+
+# Metrics ---------------------------------------------------------------------------------
+
+def _run(requests, events=(), elapsed=10.0):
+    return dict(elapsed_s=elapsed, events=list(events), tokens_recomputed=7, tokens_restored=3,
+                bytes_replicated=100,
+                requests=[dict(arrival_s=a, output_tokens=n, token_times_s=list(times))
+                          for a, n, times in requests])
+
+
+def test_metrics_of_a_run():
+    run = _run([(0.0, 3, [1.0, 1.5, 2.0]),      # ttft 1, latency 2, tpot 0.5
+                (1.0, 2, [1.5, 4.5]),           # ttft 0.5, latency 3.5, tpot 3
+                (2.0, 3, [2.5])],               # failed: 1 of 3 tokens
+               events=[dict(kind="failed", t_s=1.0, instance=0, worker="w0.1"),
+                       dict(kind="detected", t_s=1.25, instance=0, worker="w0.1"),
+                       dict(kind="resumed", t_s=1.5, instance=0),
+                       dict(kind="first_step_after_failure", t_s=0.5, instance=0),  # before
+                       dict(kind="first_step_after_failure", t_s=3.0, instance=1),  # other one
+                       dict(kind="first_step_after_failure", t_s=2.0, instance=0)])
+    got = m.run_metrics(run, dict(ttft_s=0.75, tpot_s=1.0))
+    assert got["requests"] == 3 and got["requests_failed"] == 1
+    assert got["avg_latency_s"] == pytest.approx(2.75) and got["p99_latency_s"] == 3.5
+    assert got["avg_ttft_s"] == pytest.approx(0.75) and got["p99_ttft_s"] == 1.0
+    assert got["mean_tpot_s"] == pytest.approx(1.75)
+    assert got["detect_s"] == 0.25 and got["resumed_s"] == 0.5 and got["mttr_s"] == 1.0
+    assert got["throughput_tok_s"] == pytest.approx(0.6)
+    assert got["goodput_rps"] == 0.0  # one is too slow to start, the other per token
+    assert m.run_metrics(run, dict(ttft_s=1.0, tpot_s=1.0))["goodput_rps"] == pytest.approx(0.1)
+    # SLOs: 5x the baseline's medians; none when the baseline completed nothing.
+    assert m.slos(run) == dict(ttft_s=pytest.approx(5 * 0.75), tpot_s=pytest.approx(5 * 1.75))
+    no_slo = m.slos(_run([(0.0, 3, [1.0])]))
+    assert no_slo == dict(ttft_s=None, tpot_s=None)
+    assert m.run_metrics(run, no_slo)["goodput_rps"] == pytest.approx(0.2)
+    fault_free = m.run_metrics(_run([(0.0, 1, [0.5])]), dict(ttft_s=1, tpot_s=1))
+    assert fault_free["mttr_s"] is None and fault_free["mean_tpot_s"] is None
+
+
+def test_mttr_of_two_failures_matches_each_with_its_own_instance():
+    run = _run([(0.0, 1, [1.0])], events=[
+        dict(kind="failed", t_s=1.0, instance=0, worker="w0.0"),
+        dict(kind="detected", t_s=1.1, instance=0, worker="w0.0"),
+        dict(kind="failed", t_s=5.0, instance=1, worker="w1.0"),
+        dict(kind="first_step_after_failure", t_s=2.0, instance=0),
+        dict(kind="detected", t_s=6.0, instance=1, worker="w1.0"),
+        dict(kind="first_step_after_failure", t_s=8.0, instance=1)])
+    got = m.recovery_times(run)
+    assert got["mttr_s"] == pytest.approx((1.0 + 3.0) / 2)
+    assert got["detect_s"] == pytest.approx((0.1 + 1.0) / 2)
+    # An instance that never steps again has no MTTR (not a flattering zero).
+    run["events"].pop()
+    assert m.recovery_times(run)["mttr_s"] is None
+
+
+def test_a_failure_without_an_injected_fault_counts_from_its_detection():
+    """Real faults are not injected: the server's MTTR and the benchmark's
+    then count from the detection, through the same function."""
+    from kevlarflow.ft.events import failure_timings
+
+    timings = failure_timings([("detected", 10.0, 0, "w0.1"), ("resumed", 10.2, 0, None),
+                               ("first_step_after_failure", 10.5, 0, None)])
+    assert timings == [dict(detect_s=0.0, resumed_s=pytest.approx(0.2),
+                            mttr_s=pytest.approx(0.5))]
+
+
+def test_summaries_ratios_and_targets():
+    def summary_of(**values):
+        return {k: dict(median=v, min=v, max=v) for k, v in values.items()}
+
+    base = dict(avg_latency_s=2.0, p99_latency_s=4.0, avg_ttft_s=1.0, p99_ttft_s=2.0,
+                mean_tpot_s=0.1, requests_failed=0)
+    metrics = {
+        "kevlarflow": dict(failure=summary_of(mttr_s=0.5, **base),
+                           fault_free=summary_of(**base | dict(avg_latency_s=2.01))),
+        "restart": dict(failure=summary_of(mttr_s=20.0, **base | dict(p99_ttft_s=8.0)),
+                        fault_free=summary_of(**base)),
+    }
+    ratios = m.paper_ratios(metrics)
+    assert set(ratios) == {"kevlarflow"}
+    assert ratios["kevlarflow"]["under_failure"]["mttr_s"] == 40.0
+    assert ratios["kevlarflow"]["under_failure"]["p99_ttft_s"] == 4.0
+    assert ratios["kevlarflow"]["fault_free_overhead"]["avg_latency_s"] == pytest.approx(0.005)
+    targets = m.targets(metrics, ratios)
+    assert all(t["met"] for t in targets.values()), targets
+    metrics["kevlarflow"]["failure"]["requests_failed"]["max"] = 1
+    metrics["kevlarflow"]["failure"]["p99_latency_s"]["median"] = 6.1
+    targets = m.targets(metrics, ratios)
+    assert not targets["requests_failed"]["met"]
+    assert not targets["p99_latency_failure_vs_fault_free"]["met"]
+    assert m.summarize([dict(a=1.0, b=None), dict(a=3.0, b=None), dict(a=2.0, b=None)]) == \
+        dict(a=dict(median=2.0, min=1.0, max=3.0), b=None)
+
+
+# A real run --------------------------------------------------------------------------------
+
+def test_benchmark_end_to_end(tmp_path):
+    """Two modes, a real SIGKILL, both conditions, through the command line:
+    no request lost, MTTR only under failure, the table, the JSON and the plots."""
+    out = tmp_path / "results"
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "kevlarflow", "bench", "failover", "--model", tiny_model(),
+         "--duration", "4", "--rate", "4", "--fail", "2:0:1:kill", "--chunk", "32",
+         "--kv-memory", str(1 << 20), "--modes", "kevlarflow,restart", "--out", str(out)],
+        capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "restart / kevlarflow under failure: MTTR" in proc.stdout
+    assert "targets (kevlarflow mode)" in proc.stdout
+    doc = json.loads((out / "failover.json").read_text())
+    assert doc["schema"] == "kevlarflow.failover/1"
+    assert doc["config"]["failures"] == [dict(at_s=2.0, instance=0, stage=1, kind="kill")]
+    n = doc["config"]["trace"]["requests"]
+    assert n == len(doc["trace"]) > 5
+    for mode in ("kevlarflow", "restart"):
+        failure, fault_free = doc["metrics"][mode]["failure"], doc["metrics"][mode]["fault_free"]
+        assert failure["requests_failed"]["max"] == 0 == fault_free["requests_failed"]["max"]
+        assert failure["mttr_s"]["median"] > 0 and fault_free["mttr_s"] is None
+        for key in ("avg_latency_s", "p99_latency_s", "avg_ttft_s", "p99_ttft_s",
+                    "mean_tpot_s", "goodput_rps", "tokens_recomputed"):
+            assert failure[key] is not None and fault_free[key] is not None, key
+        run = doc["runs"][mode]["failure"][0]
+        kinds = [e["kind"] for e in run["events"]]
+        assert kinds[0] == "failed" and "first_step_after_failure" in kinds
+        assert len(run["requests"]) == n
+        assert all(len(r["token_times_s"]) == r["output_tokens"] for r in run["requests"])
+        assert not any(e["kind"] == "failed" for e in doc["runs"][mode]["fault_free"][0]["events"])
+    # The baseline recomputes every token its failed instance had computed.
+    assert doc["metrics"]["restart"]["failure"]["tokens_recomputed"]["median"] > 0
+    ratio = doc["ratios"]["kevlarflow"]["under_failure"]["mttr_s"]
+    assert math.isclose(ratio, doc["metrics"]["restart"]["failure"]["mttr_s"]["median"]
+                        / doc["metrics"]["kevlarflow"]["failure"]["mttr_s"]["median"])
+    assert doc["targets"]["requests_failed"]["met"] is True
+    assert len(doc["timelines"]) == 5
+    for name in doc["timelines"]:
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_benchmark_measures_capacity_and_loads_to_a_fraction_of_it(tmp_path):
+    out = tmp_path / "results"
+    proc = subprocess.run(
+        [sys.executable, "-m", "kevlarflow", "bench", "failover", "--model", tiny_model(),
+         "--duration", "3", "--load", "0.5", "--capacity-requests", "6", "--chunk", "32",
+         "--kv-memory", str(1 << 20), "--modes", "kevlarflow", "--conditions", "fault_free",
+         "--out", str(out)], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = json.loads((out / "failover.json").read_text())
+    load = doc["config"]["load"]
+    assert load["fraction"] == 0.5 and load["capacity_rps"] > 0
+    assert doc["config"]["trace"]["rate"] == pytest.approx(0.5 * load["capacity_rps"])
+    assert doc["config"]["failures"] == [] and list(doc["runs"]["kevlarflow"]) == ["fault_free"]
+    assert doc["metrics"]["kevlarflow"]["fault_free"]["requests_failed"]["max"] == 0
+    assert doc["timelines"] == ["timeline-kevlarflow-fault-free-1.png"]
+
+
+def test_benchmark_refuses_bad_options(tmp_path):
+    for bad in (["--modes", "kevlarflow,nope"], ["--fail", "3:5:0"], ["--fail", "x"],
+                ["--rate", "-1"], ["--repeats", "0"], ["--conditions", "sometimes"],
+                ["--preset", "huge"], ["--duration", "0"], ["--sharegpt", "missing.json"]):
+        proc = subprocess.run([sys.executable, "-m", "kevlarflow", "bench", "failover",
+                               "--model", tiny_model(), *bad], capture_output=True, text=True,
+                              timeout=60, cwd=tmp_path)
+        assert proc.returncode == 2, (bad, proc.stderr)
+        assert "error:" in proc.stderr, bad
+    proc = subprocess.run([sys.executable, "-m", "kevlarflow", "bench", "failover",
+                           "--model", str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "config.json" in proc.stderr

@@ -1,0 +1,152 @@
+"""No worker outlives its controller, and a server stops cleanly even in the
+middle of a recovery: real processes, real signals.
+
+- The controller is SIGKILLed: its locally spawned workers and workers
+  started by hand (`kevlarflow worker --controller ...`, as on another host)
+  all exit within 2 s.
+- `kevlarflow serve` gets SIGTERM while a worker hang is being recovered
+  from, with a request streaming: it stops within its grace period, with no
+  traceback, and leaves no process behind."""
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import psutil
+
+from helpers.models import tiny_model
+
+ENGINE_ARGS = ["--block-size", "4", "--kv-cache-memory", str(1 << 20),
+               "--max-num-batched-tokens", "32"]
+EXIT_WITHIN_S = 2.0
+
+CONTROLLER = """
+import sys, time
+from kevlarflow import LLM
+llm = LLM(sys.argv[1], num_instances=1, pp_size=2, spawn_workers=False, port=int(sys.argv[2]),
+          start_timeout_s=120, block_size=4, kv_cache_memory=1 << 20)
+print("serving", flush=True)
+time.sleep(600)
+"""
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _serve(port: int, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "kevlarflow", "serve", tiny_model(),
+                             "--port", str(port), *ENGINE_ARGS, *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _wait_healthy(proc, url: str, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stdout.read()
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise AssertionError("the server never became healthy")
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def _exit_times(pids: list[int], since: float, limit_s: float) -> dict[int, float | None]:
+    """Seconds from `since` until each process was gone (None: still there at limit_s)."""
+    out = {pid: None for pid in pids}
+    while time.monotonic() - since < limit_s and None in out.values():
+        for pid in pids:
+            if out[pid] is None and _gone(pid):
+                out[pid] = time.monotonic() - since
+        time.sleep(0.02)
+    return out
+
+
+def test_every_worker_exits_within_2_s_of_its_controller_being_killed():
+    port = _free_port()
+    serve = _serve(port, "--instances", "2", "--pp", "1")
+    ctl_port = _free_port()
+    controller = subprocess.Popen([sys.executable, "-c", CONTROLLER, tiny_model(), str(ctl_port)],
+                                  stdout=subprocess.PIPE, text=True)
+    by_hand = [subprocess.Popen([sys.executable, "-m", "kevlarflow", "worker", "--controller",
+                                 f"127.0.0.1:{ctl_port}"]) for _ in range(2)]
+    try:
+        _wait_healthy(serve, f"http://127.0.0.1:{port}")
+        assert controller.stdout.readline().strip() == "serving"
+        spawned = [p.pid for p in psutil.Process(serve.pid).children()]
+        assert len(spawned) == 2
+        workers = spawned + [p.pid for p in by_hand]
+        for proc in (serve, controller):
+            os.kill(proc.pid, signal.SIGKILL)
+        killed = time.monotonic()
+        for proc in (serve, controller):
+            proc.wait()
+        times = _exit_times(workers, killed, 10.0)
+        late = {pid: t for pid, t in times.items() if t is None or t > EXIT_WITHIN_S}
+        assert not late, f"workers still running {EXIT_WITHIN_S} s after their controller: {times}"
+        assert all(p.wait(timeout=5) == 0 for p in by_hand)
+    finally:
+        for proc in [serve, controller, *by_hand]:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+def test_sigterm_in_the_middle_of_a_recovery_stops_cleanly():
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    serve = _serve(port, "--instances", "2", "--pp", "2", "--enable-fault-injection")
+    streamed = {}
+
+    def stream():
+        body = {"prompt": [20, 21, 22], "max_tokens": 5000, "stream": True, "ignore_eos": True,
+                "temperature": 0}
+        try:
+            with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as r:
+                streamed["lines"] = sum(1 for _ in r.iter_lines())
+        except httpx.HTTPError as error:
+            streamed["error"] = repr(error)
+
+    try:
+        _wait_healthy(serve, url)
+        client = threading.Thread(target=stream)
+        client.start()
+        time.sleep(0.5)
+        assert httpx.post(url + "/v1/fault", json={"instance": 0, "stage": 1,
+                                                   "kind": "hang"}).status_code == 200
+        time.sleep(1.2)  # detected (1 s), rerouted, replacement starting: recovery under way
+        assert httpx.post(url + "/v1/fault", json={"instance": 1, "stage": 0,
+                                                   "kind": "kill"}).status_code == 200
+        workers = [p.pid for p in psutil.Process(serve.pid).children(recursive=True)]
+        start = time.monotonic()
+        serve.send_signal(signal.SIGTERM)
+        code = serve.wait(timeout=30)
+        took = time.monotonic() - start
+        client.join(timeout=30)
+        output = serve.stdout.read()
+        assert code in (0, -signal.SIGTERM), output  # uvicorn raises the signal again when done
+        assert took < 15, f"stopping took {took:.1f} s"
+        assert "Traceback" not in output, output
+        assert not client.is_alive() and streamed, "the streaming client was left hanging"
+        times = _exit_times(workers, start, 10.0)
+        assert None not in times.values(), f"processes left behind: {times}"
+    finally:
+        if serve.poll() is None:
+            serve.kill()
+            serve.wait()
