@@ -29,7 +29,7 @@ install: $(STAMP)
 # (its checkpoint is written once, then cached), one worker killed halfway,
 # every recovery mode; the table on stdout, JSON and plots in demo-results/.
 demo: $(STAMP)
-	cd /tmp && $(abspath $(PY)) -m kevlarflow bench failover --out $(CURDIR)/demo-results
+	cd /tmp && $(abspath $(PY)) -m kevlarflow demo --out $(CURDIR)/demo-results
 
 test: $(STAMP)
 	# Run from outside the source tree so tests import the installed package.
