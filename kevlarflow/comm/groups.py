@@ -6,7 +6,8 @@ running the steps of its other groups while one connects, and a build that
 can no longer complete is called off at once: when a newer generation of the
 same group is asked for, when the group is left, or when the controller
 aborts that generation (from the heartbeat thread). The main thread starts
-builds and collects the finished ones; any thread may abort."""
+builds and collects the finished ones (a hook hears of each as it ends, on
+its own thread); any thread may abort."""
 from __future__ import annotations
 
 import threading
@@ -17,10 +18,11 @@ from kevlarflow.comm.manager import Build, CommManager
 
 
 class WorkerGroups:
-    def __init__(self, make_manager: Callable[[], CommManager], wake: Callable[[], None]):
+    def __init__(self, make_manager: Callable[[], CommManager],
+                 ended: Callable[[Build], None]):
         self._make_manager = make_manager
         self._manager: CommManager | None = None
-        self._wake = wake          # wakes the main thread when a build ends
+        self._ended_hook = ended  # told of each build as it ends, on its thread
         self._lock = threading.Lock()
         self._built: dict[str, tuple[list[str], int]] = {}
         self._building: dict[str, Build] = {}
@@ -43,8 +45,8 @@ class WorkerGroups:
 
     def _ended(self, build: Build) -> None:  # on the build's thread
         with self._lock:
-            self._finished.append(build)
-        self._wake()
+            self._finished.append(build)  # before the hook: collect() can see it then
+        self._ended_hook(build)
 
     def collect(self) -> list[Build]:
         """Builds that ended since the last call and are still wanted (not
@@ -141,6 +143,7 @@ class _Alone:
     def __init__(self, group: str, members: list[str], generation: int):
         self.group, self.members, self.generation = group, members, generation
         self.error = None
+        self.cancelled = False
 
     def cancel(self, reason: str) -> None:
         pass

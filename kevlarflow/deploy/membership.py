@@ -111,6 +111,11 @@ class Membership:
             if record is not None and record.ready:
                 c.replication.acknowledged(m)
             return []
+        if kind in ("group_ready", "group_failed"):  # from a build's thread
+            record = c.workers.records.get(m["worker"])
+            if record is not None and record.ready:
+                self._group_message(record.name, m)
+            return []
         record = c.workers.by_peer(peer)
         if record is None:
             log.warning("dropped %s from an unregistered peer", kind)
@@ -121,8 +126,6 @@ class Membership:
             record.enter(WorkerState.READY)
             c.health.loaded(name)
             c.worker_loaded(name)
-        elif kind in ("group_ready", "group_failed"):
-            self._group_message(name, m)
         elif kind == "result":
             return c.on_result(name, m)
         elif kind == "error":

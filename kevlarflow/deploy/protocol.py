@@ -34,10 +34,11 @@ _SAMPLING = {"temperature": float, "top_k": int, "top_p": float, "min_p": float,
 TO_CONTROLLER = {
     "register": {"pid": int, "host": str, "instance": Opt(int), "stage": Opt(int)},
     "ready": {"worker": str, "load_s": float, "num_blocks": int},
-    "group_ready": {"group": str, "generation": int},
-    # A build that could not complete (a member missing, dead, or the
+    # A build that connected, or could not (a member missing, dead, or the
     # generation called off); a generation that was aborted is not reported.
-    "group_failed": {"group": str, "generation": int, "message": str},
+    # Sent by the build's thread on a socket of its own, hence the name.
+    "group_ready": {"worker": str, "group": str, "generation": int},
+    "group_failed": {"worker": str, "group": str, "generation": int, "message": str},
     # Tokens sampled by a last stage, in the order of the step's sampled rows.
     "result": {"step": int, "tokens": [int], "logprobs": [Opt((float, [(int, float)]))]},
     "error": {"step": Opt(int), "kind": str, "message": str},

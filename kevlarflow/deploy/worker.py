@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import threading
 import time
 from collections import deque
 from datetime import timedelta
@@ -49,7 +50,12 @@ class Worker:
         self.runner: ModelRunner | None = None
         self.hidden: HiddenStates | None = None
         self.steps: StageSteps | None = None
-        self.groups = WorkerGroups(self._new_comm, self.waker.wake)
+        self.groups = WorkerGroups(self._new_comm, self._build_ended)
+        # Build threads say at once that a pipeline is connected (the main
+        # thread may be in a long forward pass): on a socket of their own,
+        # one thread at a time.
+        self.announcer = WorkerEndpoint(controller)
+        self.announcing = threading.Lock()
         self.replication: WorkerReplication | None = None
         self.controller = controller
         self.connect_timeout_s = connect_timeout_s
@@ -112,6 +118,8 @@ class Worker:
         if self.replication is not None:
             self.replication.close()
         self.groups.close()
+        with self.announcing:
+            self.announcer.close()
         self.endpoint.close()
         self.waker.close()
 
@@ -153,17 +161,31 @@ class Worker:
         self.hidden.drop(group)
         self.groups.build(group, members, m["generation"])
 
+    def _build_ended(self, build) -> None:
+        """On the build's thread: a pipeline's build is reported at once. A
+        link's waits for the main thread, which starts replicating on it
+        first (a step may ask to copy blocks as soon as the link is ready)."""
+        if not is_link(build.group) and not build.cancelled:
+            with self.announcing:
+                self._report_build(self.announcer, build)
+        self.waker.wake()
+
+    def _report_build(self, endpoint: WorkerEndpoint, build) -> None:
+        if build.error is not None:
+            log.info("%s: %s", self.name, build.error)
+            endpoint.send("group_failed", worker=self.name, group=build.group,
+                          generation=build.generation, message=str(build.error))
+        else:
+            endpoint.send("group_ready", worker=self.name, group=build.group,
+                          generation=build.generation)
+
     def _finish_builds(self) -> None:
-        """Report the builds that ended: a link starts replicating at once."""
+        """The builds that ended are current now; a link starts replicating."""
         for build in self.groups.collect():
-            if build.error is not None:
-                log.info("%s: %s", self.name, build.error)
-                self.endpoint.send("group_failed", group=build.group, generation=build.generation,
-                                   message=str(build.error))
-                continue
             if is_link(build.group):
-                self._replication().joined(build.group, build.members, build.generation)
-            self.endpoint.send("group_ready", group=build.group, generation=build.generation)
+                if build.error is None:
+                    self._replication().joined(build.group, build.members, build.generation)
+                self._report_build(self.endpoint, build)
 
     def _leave_group(self, group: str) -> None:
         """Stop using group for good; for a replication link, also wait until
