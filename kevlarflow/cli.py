@@ -8,6 +8,7 @@ library breaks only that subcommand.
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 
@@ -194,10 +195,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    # demo and bench hand their own options to the tool they run.
-    args, rest = parser.parse_known_args(argv)
-    if rest and not hasattr(args, "args"):
-        parser.error(f"unrecognized arguments: {' '.join(rest)}")
-    if rest:
-        args.args = args.args + rest
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # demo and bench hand the rest of the line, as it is, to the tool they
+    # run (parsing it here would reorder the options it does not know).
+    head = {"demo": 1, "bench": 2}.get(argv[0] if argv else "")
+    if head and len(argv) >= head and not {"-h", "--help"} & set(argv[:head]):
+        args = parser.parse_args(argv[:head])
+        args.args = argv[head:]
+    else:
+        args = parser.parse_args(argv)
     return args.run(args)
