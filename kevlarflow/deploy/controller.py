@@ -274,6 +274,7 @@ class Controller(RequestFrontend):
                 inst.blocks.free_sequence(seq)
                 continue
             seq.num_computed_tokens += n
+            seq.tokens_run += n
             inst.blocks.register_full_blocks(seq)
         now = time.time()
         outputs = []

@@ -155,5 +155,5 @@ class RequestFrontend:
             text=seq.text, token_ids=list(seq.output_token_ids), new_text=new_text,
             new_token_ids=new_tokens, finished=seq.is_finished, finish_reason=seq.finish_reason,
             metrics=RequestMetrics(seq.arrival_time, seq.first_token_time, seq.finish_time,
-                                   seq.num_preemptions),
+                                   seq.num_preemptions, seq.tokens_run),
             logprobs=list(seq.logprobs) if seq.params.logprobs is not None else None)

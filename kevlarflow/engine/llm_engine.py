@@ -89,6 +89,7 @@ class LLMEngine(RequestFrontend):
         logits = self.runner.run(batch)
         for seq, n in batch.items:
             seq.num_computed_tokens += n
+            seq.tokens_run += n
             self.blocks.register_full_blocks(seq)
         if not to_sample:  # only partial prefill chunks this step
             return []

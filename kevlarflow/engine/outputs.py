@@ -10,6 +10,7 @@ class RequestMetrics:
     first_token_time: float | None = None
     finish_time: float | None = None
     num_preemptions: int = 0
+    tokens_run: int = 0  # see Sequence.tokens_run
 
     @property
     def ttft(self) -> float | None:

@@ -34,6 +34,10 @@ class Sequence:
     first_token_time: float | None = None
     finish_time: float | None = None
     num_preemptions: int = 0
+    # Tokens the model ran for this request, counted when their step's
+    # results come back: prompt plus outputs but the last, once each, in a
+    # run with no preemption, failure or prefix-cache hit.
+    tokens_run: int = 0
     # Filled by the engine: decoded text and per-token logprobs.
     text: str = ""
     logprobs: list = field(default_factory=list)
