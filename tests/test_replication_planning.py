@@ -39,6 +39,7 @@ def test_a_step_copies_the_blocks_it_writes_and_the_history_the_first_time():
 def test_a_full_replica_pool_drops_the_late_sequence_and_keeps_the_early_ones():
     link = ReplicaLink("w0.0", "w1.0", 0, ids=[40, 41, 42], block_size=BS)
     early, late = _seq("early", 8), _seq("late", 8)
+    early.arrival_time, late.arrival_time = 1.0, 2.0
     assert len(link.plan(early, 8, [1, 2], step=1)) == 2
     assert link.plan(late, 8, [3, 4], step=1) == []  # one replica block left, two needed
     link.acknowledged([1])
@@ -47,6 +48,28 @@ def test_a_full_replica_pool_drops_the_late_sequence_and_keeps_the_early_ones():
     late.num_computed_tokens = 8
     assert link.plan(late, 1, [3, 4, 5], step=2) == []  # dropped until it ends
     assert link.take(early, 8) == [40, 41] and link.watermark(early) == 0
+
+
+def test_an_early_sequence_that_grows_takes_the_replicas_of_the_newest_one():
+    link = ReplicaLink("w0.0", "w1.0", 0, ids=[40, 41, 42, 43], block_size=BS)
+    early, mid, late, latest = (_seq(rid, n) for rid, n in
+                                (("early", 4), ("mid", 4), ("late", 8), ("latest", 8)))
+    for k, seq in enumerate((early, mid, late, latest)):
+        seq.arrival_time = float(k)
+    assert link.plan(early, 4, [1], step=1) == [[1, 40]]
+    assert link.plan(mid, 4, [2], step=1) == [[2, 41]]
+    assert link.plan(late, 8, [3, 4], step=1) == [[3, 42], [4, 43]]  # the pool is full now
+    link.acknowledged([1])
+    early.num_computed_tokens = 4
+    # early needs a second block: late, the newest, gives its replicas up.
+    assert link.plan(early, 1, [1, 5], step=2) == [[5, 43]]
+    assert link.records[late].dropped and link.dropped == 1 and link.watermark(late) == 0
+    assert link.watermark(mid) == 4 and not link.records[mid].dropped
+    # A newer one takes nothing from those before it.
+    assert link.plan(latest, 8, [6, 7], step=2) == []
+    assert link.records[latest].dropped and link.dropped == 2
+    link.acknowledged([2])
+    assert link.watermark(early) == 5 and link.watermark(mid) == 4
 
 
 def _workers(ready: set[str], instances=3, stages=2) -> WorkerTable:

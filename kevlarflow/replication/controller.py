@@ -12,9 +12,9 @@ blocks to copy to which of the backup's, and the backup acknowledges steps
 once their KV has arrived: the watermark of a sequence on a link is the
 number of its tokens whose KV is then durable at the backup.
 
-Policy when the replica pool is full: a sequence that needs a replica block
-and finds none loses its replicas on that link until it finishes (the
-earliest requests keep theirs); on failure it recomputes instead. Replicas
+Policy when the replica pool is full: the newest sequence on the link gives
+its replicas up until it finishes (the earliest requests keep theirs, as a
+scheduler preempts the newest); on failure it recomputes instead. Replicas
 are freed as soon as their sequence finishes, is preempted or moves.
 
 After a failure, the borrowed worker takes the failed worker's replicas over:

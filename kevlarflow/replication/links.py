@@ -31,7 +31,7 @@ class ReplicaLink:
     step_blocks: dict[int, int] = field(default_factory=dict)  # blocks each step copies
     blocks_sent: int = 0           # handed to the source
     blocks_acked: int = 0
-    dropped: int = 0               # sequences that found the replica pool full
+    dropped: int = 0               # sequences that lost their replicas to a full pool
 
     def __post_init__(self):
         self.group = link_group(self.source)
@@ -51,11 +51,13 @@ class ReplicaLink:
             return []
         start = seq.num_computed_tokens
         end = start + n
-        if not self.ids or not self.alloc.allocate(seq, end):
-            self.alloc.free_sequence(seq)
-            record.dropped, record.durable = True, 0
-            self.dropped += 1
+        if not self.ids:
+            self._drop(seq)
             return []
+        while not self.alloc.allocate(seq, end):
+            if not self._evict_newer_than(seq):
+                self._drop(seq)
+                return []
         replicas = self.alloc.table(seq)
         bs = self.block_size
         pairs = [[table[k], self.ids[replicas[k]]]
@@ -65,6 +67,26 @@ class ReplicaLink:
         self.step_blocks[step] = self.step_blocks.get(step, 0) + len(pairs)
         self.blocks_sent += len(pairs)
         return pairs
+
+    def _evict_newer_than(self, seq: Sequence) -> bool:
+        """The pool is full: the newest request that arrived after seq gives
+        its replicas up, so that the earliest requests keep theirs (as a
+        scheduler preempts the newest). False if there is none."""
+        newer = [s for s, r in self.records.items()
+                 if not r.dropped and s.arrival_time > seq.arrival_time]
+        if not newer:
+            return False
+        self._drop(max(newer, key=lambda s: s.arrival_time))
+        return True
+
+    def _drop(self, seq: Sequence) -> None:
+        """No replicas of seq on this link until it ends (a copy of its
+        still under way lands in blocks someone else may own by then: its
+        acknowledgement no longer counts)."""
+        self.alloc.free_sequence(seq)
+        record = self.records[seq]
+        record.dropped, record.durable = True, 0
+        self.dropped += 1
 
     def acknowledged(self, steps: list[int]) -> None:
         for step in steps:
