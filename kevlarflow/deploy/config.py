@@ -27,6 +27,9 @@ class DeploymentConfig(EngineConfig):
     recovery: str = "kevlarflow"    # or "restart": the baseline of today's stacks
     heartbeat_s: float = 0.1        # interval of worker heartbeats
     hang_timeout_s: float = 1.0     # a worker silent this long is declared hung
+    # How long a failed slot waits before a new process for it can start: 0
+    # restarts on the same machine at once; a cluster provisions a node.
+    replacement_delay_s: float = 0.0
     # KV replication to the backup worker (recovery="kevlarflow", two or more
     # instances): each worker's replica pool in bytes (None: as large as its
     # live pool, kv_cache_memory; 0: no replication), the most bytes one
@@ -50,6 +53,10 @@ class DeploymentConfig(EngineConfig):
             raise ValueError("comm_deadline_s and start_timeout_s must be positive")
         if self.recovery not in RECOVERY_MODES:
             raise ValueError(f"recovery must be one of {RECOVERY_MODES}, got {self.recovery!r}")
+        if not (isinstance(self.replacement_delay_s, (int, float))
+                and 0 <= self.replacement_delay_s < float("inf")):
+            raise ValueError("replacement_delay_s must be a finite number of seconds >= 0, got "
+                             f"{self.replacement_delay_s!r}")
         if not (0 < self.heartbeat_s < self.hang_timeout_s):
             raise ValueError("need 0 < heartbeat_s < hang_timeout_s")
         if self.replica_memory is not None and (not isinstance(self.replica_memory, int)

@@ -50,7 +50,8 @@ class Recovery:
         self.states = [InstanceRecovery(since=clock()) for _ in deployment.instances]
         self.replacements = Replacements(lambda name: deployment.spawn(name),
                                          lambda name: deployment.workers[name].instance,
-                                         deployment.events, clock)
+                                         deployment.events, clock,
+                                         delay_s=self.config.replacement_delay_s)
         self.stats = RecoveryStats()
 
     def phase(self, inst) -> Phase:

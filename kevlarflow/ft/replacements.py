@@ -1,10 +1,11 @@
 """New processes for failed worker slots.
 
-The first replacement of a slot starts at once. One that dies before it is
-ready (it crashed while starting, was killed while loading, never
-registered) is replaced again after a delay that doubles each time, up to
-MAX_BACKOFF_S: a slot whose processes keep dying is retried for as long as
-the deployment runs, without spinning."""
+The first replacement of a slot starts after the deployment's replacement
+delay (0 by default: at once, on the same machine). One that dies before it
+is ready (it crashed while starting, was killed while loading, never
+registered) is replaced again after that delay plus a backoff that doubles
+each time, up to MAX_BACKOFF_S: a slot whose processes keep dying is retried
+for as long as the deployment runs, without spinning."""
 from __future__ import annotations
 
 import time
@@ -22,8 +23,10 @@ def backoff_s(attempt: int) -> float:
 
 class Replacements:
     def __init__(self, spawn: Callable[[str], bool], instance_of: Callable[[str], int],
-                 events: EventLog, clock: Callable[[], float] = time.monotonic):
+                 events: EventLog, clock: Callable[[], float] = time.monotonic,
+                 delay_s: float = 0.0):
         self._clock = clock
+        self.delay_s = delay_s
         self._spawn = spawn              # starts a process for the slot; False if none can be
         self._instance_of = instance_of
         self._events = events
@@ -34,7 +37,7 @@ class Replacements:
         """The slot needs a new process (after its backoff)."""
         attempt = self.attempts.get(name, 0) + 1
         self.attempts[name] = attempt
-        self._due[name] = self._clock() + backoff_s(attempt)
+        self._due[name] = self._clock() + self.delay_s + backoff_s(attempt)
         self.tick()
 
     def tick(self) -> None:
