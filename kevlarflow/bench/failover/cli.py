@@ -47,6 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--chunk", type=int, default=256, help="max_num_batched_tokens")
     p.add_argument("--kv-memory", type=int, default=256 << 20, help="bytes per worker pool")
+    p.add_argument("--replication-interval", type=float, default=0.5, metavar="S",
+                   help="least seconds between two KV transfers of a worker (default 0.5, the "
+                        "deployment's)")
+    p.add_argument("--replacement-delay", type=float, default=0.0, metavar="S",
+                   help="seconds before a failed slot's new process can start, in every mode "
+                        "(a cluster provisioning a node; default 0: a restart on this machine)")
     p.add_argument("--slo-ttft", type=float, help="goodput SLO on TTFT, seconds (default: "
                    f"{m.SLO_FACTOR:g}x the fault-free baseline's median)")
     p.add_argument("--slo-tpot", type=float, help="goodput SLO on TPOT, seconds (same default)")
@@ -68,6 +74,9 @@ def parse(argv) -> argparse.Namespace:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     if (args.rate is not None and args.rate <= 0) or not 0 < args.load <= 4 or args.duration <= 0:
         parser.error("--rate and --duration must be positive, --load in (0, 4]")
+    if not (0 <= args.replication_interval <= 10 and 0 <= args.replacement_delay < 3600):
+        parser.error("--replication-interval must be in [0, 10] s, --replacement-delay in "
+                     "[0, 3600) s")
     if args.fail is None:
         args.fail = [Failure(args.duration / 2, 0, args.stages - 1, "kill")]
     for f in args.fail:
@@ -108,7 +117,8 @@ def main(argv: list[str] | None = None) -> dict:
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(model)
-    deployment = Deployment(model, args.instances, args.stages, args.chunk, args.kv_memory)
+    deployment = Deployment(model, args.instances, args.stages, args.chunk, args.kv_memory,
+                            args.replication_interval, args.replacement_delay)
 
     measured_capacity = None
     rate = args.rate
@@ -186,8 +196,9 @@ def finish(args, model, deployment, trace, runs, rate, measured_capacity, starte
     config = dict(model=model, preset=None if args.model else args.preset,
                   num_instances=args.instances, pp_size=args.stages,
                   max_num_batched_tokens=args.chunk, kv_cache_memory=args.kv_memory,
-                  **{k: getattr(DeploymentConfig, k) for k in (
-                      "replication_interval_s", "hang_timeout_s", "heartbeat_s")},
+                  replication_interval_s=args.replication_interval,
+                  replacement_delay_s=args.replacement_delay,
+                  **{k: getattr(DeploymentConfig, k) for k in ("hang_timeout_s", "heartbeat_s")},
                   trace=dict(source=args.sharegpt or "sharegpt-like", rate=rate,
                              duration_s=args.duration, seed=args.seed,
                              mean_prompt_tokens_asked=args.prompt_len,

@@ -54,13 +54,18 @@ class Deployment:
     pp_size: int = 2
     max_num_batched_tokens: int = 256
     kv_cache_memory: int = 256 << 20
+    replication_interval_s: float = 0.5
+    replacement_delay_s: float = 0.0
 
     def start(self, mode: str):
         from kevlarflow import LLM
 
         return LLM(self.model, num_instances=self.num_instances, pp_size=self.pp_size,
                    max_num_batched_tokens=self.max_num_batched_tokens,
-                   kv_cache_memory=self.kv_cache_memory, load_progress=False, **MODES[mode])
+                   kv_cache_memory=self.kv_cache_memory,
+                   replication_interval_s=self.replication_interval_s,
+                   replacement_delay_s=self.replacement_delay_s, load_progress=False,
+                   **MODES[mode])
 
 
 def submit(engine, req: Request):
