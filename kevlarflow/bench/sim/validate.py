@@ -105,6 +105,14 @@ def compare(run: dict, costs: Costs, fit: bool = True) -> dict:
     return dict(contention=factor, modes=out)
 
 
+def prediction_errors(table: dict) -> list[tuple[str, str, str, float]]:
+    """(mode, condition, metric, relative error) of every predicted figure
+    (measured, simulated, and not the fitted one)."""
+    return [(mode, condition, key, r["rel_error"]) for mode, by_condition in table.items()
+            for condition, rows in by_condition.items() for key, r in rows.items()
+            if r["rel_error"] is not None and not r["fitted"]]
+
+
 def print_comparison(table: dict) -> None:
     names = {"mttr_s": "MTTR", "avg_latency_s": "avg lat", "p99_latency_s": "p99 lat",
              "avg_ttft_s": "avg TTFT", "p99_ttft_s": "p99 TTFT", "mean_tpot_s": "TPOT"}
@@ -130,11 +138,12 @@ def validate(path: str, costs: Costs, json_out: str | None = None, fit: bool = T
     print(f"CPU contention factor {result['contention']:.2f}"
           + (" (fitted on the baseline's fault-free TPOT)\n" if fit else " (not fitted)\n"))
     print_comparison(table)
-    errors = [abs(r["rel_error"]) for m in table.values() for c in m.values() for r in c.values()
-              if r["rel_error"] is not None and not r["fitted"]]
+    errors = prediction_errors(table)
     if errors:
-        print(f"\nmean absolute relative error {sum(errors) / len(errors):.0%} over {len(errors)} "
-              "predicted figures")
+        worst = max(errors, key=lambda e: abs(e[3]))
+        mean = sum(abs(e[3]) for e in errors) / len(errors)
+        print(f"\nmean absolute relative error {mean:.0%} over {len(errors)} predicted figures; "
+              f"the worst: {worst[0]} {worst[1]} {worst[2]} {worst[3]:+.0%}")
     if json_out:
         Path(json_out).write_text(json.dumps(dict(schema="kevlarflow.simulate-validation/1",
                                                   source=str(path), costs=costs.to_json(),
