@@ -245,11 +245,15 @@ class Worker:
         self.endpoint.send("error", step=step, kind=kind, message=str(error))
 
     def _take_in(self) -> None:
-        """Queue what has arrived, without waiting."""
+        """Queue what has arrived, without waiting. A build reported ready
+        before a step on it was sent is collected before that step runs (as
+        in the main loop): else the step would look stale here while the
+        previous stage runs it, and the pipeline's sends would pair wrongly."""
         message = self.endpoint.recv(0)
         while message is not None:
             self.backlog.append(message)
             message = self.endpoint.recv(0)
+        self._finish_builds()
 
     def _merge_partner(self, group: str) -> dict | None:
         """The next step of another pipeline, if it is already queued and
