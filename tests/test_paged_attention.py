@@ -32,6 +32,20 @@ def test_mixed_batch_all_shapes(dtype, head_dim, block_size):
     check_against_reference(batch)
 
 
+def test_the_best_variant_is_the_avx2_one_where_the_cpu_has_it(monkeypatch):
+    """What isa="best" runs, against the CPU's own flags (Linux reports them
+    in /proc/cpuinfo): the AVX2+FMA build wherever it can run."""
+    monkeypatch.delenv("KEVLARFLOW_CPU_ISA", raising=False)
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((set(line.split(":", 1)[1].split()) for line in f
+                          if line.startswith("flags")), set())
+    except OSError:
+        pytest.skip("no /proc/cpuinfo to read the CPU's flags from")
+    want = "avx2" if {"avx2", "fma"} <= flags else "generic"
+    assert _C.cpu_attention_isa() == want
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("head_dim", [64, 80, 256])
 def test_portable_cpu_variant(monkeypatch, dtype, head_dim):

@@ -35,10 +35,12 @@ class Clock:
 class Deployment:
     """What the controller is to recovery, with its actions recorded."""
 
-    def __init__(self, num_instances=2, pp_size=2, recovery="kevlarflow", replica_blocks=32):
+    def __init__(self, num_instances=2, pp_size=2, recovery="kevlarflow", replica_blocks=32,
+                 replacement_delay_s=0.0):
         self.config = DeploymentConfig(num_instances=num_instances, pp_size=pp_size,
                                        recovery=recovery, block_size=BLOCK, hang_timeout_s=1.0,
-                                       comm_deadline_s=5.0, replication_interval_s=0.0)
+                                       comm_deadline_s=5.0, replication_interval_s=0.0,
+                                       replacement_delay_s=replacement_delay_s)
         self.workers = WorkerTable(num_instances, pp_size)
         self.events = EventLog()
         self.sent, self.called_off, self.spawned, self.failed = [], [], [], []
@@ -455,6 +457,31 @@ def test_a_replacement_that_dies_loading_is_replaced_with_backoff(d):
     assert d.spawned == ["w0.1"] * 3
     d.ready("w0.1")
     assert not d.recovery.replacements.pending()
+
+
+@pytest.mark.parametrize("recovery", ["kevlarflow", "restart"])
+def test_replacements_wait_out_the_replacement_delay_in_both_modes(recovery):
+    """A cluster provisions a node before a failed slot's process can start:
+    both recovery modes wait for it alike, and a replacement that dies waits
+    for it again, plus its backoff."""
+    d = Deployment(recovery=recovery, replacement_delay_s=30.0)
+    d.start()
+    d.lose("w0.1")
+    assert d.spawned == []
+    d.clock.now += 29.9
+    d.recovery.tick()
+    assert d.spawned == []
+    d.clock.now += 0.2
+    d.recovery.tick()
+    assert "w0.1" in d.spawned
+    count = d.spawned.count("w0.1")
+    d.recovery.replacement_died("w0.1", "exited with code 1")
+    d.clock.now += 30.4
+    d.recovery.tick()
+    assert d.spawned.count("w0.1") == count  # 30 s and a backoff of 0.5 s
+    d.clock.now += 0.2
+    d.recovery.tick()
+    assert d.spawned.count("w0.1") == count + 1
 
 
 def test_a_fault_during_a_build_calls_the_build_off(d):

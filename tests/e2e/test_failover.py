@@ -10,7 +10,7 @@ import pytest
 
 from kevlarflow import LLM
 from kevlarflow.deploy.router import NoInstanceServing
-from helpers.failover import ARGS, run_until_done, wait, workload
+from helpers.failover import ARGS, Streams, workload
 from helpers.models import tiny_model
 
 @pytest.fixture(scope="module")
@@ -25,37 +25,41 @@ def _serve_with_fault(stage, kind, recovery="kevlarflow", victim_instance=0):
     before = {p.pid for p in psutil.Process().children(recursive=True)}
     with LLM(tiny_model(), num_instances=2, pp_size=2, recovery=recovery, **ARGS) as llm:
         engine = llm.engine
-        seqs = [engine.add_request(p, sp) for p, sp in zip(prompts, params)]
-        outputs = {}
+        streams = Streams(engine)
+        seqs = streams.add(prompts, params)
         victims = [s for s in seqs if engine.owner[s].index == victim_instance]
         # Fail once the victim instance's requests are generating.
-        while not any(len(s.output_token_ids) >= 3 for s in victims):
-            for out in engine.step():
-                outputs[out.request_id] = out
+        streams.until(lambda: any(len(s.output_token_ids) >= 3 for s in victims), "tokens")
         engine.inject_fault(victim_instance, stage, kind)
-        run_until_done(engine, outputs)
+        streams.finish()
         events = list(engine.events.events)
+        recomputed = engine.status().stats["tokens_recomputed"]
         # Wait for the replacement to join, so that what it does is tested too.
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            if engine.events.of("rejoined") and all(
-                    inst.serving and inst.workers == inst.home for inst in engine.instances):
-                break
-            engine.step()
-        else:
-            raise AssertionError("the replacement never rejoined")
+        streams.until(lambda: engine.events.of("rejoined") and _all_home(engine), "the rejoin")
         # The deployment serves on, with every instance back on its own workers.
         again = llm.generate(prompts[:4], params[:4])
     # Failed workers, hung ones included, and replacements: all reaped.
     assert not [p for p in psutil.Process().children(recursive=True)
                 if p.pid not in before and p.status() != psutil.STATUS_ZOMBIE]
-    return [outputs[s.request_id] for s in seqs], again, events
+    outs = [streams.output(s) for s in seqs]
+    # What recovery says it recomputed is what the workers ran again (the
+    # baseline's restart counts as a preemption of its requests; nothing else
+    # preempts here).
+    if recovery == "kevlarflow":
+        assert not any(o.metrics.num_preemptions for o in outs)
+    assert recomputed == sum(o.metrics.tokens_run - (len(o.prompt_token_ids) + len(o.token_ids) - 1)
+                             for o in outs)
+    return outs, again, events, recomputed
+
+
+def _all_home(engine):
+    return all(i.serving and i.workers == i.home for i in engine.instances)
 
 
 @pytest.mark.parametrize("stage", [0, 1])
 @pytest.mark.parametrize("kind", ["kill", "hang"])
 def test_reroute_keeps_every_request(expected, stage, kind):
-    outs, again, events = _serve_with_fault(stage, kind)
+    outs, again, events, _ = _serve_with_fault(stage, kind)
     assert [o.token_ids for o in outs] == expected
     assert all(o.finish_reason == "length" for o in outs)
     assert [o.token_ids for o in again] == expected[:4]
@@ -74,7 +78,8 @@ def test_reroute_keeps_every_request(expected, stage, kind):
 
 
 def test_restart_baseline_recovers_too(expected):
-    outs, again, events = _serve_with_fault(1, "kill", recovery="restart")
+    outs, again, events, recomputed = _serve_with_fault(1, "kill", recovery="restart")
+    assert recomputed > 0  # the instance's requests all started again
     assert [o.token_ids for o in outs] == expected
     assert [o.token_ids for o in again] == expected[:4]
     kinds = [e.kind for e in events]
@@ -90,23 +95,19 @@ def test_no_live_worker_for_a_stage_ends_requests_with_an_error():
     prompts, params = workload(6)
     with LLM(tiny_model(), num_instances=2, pp_size=1, **ARGS) as llm:
         engine = llm.engine
-        seqs = [engine.add_request(p, sp) for p, sp in zip(prompts, params)]
-        engine.step()
+        streams = Streams(engine)
+        seqs = streams.add(prompts, params)
+        streams.step()
         engine.inject_fault(0, 0, "kill")
         engine.inject_fault(1, 0, "kill")
-        outputs = {}
-        run_until_done(engine, outputs)
-        assert {outputs[s.request_id].finish_reason for s in seqs} == {"error"}
-        if not any(inst.serving for inst in engine.instances):
-            with pytest.raises(NoInstanceServing):
-                engine.add_request(prompts[0], params[0])
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            if all(inst.serving for inst in engine.instances):
-                break
-            engine.step()
-        else:
-            raise AssertionError("replacements never joined")
+        streams.finish()
+        assert {streams.output(s).finish_reason for s in seqs} == {"error"}
+        # The requests ended as the deaths were seen, long before a new
+        # process can have loaded (this engine only changes when stepped).
+        assert not any(inst.serving for inst in engine.instances)
+        with pytest.raises(NoInstanceServing, match="no pipeline instance"):
+            engine.add_request(prompts[0], params[0])
+        streams.until(lambda: all(inst.serving for inst in engine.instances), "replacements")
         out = llm.generate(prompts[:2], params[:2])
         assert all(o.finish_reason == "length" for o in out)
 
@@ -119,22 +120,21 @@ def test_borrowed_worker_fails_too(expected):
     prompts, params = workload()
     with LLM(tiny_model(), num_instances=2, pp_size=2, **ARGS) as llm:
         engine = llm.engine
-        seqs = [engine.add_request(p, sp) for p, sp in zip(prompts, params)]
-        outputs = {}
-        wait(engine, lambda: any(len(s.output_token_ids) >= 2 for s in seqs), "tokens")
+        streams = Streams(engine)
+        seqs = streams.add(prompts, params)
+        streams.until(lambda: any(len(s.output_token_ids) >= 2 for s in seqs), "tokens")
         engine.inject_fault(0, 1, "kill")
-        wait(engine, lambda: engine.events.of("rerouted"), "the reroute")
+        streams.until(lambda: engine.events.of("rerouted"), "the reroute")
         engine.inject_fault(1, 1, "hang")
-        run_until_done(engine, outputs)
+        streams.finish()
         for seq, want in zip(seqs, expected):
-            out = outputs[seq.request_id]
+            out = streams.output(seq)
             assert out.finish_reason in ("length", "error")
             if out.finish_reason == "length":
                 assert out.token_ids == want
             else:
                 assert out.token_ids == want[:len(out.token_ids)]
-        wait(engine, lambda: all(i.serving and i.workers == i.home for i in engine.instances),
-              "both replacements")
+        streams.until(lambda: _all_home(engine), "both replacements")
         assert [o.token_ids for o in llm.generate(prompts[:3], params[:3])] == expected[:3]
 
 
@@ -145,35 +145,47 @@ def test_five_failures_in_a_row_under_load(expected):
     rng = random.Random(1)
     with LLM(tiny_model(), num_instances=2, pp_size=2, **ARGS) as llm:
         engine = llm.engine
+        streams = Streams(engine)
         faults = [(0, 0, "kill"), (1, 1, "hang"), (0, 1, "kill"), (1, 0, "kill"), (0, 0, "hang")]
         for round_, (instance, stage, kind) in enumerate(faults):
-            seqs = [engine.add_request(p, sp) for p, sp in zip(prompts, params)]
-            outputs = {}
-            wait(engine, lambda: any(len(s.output_token_ids) >= rng.randrange(1, 6) for s in seqs),
-                  "tokens")
+            seqs = streams.add(prompts, params)
+            streams.until(lambda: any(len(s.output_token_ids) >= rng.randrange(1, 6)
+                                      for s in seqs), "tokens")
             engine.inject_fault(instance, stage, kind)
-            run_until_done(engine, outputs)
-            assert [outputs[s.request_id].token_ids for s in seqs] == expected, round_
-            wait(engine, lambda: all(i.serving and i.workers == i.home for i in engine.instances),
-                  "the rejoin")
+            streams.finish()
+            assert streams.tokens(seqs) == expected, round_
+            streams.until(lambda: _all_home(engine), "the rejoin")
         assert len(engine.events.of("detected")) == 5
 
 
-def test_a_replacement_that_dies_while_loading_is_replaced_again(expected):
+def test_replacements_that_die_while_loading_are_replaced_again_after_a_backoff():
+    """Three replacements of (0, 0) are killed before they can load: each is
+    followed by another, after a wait that doubles (backoff_s), while the
+    borrowed worker serves; the fourth joins."""
+    from kevlarflow.ft.replacements import backoff_s
+
     prompts, params = workload(4)
     with LLM(tiny_model(), num_instances=2, pp_size=1, **ARGS) as llm:
         engine = llm.engine
+        streams = Streams(engine)
+        started = lambda: engine.events.of("replacement_started")  # noqa: E731
         engine.inject_fault(0, 0, "kill")
-        wait(engine, lambda: engine.events.of("replacement_started"), "a replacement")
-        # Kill the replacement before it can register and load.
-        proc = engine.launcher.procs[(0, 0)]
-        proc.kill()
-        wait(engine, lambda: len(engine.events.of("replacement_started")) >= 2
-              or engine.events.of("rejoined"), "a second replacement")
-        outs = llm.generate(prompts, params)  # served meanwhile by the borrowed worker
-        assert all(o.finish_reason == "length" for o in outs)
-        wait(engine, lambda: all(i.serving and i.workers == i.home for i in engine.instances),
-              "the rejoin")
+        died = []
+        for attempt in (1, 2, 3):
+            streams.until(lambda: len(started()) == attempt, f"replacement {attempt}")
+            if attempt > 1:  # it waited for its backoff after the previous one died
+                assert started()[-1].time - died[-1] >= backoff_s(attempt) - 0.05
+            proc = engine.launcher.procs[(0, 0)]
+            proc.kill()  # before it can register and load
+            proc.wait()
+            died.append(time.time())
+            # Served meanwhile by the borrowed worker.
+            seqs = streams.add(prompts, params)
+            streams.until(lambda: all(s.is_finished for s in seqs), "requests")
+            assert all(streams.output(s).finish_reason == "length" for s in seqs)
+        streams.until(lambda: _all_home(engine), "the rejoin")
+        assert [e.detail for e in started()] == [f"attempt {k}" for k in (1, 2, 3, 4)]
+        assert {e.worker for e in started()} == {"w0.0"}
 
 
 def test_a_caller_that_pauses_is_no_failure():

@@ -8,9 +8,9 @@ import time
 
 import pytest
 
-from helpers.failover import ARGS, run_until_done, wait, workload
-from kevlarflow import LLM
+from helpers.failover import ARGS, Streams, recomputed, workload
 from helpers.models import tiny_model
+from kevlarflow import LLM
 
 # The tiny model decodes a token in milliseconds: transfers every 50 ms keep
 # the replication lag at tens of tokens, as the default keeps it at a few on
@@ -22,14 +22,89 @@ ARGS = dict(ARGS, replication_interval_s=0.05)
 def expected():
     prompts, params = workload()
     with LLM(tiny_model(), **{k: v for k, v in ARGS.items() if k != "hang_timeout_s"}) as llm:
-        return [o.token_ids for o in llm.generate(prompts, params)]
+        outs = llm.generate(prompts, params)
+    # Without a failure the model runs each token once: the count that the
+    # tests below compare with is exact.
+    assert all(o.metrics.tokens_run == len(p) + len(o.token_ids) - 1 for p, o in zip(prompts, outs))
+    return [o.token_ids for o in outs]
 
 
-def _start(engine, prompts, params, min_tokens=4):
-    seqs = [engine.add_request(p, sp) for p, sp in zip(prompts, params)]
-    wait(engine, lambda: all(len(s.output_token_ids) >= min_tokens or s.is_finished for s in seqs)
-         and all(link.ready for link in engine.replication.links.values()), "tokens")
+def _start(streams, prompts, params, min_tokens=4):
+    seqs = streams.add(prompts, params)
+    links = streams.engine.replication.links
+    streams.until(lambda: all(len(s.output_token_ids) >= min_tokens or s.is_finished for s in seqs)
+                  and all(link.ready for link in links.values()), "tokens")
     return seqs
+
+
+def _moves_at_reroute(streams):
+    """(computed, kept) of each request the failure moved, read as soon as
+    the instance is rerouted (a later rejoin moves them again)."""
+    streams.until(lambda: streams.engine.events.of("rerouted"), "the reroute")
+    return dict(streams.engine.recovery.stats.moves)
+
+
+@pytest.mark.parametrize("stage,kind", [(0, "kill"), (1, "kill"), (1, "hang")])
+def test_a_failure_recomputes_at_most_a_block_per_request(expected, stage, kind):
+    """With a transfer after every step, a request's KV is durable at the
+    backup but for its last step or so: after the failure, no request runs
+    more than a block of tokens again, counted from the tokens the workers
+    ran (not from the replication's own records), and those records agree."""
+    prompts, params = workload()
+    with LLM(tiny_model(), num_instances=2, pp_size=2,
+             **dict(ARGS, replication_interval_s=0)) as llm:
+        engine = llm.engine
+        streams = Streams(engine)
+        seqs = _start(streams, prompts, params)
+        victims = engine.instances[0].running()
+        assert victims and all(s.num_computed_tokens > ARGS["block_size"] for s in victims)
+        engine.inject_fault(0, stage, kind)
+        moves = _moves_at_reroute(streams)
+        streams.finish()
+        assert streams.tokens(seqs) == expected
+        assert not any(s.num_preemptions for s in seqs)
+        for seq in seqs:
+            computed, kept = moves.get(seq.request_id, (0, 0))
+            assert recomputed(seq) == computed - kept, (seq.request_id, computed, kept)
+            assert recomputed(seq) <= ARGS["block_size"], (seq.request_id, computed, kept)
+        moved = [s for s in victims if s.request_id in moves]  # some may end first
+        assert moved and all(moves[s.request_id][1] > 0 for s in moved)
+
+
+def test_a_full_replica_pool_keeps_the_earliest_requests_replicas(expected):
+    """A replica pool of 8 blocks holds a few requests only. It never lends
+    more than its blocks, none of them a live one; the earliest requests
+    keep their replicas and the later ones give theirs up. After the
+    failure, those without replicas recompute all their KV, the others only
+    their lag, and every request still finishes right."""
+    prompts, params = workload()
+    with LLM(tiny_model(), num_instances=2, pp_size=2, replica_memory=ARGS["kv_cache_memory"] // 32,
+             **ARGS) as llm:
+        engine = llm.engine
+        streams = Streams(engine)
+        seqs = _start(streams, prompts, params)
+        link = engine.replication.links["w0.1"]
+        assert link.backup == "w1.1"
+        mine = [s for s in seqs if engine.owner[s] is engine.instances[0] and not s.is_finished]
+        streams.until(lambda: all(s in link.records or s.is_finished for s in mine),
+                      "a step of each on the link")
+        mine = [s for s in mine if not s.is_finished]
+        held = [b for s, r in link.records.items() if not r.dropped for b in link.alloc.table(s)]
+        assert len(held) == len(set(held)) <= len(link.ids) == engine.replication.replica_blocks[1]
+        live = {b for s in engine.instances[1].sequences for b in engine.pools["w1.1"].table(s)}
+        assert not live & set(link.ids), "replica blocks lent out as live ones"
+        has_replicas = [not link.records[s].dropped for s in mine]
+        assert True in has_replicas and False in has_replicas, has_replicas
+        assert has_replicas == sorted(has_replicas, reverse=True), "a later request kept its replicas"
+        engine.inject_fault(0, 1, "kill")
+        moves = _moves_at_reroute(streams)
+        streams.finish()
+        assert streams.tokens(seqs) == expected
+        for seq, replicated in zip(mine, has_replicas):
+            computed, kept = moves[seq.request_id]
+            assert (kept > 0) == replicated, (seq.request_id, computed, kept)
+            assert recomputed(seq) == computed - kept
+        assert all(s.finish_reason == "length" for s in seqs)
 
 
 def _watermarks(engine, instance, stage):
@@ -40,44 +115,28 @@ def _watermarks(engine, instance, stage):
             for seq in engine.instances[instance].running()}
 
 
-@pytest.mark.parametrize("stage", [0, 1])
-def test_a_kill_resumes_requests_from_their_replicas(expected, stage):
-    prompts, params = workload()
-    with LLM(tiny_model(), num_instances=2, pp_size=2, **ARGS) as llm:
-        engine = llm.engine
-        seqs = _start(engine, prompts, params)
-        before = _watermarks(engine, 0, stage)
-        assert any(durable for _, durable in before.values()), "nothing replicated yet"
-        engine.inject_fault(0, stage, "kill")
-        outputs = {}
-        run_until_done(engine, outputs)
-        assert [outputs[s.request_id].token_ids for s in seqs] == expected
-        # Each request kept at least what was durable when its worker died:
-        # it recomputed at most its replication lag, never its whole prompt.
-        moves = engine.recovery.stats.moves
-        for rid, (_, durable) in before.items():
-            computed, kept = moves[rid]
-            assert kept >= min(durable, computed), (rid, durable, computed, kept)
-        stats = engine.status().stats
-        assert stats["requests_restored"] >= sum(1 for _, d in before.values() if d)
-        assert stats["tokens_restored"] >= sum(min(c, d) for c, d in before.values()) > 0
+def _all_home(engine):
+    return all(i.serving and i.workers == i.home for i in engine.instances)
 
 
-def test_a_full_replica_pool_falls_back_to_recompute(expected):
-    """A replica pool of 8 blocks holds a few requests only: the others lose
-    their replicas, recompute after the failure, and still finish right."""
+def test_without_a_replica_pool_a_failure_recomputes_all_kv(expected):
+    """replica_memory=0 turns replication off: no link, no copy, and after
+    the kill each moved request runs again every token it had computed."""
     prompts, params = workload()
-    with LLM(tiny_model(), num_instances=2, pp_size=2, replica_memory=ARGS["kv_cache_memory"] // 32,
-             **ARGS) as llm:
+    with LLM(tiny_model(), num_instances=2, pp_size=2, replica_memory=0, **ARGS) as llm:
         engine = llm.engine
-        seqs = _start(engine, prompts, params)
-        assert sum(link.dropped for link in engine.replication.links.values()) > 0
+        streams = Streams(engine)
+        seqs = _start(streams, prompts, params)
+        assert not engine.replication.enabled and not engine.replication.links
         engine.inject_fault(0, 1, "kill")
-        outputs = {}
-        run_until_done(engine, outputs)
-        assert [outputs[s.request_id].token_ids for s in seqs] == expected
-        assert all(outputs[s.request_id].finish_reason == "length" for s in seqs)
-        assert engine.status().stats["tokens_recomputed"] > 0
+        moves = _moves_at_reroute(streams)
+        streams.finish()
+        assert streams.tokens(seqs) == expected
+        assert moves and all(kept == 0 for _, kept in moves.values())
+        for seq in seqs:
+            computed, _ = moves.get(seq.request_id, (0, 0))
+            assert recomputed(seq) == computed
+        assert engine.status().stats["bytes_replicated"] == 0
 
 
 def test_replication_survives_a_rejoin(expected):
@@ -87,28 +146,31 @@ def test_replication_survives_a_rejoin(expected):
     prompts, params = workload()
     with LLM(tiny_model(), num_instances=2, pp_size=2, **ARGS) as llm:
         engine = llm.engine
-        seqs = _start(engine, prompts, params)
+        streams = Streams(engine)
+        seqs = _start(streams, prompts, params)
         engine.inject_fault(0, 1, "kill")
-        run_until_done(engine, {})
-        assert [s.output_token_ids for s in seqs] == expected
-        wait(engine, lambda: engine.events.of("rejoined") and all(
-            i.serving and i.workers == i.home for i in engine.instances), "the rejoin")
+        streams.finish()
+        assert streams.tokens(seqs) == expected
+        streams.until(lambda: engine.events.of("rejoined") and _all_home(engine), "the rejoin")
         assert engine.replication.links["w1.1"].backup == "w0.1"
-        restored = engine.status().stats["requests_restored"]
-        seqs = _start(engine, prompts, params)
+        seqs = _start(streams, prompts, params)
         before = _watermarks(engine, 1, 1)
+        assert any(durable for _, durable in before.values()), "nothing replicated yet"
         engine.inject_fault(1, 1, "kill")
-        outputs = {}
-        run_until_done(engine, outputs)
-        assert [outputs[s.request_id].token_ids for s in seqs] == expected
-        assert engine.status().stats["requests_restored"] - restored >= \
-            sum(1 for _, d in before.values() if d) > 0
+        moves = _moves_at_reroute(streams)
+        streams.finish()
+        assert streams.tokens(seqs) == expected
+        for seq in seqs:
+            if seq.request_id in before and seq.request_id in moves:
+                _, durable = before[seq.request_id]
+                computed, kept = moves[seq.request_id]
+                assert kept >= durable and recomputed(seq) == computed - kept, seq.request_id
 
 
 def test_requests_move_back_without_losing_their_kv(expected):
     """At the rejoin, requests still running move back to the replacement
     through the replication link, once all their KV is there: they keep
-    every token of it."""
+    every token of it, and run none again."""
     prompts, params = workload()
     for p in params:
         # Still running when the replacement joins. (Past about 120 tokens a
@@ -119,14 +181,15 @@ def test_requests_move_back_without_losing_their_kv(expected):
     # A transfer after every step: the lag is then a token or two.
     with LLM(tiny_model(), num_instances=2, pp_size=2, **dict(ARGS, replication_interval_s=0)) as llm:
         engine = llm.engine
-        seqs = _start(engine, prompts, params)
+        streams = Streams(engine)
+        seqs = _start(streams, prompts, params)
         engine.inject_fault(0, 1, "kill")
-        wait(engine, lambda: engine.events.of("rerouted"), "the reroute")
-        moved_at_failure = dict(engine.recovery.stats.moves)
+        moved_at_failure = _moves_at_reroute(streams)
+        run_before = {s.request_id: recomputed(s) for s in seqs}
         # Not stepping meanwhile, so that the requests are still running when
         # the replacement (started already) registers, loads and joins.
         time.sleep(3)
-        wait(engine, lambda: engine.events.of("rejoined"), "the rejoin")
+        streams.until(lambda: engine.events.of("rejoined"), "the rejoin")
         moved_back = {rid: move for rid, move in engine.recovery.stats.moves.items()
                       if moved_at_failure.get(rid) != move}
         assert moved_back, "no request left to move"
@@ -134,32 +197,53 @@ def test_requests_move_back_without_losing_their_kv(expected):
             assert kept == computed, (computed, kept)
         rejoined = engine.events.of("rejoined")[0]
         assert rejoined.detail.endswith("recompute 0"), rejoined.detail
-        run_until_done(engine, {})
+        streams.finish()
+        assert {s.request_id: recomputed(s) for s in seqs} == run_before
         with LLM(tiny_model(), **{k: v for k, v in ARGS.items() if k != "hang_timeout_s"}) as ref:
             want = [o.token_ids for o in ref.generate(prompts, params)]
-        assert [s.output_token_ids for s in seqs] == want
+        assert streams.tokens(seqs) == want
 
 
-def test_a_hung_backup_does_not_stall_its_source(expected):
+def _serve(streams, prompts, params, instance: int) -> float:
+    """Seconds until the requests that go to instance finish."""
+    start = time.monotonic()
+    seqs = streams.add(prompts, params)
+    mine = [s for s in seqs if streams.engine.owner[s].index == instance]
+    assert mine
+    streams.until(lambda: all(s.is_finished for s in mine), f"instance {instance}'s requests",
+                  timeout_s=120)
+    return time.monotonic() - start
+
+
+def test_a_hung_backup_does_not_stall_its_source():
     """The backup of (0, 0) stops (SIGSTOP) without being declared hung (long
-    hang timeout): instance 0 keeps serving at full speed, its replicator
-    blocked in a send at most; once the backup continues, all is well."""
+    hang timeout). Instance 0 serves as fast as it did before, its
+    replicator blocked in a send at most, and its steps keep handing blocks
+    to copy; once the backup continues, every one of them arrives."""
     prompts, params = workload(30)
     with LLM(tiny_model(), num_instances=2, pp_size=1,
              **dict(ARGS, hang_timeout_s=120.0, comm_deadline_s=120.0)) as llm:
         engine = llm.engine
-        _start(engine, prompts[:2], params[:2], min_tokens=1)
-        backup = engine.replication.links["w0.0"].backup
-        os.kill(engine.workers[backup].pid, signal.SIGSTOP)
+        streams = Streams(engine)
+        _start(streams, prompts[:2], params[:2], min_tokens=1)
+        streams.finish()
+        link = engine.replication.links["w0.0"]
+        backup = engine.workers[link.backup].pid
+        unhung_s = _serve(streams, prompts, params, 0)
+        streams.until(lambda: link.blocks_acked == link.blocks_sent, "the copies")
+        os.kill(backup, signal.SIGSTOP)
         try:
-            seqs = [engine.add_request(p, sp) for p, sp in zip(prompts, params)]
-            mine = [s for s in seqs if engine.owner[s].index == 0]
-            assert mine
-            wait(engine, lambda: all(s.is_finished for s in mine), "instance 0's requests",
-                 timeout_s=60)
-            assert engine.replication.links["w0.0"].blocks_sent > 0
+            sent = link.blocks_sent
+            hung_s = _serve(streams, prompts, params, 0)
+            assert link.blocks_sent > sent, "no copy asked for during the hang"
+            acked = link.blocks_acked
         finally:
-            os.kill(engine.workers[backup].pid, signal.SIGCONT)
-        run_until_done(engine, {})
+            os.kill(backup, signal.SIGCONT)
+        # Half its speed or worse would be a stall: instance 0 is alone on
+        # the cores now, so it is usually faster than before.
+        assert hung_s < 2 * unhung_s, (hung_s, unhung_s)
+        streams.until(lambda: link.blocks_acked == link.blocks_sent, "the copies held back")
+        assert link.blocks_acked > acked
+        streams.finish()
         assert not engine.events.of("detected")
-        assert all(s.finish_reason == "length" for s in seqs)
+        assert all(o.finish_reason == "length" for o in streams.outputs.values())

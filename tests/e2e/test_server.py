@@ -179,8 +179,17 @@ def test_n_choices_and_seeds(client):
 def test_logprobs(client):
     out = client.completions.create(model="tiny", prompt="hi there", max_tokens=5, logprobs=2,
                                     **GREEDY).choices[0]
-    assert len(out.logprobs.tokens) == 5 and len(out.logprobs.token_logprobs) == 5
-    assert all(len(top) <= 2 and top for top in out.logprobs.top_logprobs)
+    # The engine's own logprobs of the same request, token for token.
+    with LLM(tiny_model(), kv_cache_memory=1 << 22, max_model_len=MAX_MODEL_LEN,
+             block_size=8, load_progress=False) as llm:
+        want = llm.generate(["hi there"], SamplingParams(max_tokens=5, logprobs=2, temperature=0,
+                                                         ignore_eos=True))[0]
+        text = lambda t: llm.tokenizer.decode([t])  # noqa: E731
+    assert out.logprobs.tokens == [text(e.token_id) for e in want.logprobs]
+    assert out.logprobs.token_logprobs == pytest.approx([e.logprob for e in want.logprobs])
+    for top, e in zip(out.logprobs.top_logprobs, want.logprobs, strict=True):
+        assert len(e.top) == 2 and e.top[0] == (e.token_id, pytest.approx(e.logprob))  # greedy
+        assert top == pytest.approx({text(t): lp for t, lp in e.top})
     chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}],
                                           max_tokens=4, logprobs=True, top_logprobs=3, **GREEDY)
     content = chat.choices[0].logprobs.content
@@ -390,8 +399,12 @@ def test_async_engine_survives_a_refused_request():
 
 
 def test_deployment_health_follows_a_hung_worker():
+    """/health is "ok"; 503 as soon as a worker's heartbeats are late, before
+    its hang is declared; 200 "degraded" while its instance borrows a worker;
+    "ok" again once the replacement joined."""
     before = {p.pid for p in psutil.Process().children(recursive=True)}
-    config = DeploymentConfig(num_instances=2, pp_size=1, hang_timeout_s=1.0, block_size=4,
+    hang_timeout_s = 4.0  # far past the heartbeats' lateness (0.3 s)
+    config = DeploymentConfig(num_instances=2, pp_size=1, hang_timeout_s=hang_timeout_s, block_size=4,
                               kv_cache_memory=1 << 20, max_num_batched_tokens=32,
                               load_progress=False)
     live = LiveServer(build_app(AsyncEngine(tiny_model(), config), "tiny",
@@ -405,23 +418,36 @@ def test_deployment_health_follows_a_hung_worker():
             r = http.post("/v1/fault", json={"instance": 0, "stage": 0, "kind": "hang"})
             assert r.status_code == 200, r.text
             hung = time.monotonic()
-            # Red within the hang deadline: as soon as heartbeats are late.
+            # Red as soon as its heartbeats are late, while the controller
+            # still counts the worker as live (its hang not yet declared).
             while (r := http.get("/health")).status_code == 200:
-                assert time.monotonic() - hung < 1.0, "a hung worker went unnoticed"
+                assert time.monotonic() - hung < hang_timeout_s, "a hung worker went unnoticed"
                 time.sleep(0.02)
+            events = [e["kind"] for e in http.get("/status").json()["recent_events"]]
+            assert r.status_code == 503, r.text
             body = r.json()
-            assert body["status"] == "unhealthy" and "w0.0" in body["reason"], body
-            # Then green again once the instance is rerouted, and it serves.
+            assert body["status"] == "unhealthy" and body["workers_silent"] == ["w0.0"], body
+            assert body["instances_down"] == [] and body["workers_down"] == [], body
+            assert "detected" not in events, events
+            # Once it is declared hung, the instance borrows w1.0: every
+            # request is served, so 200, but "degraded" until the replacement.
             deadline = time.monotonic() + 30
             while (r := http.get("/health")).status_code != 200:
+                assert r.status_code == 503, r.text
                 assert time.monotonic() < deadline, "never served again"
                 time.sleep(0.05)
-            r = http.post("/v1/completions", json={"prompt": "still here", "max_tokens": 3})
+            body = r.json()
+            assert body["status"] == "degraded", body
+            assert "0 borrowing ['w1.0']" in body["reason"] and body["workers_down"] == ["w0.0"]
+            r = http.post("/v1/completions", json={"prompt": "still here", "max_tokens": 3,
+                                                   "ignore_eos": True})
             assert r.status_code == 200, r.text
+            assert r.json()["usage"]["completion_tokens"] == 3
             status = http.get("/status").json()
             assert not status["workers"]["w0.0"]["live"] or status["workers"]["w0.0"]["replacements"]
             deadline = time.monotonic() + 90
-            while http.get("/health").json()["status"] != "ok":
+            while (body := http.get("/health").json())["status"] != "ok":
+                assert body["status"] == "degraded", body
                 assert time.monotonic() < deadline, "the replacement never joined"
                 time.sleep(0.2)
             status = http.get("/status").json()
@@ -438,6 +464,54 @@ def test_deployment_health_follows_a_hung_worker():
         live.stop()  # the lifespan shuts the engine down and reaps its workers
     assert not [p for p in psutil.Process().children(recursive=True)
                 if p.pid not in before and p.status() != psutil.STATUS_ZOMBIE]
+
+
+def test_a_stage_with_no_live_worker_is_a_503_over_http():
+    """Both workers of the only stage are killed while a stream is open:
+    the stream ends with an error event, a plain request gets a 503 with an
+    OpenAI-style body and /health says why, until the replacements (delayed
+    here, as a cluster provisions nodes) join; then requests succeed."""
+    config = DeploymentConfig(num_instances=2, pp_size=1, hang_timeout_s=1.0, block_size=4,
+                              kv_cache_memory=1 << 20, max_num_batched_tokens=32,
+                              replacement_delay_s=5.0, load_progress=False)
+    live = LiveServer(build_app(AsyncEngine(tiny_model(), config), "tiny",
+                                enable_fault_injection=True))
+    ask = {"model": "tiny", "prompt": "the quick brown fox", "max_tokens": 100, "temperature": 0,
+           "ignore_eos": True}
+    try:
+        with httpx.Client(base_url=live.url, timeout=60) as http:
+            events = []
+            with http.stream("POST", "/v1/completions", json=dict(ask, stream=True)) as r:
+                assert r.status_code == 200
+                for line in r.iter_lines():
+                    if not line.startswith("data: "):
+                        continue
+                    events.append(line[len("data: "):])
+                    if len(events) == 3:
+                        for instance in (0, 1):
+                            f = http.post("/v1/fault", json={"instance": instance, "stage": 0})
+                            assert f.status_code == 200, f.text
+            assert events[-1] == "[DONE]"
+            last = json.loads(events[-2])
+            assert last["error"]["code"] == "engine_error", last
+            assert len(events) < 100, "the stream outlived its workers"
+            deadline = time.monotonic() + 5  # until both deaths are seen
+            while (health := http.get("/health").json()).get("instances_down") != [0, 1]:
+                assert time.monotonic() < deadline, health
+                time.sleep(0.02)
+            assert health["status"] == "unhealthy" and not health["serving"], health
+            r = http.post("/v1/completions", json=ask)
+            assert r.status_code == 503, r.text
+            error = r.json()["error"]
+            assert error["type"] == "service_unavailable" and "no pipeline instance" in error["message"]
+            deadline = time.monotonic() + 90
+            while http.get("/health").status_code != 200:
+                assert time.monotonic() < deadline, "the replacements never joined"
+                time.sleep(0.1)
+            r = http.post("/v1/completions", json=ask)
+            assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 100
+    finally:
+        live.stop()
 
 
 def test_cli_serves_and_stops_on_sigterm():
@@ -466,8 +540,8 @@ def test_cli_serves_and_stops_on_sigterm():
                 pass
             time.sleep(0.2)
         r = httpx.post(url + "/v1/completions", json={"model": "tiny", "prompt": "hi",
-                                                      "max_tokens": 2}, timeout=60)
-        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 2
+                                                      "max_tokens": 2, "ignore_eos": True}, timeout=60)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
         proc.send_signal(signal.SIGTERM)
         # uvicorn shuts down gracefully, then re-raises the signal it caught.
         assert proc.wait(timeout=30) in (0, -signal.SIGTERM)

@@ -6,7 +6,11 @@ middle of a recovery: real processes, real signals.
   all exit within 2 s.
 - `kevlarflow serve` gets SIGTERM while a worker hang is being recovered
   from, with a request streaming: it stops within its grace period, with no
-  traceback, and leaves no process behind."""
+  traceback, and leaves no process behind.
+- SIGTERM with a request open lets it finish, then reaps the workers; with
+  a worker stopped (SIGSTOP, not yet declared hung) it still exits and
+  reaps the stopped one too."""
+import json
 import os
 import signal
 import subprocess
@@ -150,3 +154,89 @@ def test_sigterm_in_the_middle_of_a_recovery_stops_cleanly():
         if serve.poll() is None:
             serve.kill()
             serve.wait()
+
+
+def _workers_of(serve) -> dict[str, int]:
+    """'w<instance>.<stage>' -> pid of each worker process of the server."""
+    out = {}
+    for p in psutil.Process(serve.pid).children(recursive=True):
+        args = p.cmdline()
+        if "--instance" in args and "--stage" in args:
+            out[f"w{args[args.index('--instance') + 1]}.{args[args.index('--stage') + 1]}"] = p.pid
+    return out
+
+
+def test_sigterm_lets_an_open_request_finish_then_reaps_the_workers():
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    serve = _serve(port, "--instances", "2", "--log-level", "info")
+    got, first = {}, threading.Event()
+
+    def stream():
+        body = {"prompt": [20, 21, 22], "max_tokens": 300, "stream": True, "ignore_eos": True,
+                "temperature": 0, "return_token_ids": True}
+        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as r:
+            got["status"], got["data"] = r.status_code, []
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    got["data"].append(line[len("data: "):])
+                    first.set()
+
+    try:
+        _wait_healthy(serve, url)
+        workers = list(_workers_of(serve).values())
+        assert len(workers) == 2
+        client = threading.Thread(target=stream)
+        client.start()
+        assert first.wait(60), "no token streamed"
+        start = time.monotonic()
+        serve.send_signal(signal.SIGTERM)
+        code = serve.wait(timeout=30)
+        client.join(timeout=30)
+        output = serve.stdout.read()
+        assert code in (0, -signal.SIGTERM), output
+        # It was still open when the signal came, and it got every token.
+        assert "Waiting for connections to close" in output, output
+        assert got["status"] == 200 and got["data"][-1] == "[DONE]", got
+        chunks = [json.loads(d) for d in got["data"][:-1]]
+        assert not any("error" in c for c in chunks), chunks[-1]
+        assert sum(len(c["choices"][0]["token_ids"]) for c in chunks) == 300
+        assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+        times = _exit_times(workers, start, 10.0)
+        assert None not in times.values(), f"processes left behind: {times}"
+    finally:
+        if serve.poll() is None:
+            serve.kill()
+            serve.wait()
+
+
+def test_sigterm_with_a_stopped_worker_still_exits_and_reaps_it():
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    # A long hang timeout: the stopped worker is not declared hung meanwhile.
+    serve = _serve(port, "--instances", "2", "--pp", "2", "--hang-timeout", "60")
+    workers = {}
+    try:
+        _wait_healthy(serve, url)
+        workers = _workers_of(serve)
+        assert sorted(workers) == ["w0.0", "w0.1", "w1.0", "w1.1"]
+        os.kill(workers["w0.1"], signal.SIGSTOP)
+        start = time.monotonic()
+        serve.send_signal(signal.SIGTERM)
+        code = serve.wait(timeout=30)
+        output = serve.stdout.read()
+        assert code in (0, -signal.SIGTERM), output
+        assert time.monotonic() - start < 15, "stopping waited on the stopped worker"
+        assert "Traceback" not in output, output
+        times = _exit_times(list(workers.values()), start, 10.0)
+        assert None not in times.values(), f"processes left behind: {times}"
+    finally:
+        for pid in _alive(workers.values()):
+            os.kill(pid, signal.SIGKILL)
+        if serve.poll() is None:
+            serve.kill()
+            serve.wait()
+
+
+def _alive(pids) -> list[int]:
+    return [pid for pid in pids if not _gone(pid)]

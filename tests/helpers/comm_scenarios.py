@@ -56,13 +56,15 @@ def ops_values(mgr: CommManager, store, me, members):
     mismatch = None
     if r == 0:
         sent = mgr.isend("g", torch.tensor([1.5, 2.5]), members[1])
+        # Give up on the send only after rank 1's receive has ended: giving up
+        # first aborts the group, which would end that receive as a peer
+        # failure instead of the timeout this checks.
+        store.wait(["mismatch/received"])
         try:
             sent.wait(deadline_s=1.0)
             mismatch = "delivered"
         except CommError as e:
             mismatch = type(e).__name__
-        # Exiting would close the connection under rank 1's receive.
-        store.wait(["mismatch/received"])
     elif r == 1:
         t = torch.full((2,), -7, dtype=torch.int32)
         try:

@@ -1,5 +1,6 @@
-"""Helpers of the failover tests: a seeded workload and loops that step a
-deployment until something happens, each with a deadline."""
+"""Helpers of the failover tests: a seeded workload, and Streams, which steps
+a deployment until something happens (each wait with a deadline) while it
+checks every output it sees."""
 import random
 import time
 
@@ -17,28 +18,6 @@ def workload(n=10, seed=0):
     return prompts, params
 
 
-def run_until_done(engine, outputs, timeout_s=120):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if not engine.has_unfinished():
-            return
-        for out in engine.step():
-            assert out.request_id not in outputs or not outputs[out.request_id].finished
-            outputs.setdefault(out.request_id, out)
-            streamed = outputs[out.request_id]
-            if out is not streamed:  # check the stream: no token missing, none twice
-                assert out.token_ids[:-len(out.new_token_ids) or None] == streamed.token_ids
-                outputs[out.request_id] = out
-    raise AssertionError("requests did not finish")
-
-
-def wait(engine, predicate, what, timeout_s=120):
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        engine.step()
-
-
 class Streams:
     """Every output of a deployment's requests, collected and checked while
     the test steps it: each delta extends the request's tokens by exactly
@@ -47,6 +26,9 @@ class Streams:
     def __init__(self, engine):
         self.engine = engine
         self.outputs = {}
+
+    def add(self, prompts, params) -> list:
+        return [self.engine.add_request(p, sp) for p, sp in zip(prompts, params)]
 
     def step(self) -> None:
         for out in self.engine.step():
@@ -68,3 +50,13 @@ class Streams:
 
     def tokens(self, seqs) -> list[list[int]]:
         return [self.outputs[s.request_id].token_ids for s in seqs]
+
+    def output(self, seq):
+        return self.outputs[seq.request_id]
+
+
+def recomputed(seq) -> int:
+    """Tokens the model ran for seq beyond a failure-free run's (its prompt
+    and its outputs but the last, once each), as its steps' results counted
+    them: the KV it computed again after a failure or a preemption."""
+    return seq.tokens_run - (len(seq.prompt_token_ids) + len(seq.output_token_ids) - 1)
