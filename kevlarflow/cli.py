@@ -8,6 +8,7 @@ library breaks only that subcommand.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -92,6 +93,9 @@ def _add_worker(subparsers) -> None:
                         help="ask for this instance (default: any free slot)")
     parser.add_argument("--stage", type=int, default=None, help="ask for this stage")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of this worker")
+    parser.add_argument("--join-token", default=None,
+                        help="the deployment's join token (default: $KEVLARFLOW_JOIN_TOKEN; "
+                             "prefer the variable: a command line is visible to every user)")
     parser.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)
 
     def run(args):
@@ -102,8 +106,11 @@ def _add_worker(subparsers) -> None:
         host, sep, port = args.controller.rpartition(":")
         if not sep or not host or not port.isdigit():
             parser.error(f"--controller must be HOST:PORT, got {args.controller!r}")
+        from kevlarflow.deploy.join import TOKEN_ENV, JoinKeys
         from kevlarflow.deploy.worker import main as worker_main
-        return worker_main(args.controller, args.instance, args.stage, args.threads,
+        # Without one the worker is refused, which says clearly why.
+        keys = JoinKeys(args.join_token or os.environ.get(TOKEN_ENV, ""))
+        return worker_main(args.controller, keys, args.instance, args.stage, args.threads,
                            args.parent_pid)
 
     parser.set_defaults(run=run)
@@ -137,12 +144,17 @@ def _add_serve(subparsers) -> None:
     parser.add_argument("--hang-timeout", type=float, default=1.0,
                         help="seconds of silence before a worker is declared hung")
     parser.add_argument("--recovery", choices=("kevlarflow", "restart"), default="kevlarflow")
+    parser.add_argument("--replacement-delay", type=float, default=0.0, metavar="S",
+                        help="seconds before a failed worker's replacement can start (a cluster "
+                             "provisioning a node; default 0: at once, on this machine)")
+    parser.add_argument("--join-token", default=None,
+                        help="what workers prove to join (default: $KEVLARFLOW_JOIN_TOKEN, else "
+                             "a new random one handed to the workers it starts)")
     parser.add_argument("--max-body-bytes", type=int, default=1 << 20)
     parser.add_argument("--log-level", default="info")
 
     def run(args):
         import logging
-        import os
 
         if args.instances < 1 or args.pp < 1:
             parser.error("--instances and --pp must be >= 1")
@@ -160,8 +172,11 @@ def _add_serve(subparsers) -> None:
                       max_model_len=args.max_model_len)
         if args.instances * args.pp > 1:
             from kevlarflow.deploy.controller import DeploymentConfig
+            from kevlarflow.deploy.join import TOKEN_ENV
             config = DeploymentConfig(num_instances=args.instances, pp_size=args.pp,
                                       hang_timeout_s=args.hang_timeout, recovery=args.recovery,
+                                      replacement_delay_s=args.replacement_delay,
+                                      join_token=args.join_token or os.environ.get(TOKEN_ENV),
                                       **common)
         else:
             config = EngineConfig(**common)

@@ -1,7 +1,7 @@
 """The configuration of a deployment, and the size of each stage's KV pools."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from kevlarflow.engine.llm_engine import EngineConfig
 from kevlarflow.model.config import ModelConfig
@@ -20,6 +20,9 @@ class DeploymentConfig(EngineConfig):
     port: int = 0                   # control socket; 0 picks a free port
     store_port: int = 0             # rendezvous store; 0 picks a free port
     spawn_workers: bool = True      # False: wait for `kevlarflow worker --controller HOST:PORT`
+    # What lets a worker join (None: a new random token, which only the
+    # workers this controller spawns are given; see deploy/join.py).
+    join_token: str | None = field(default=None, repr=False)
     worker_threads: int = 1         # torch threads per worker
     comm_deadline_s: float = 30.0   # bound on every communicator operation
     start_timeout_s: float = 600.0  # for all workers to register, load and connect
@@ -53,6 +56,9 @@ class DeploymentConfig(EngineConfig):
             raise ValueError("comm_deadline_s and start_timeout_s must be positive")
         if self.recovery not in RECOVERY_MODES:
             raise ValueError(f"recovery must be one of {RECOVERY_MODES}, got {self.recovery!r}")
+        if self.join_token is not None and (not isinstance(self.join_token, str)
+                                            or len(self.join_token) < 16):
+            raise ValueError("join_token must be None or a str of at least 16 characters")
         if not (isinstance(self.replacement_delay_s, (int, float))
                 and 0 <= self.replacement_delay_s < float("inf")):
             raise ValueError("replacement_delay_s must be a finite number of seconds >= 0, got "

@@ -1,8 +1,11 @@
 """The control plane's two ends over pyzmq: the controller binds a ROUTER
-socket, each worker connects a DEALER. Both ends decode every message against
-the schema of their direction; bad bytes are logged and dropped, and the
-process carries on. No call blocks without a timeout, and sending never
-blocks on a peer (a dead peer's messages are dropped, not queued forever)."""
+socket, each worker connects a DEALER. Every connection is a CURVE one that
+only holders of the deployment's join token complete (join.py). Both ends
+decode every message against the schema of their direction; bad bytes are
+logged and dropped, and the process carries on; a frame over
+MAX_MESSAGE_BYTES ends its connection before it is read. No call blocks
+without a timeout, and sending never blocks on a peer (a dead peer's
+messages are dropped, not queued forever)."""
 from __future__ import annotations
 
 import logging
@@ -11,6 +14,7 @@ import os
 import zmq
 
 from kevlarflow.deploy import protocol
+from kevlarflow.deploy.join import JoinGate, JoinKeys
 
 log = logging.getLogger(__name__)
 
@@ -40,10 +44,12 @@ def _decode(schema: dict, data: bytes, sender: str) -> dict | None:
 
 
 class ControllerEndpoint:
-    def __init__(self, host: str = "127.0.0.1", port: int = 0):
+    def __init__(self, keys: JoinKeys, host: str = "127.0.0.1", port: int = 0):
         self._ctx = zmq.Context()
+        self.gate = JoinGate(self._ctx, keys)
         self.sock = self._ctx.socket(zmq.ROUTER)
         _configure(self.sock)
+        keys.serve_as_controller(self.sock)
         if port:
             self.sock.bind(f"tcp://{host}:{port}")
             self.port = port
@@ -73,6 +79,7 @@ class ControllerEndpoint:
 
     def close(self) -> None:
         self.sock.close()
+        self.gate.stop()
         self._ctx.term()
 
 
@@ -107,9 +114,10 @@ class Waker:
 
 
 class WorkerEndpoint:
-    def __init__(self, controller: str, waker: Waker | None = None, monitor_events: int = 0,
-                 zmq_heartbeat: tuple[int, int] | None = None):
-        """controller: HOST:PORT of the controller's control socket. A waker
+    def __init__(self, controller: str, keys: JoinKeys, waker: Waker | None = None,
+                 monitor_events: int = 0, zmq_heartbeat: tuple[int, int] | None = None):
+        """controller: HOST:PORT of the controller's control socket; keys:
+        those of the join token this worker was given. A waker
         makes recv() return None as soon as it is woken. monitor_events: the
         connection events (zmq.EVENT_*) to report on self.monitor, watched
         from before the connection is made. zmq_heartbeat: (interval, timeout)
@@ -117,6 +125,7 @@ class WorkerEndpoint:
         self._ctx = zmq.Context()
         self.sock = self._ctx.socket(zmq.DEALER)
         _configure(self.sock)
+        keys.connect_as_worker(self.sock)
         if zmq_heartbeat is not None:
             self.sock.setsockopt(zmq.HEARTBEAT_IVL, zmq_heartbeat[0])
             self.sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, zmq_heartbeat[1])

@@ -12,20 +12,20 @@ ft.recovery, which acts on the deployment through the methods under
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import os
 import time
-from datetime import timedelta
-
-import torch
 
 from kevlarflow.comm.manager import abandon_generation
 from kevlarflow.deploy.config import DeploymentConfig, StagePools
 from kevlarflow.deploy.control import ControllerEndpoint
+from kevlarflow.deploy.join import TOKEN_ENV, JoinKeys, new_token
 from kevlarflow.deploy.instance import MicroBatch, PipelineInstance
 from kevlarflow.deploy.launcher import LocalLauncher
 from kevlarflow.deploy.membership import Membership
 from kevlarflow.deploy.router import pick_instance
+from kevlarflow.deploy.store import HostedStore
 from kevlarflow.deploy.status import DeploymentStatus, snapshot
 from kevlarflow.deploy.workers import WorkerTable
 from kevlarflow.engine.block_manager import BlockManager
@@ -35,6 +35,7 @@ from kevlarflow.engine.sequence import Sequence
 from kevlarflow.ft.events import EventLog
 from kevlarflow.ft.health import HealthMonitor
 from kevlarflow.ft.recovery import Recovery
+from kevlarflow.model import fingerprint
 from kevlarflow.model.config import DTYPES, ModelConfig
 from kevlarflow.replication.controller import Replication
 
@@ -62,6 +63,8 @@ class Controller(RequestFrontend):
         if config.pp_size > cfg.num_layers:
             raise ValueError(f"pp_size {config.pp_size} exceeds the model's {cfg.num_layers} layers")
         self.model_config = cfg
+        # What workers must have loaded too (as JSON decodes it, to compare).
+        self.checkpoint = json.loads(fingerprint.encode(fingerprint.fingerprint(model)))
         max_model_len = min(config.max_model_len or cfg.max_position_embeddings,
                             cfg.max_position_embeddings)
         sizes = StagePools.of(config, cfg)
@@ -94,13 +97,16 @@ class Controller(RequestFrontend):
         self.membership = None
         self.recovery = Recovery(self)
 
-        self.store = torch.distributed.TCPStore(config.host, config.store_port, is_master=True,
-                                                wait_for_workers=False,
-                                                timeout=timedelta(seconds=config.start_timeout_s))
-        self.endpoint = ControllerEndpoint(config.host, config.port)
+        self.hosted_store = HostedStore(config.host, config.store_port, config.start_timeout_s)
+        self.store = self.hosted_store.store
+        # The token that lets workers in: the configured one, or a new one
+        # that only the workers this controller spawns are given.
+        token = config.join_token or new_token()
+        self.endpoint = ControllerEndpoint(JoinKeys(token), config.host, config.port)
         self.address = f"{config.host}:{self.endpoint.port}"
-        log.info("controller on %s, rendezvous store on port %d", self.address, self.store.port)
-        self.launcher = LocalLauncher(self._local_address(), config.worker_threads) \
+        log.info("controller on %s, rendezvous store on port %d", self.address,
+                 self.hosted_store.port)
+        self.launcher = LocalLauncher(self._local_address(), token, config.worker_threads) \
             if config.spawn_workers else None
         self.membership = Membership(self)
         # Recovery's view of the workers' processes is membership's.
@@ -111,7 +117,9 @@ class Controller(RequestFrontend):
                     self.spawn(name)
             else:
                 log.info("waiting for %d workers: start each with `kevlarflow worker --controller "
-                         "%s`", len(self.workers.records), self.address)
+                         "%s` and the join token in $%s%s", len(self.workers.records),
+                         self.address, TOKEN_ENV,
+                         "" if config.join_token else f" (this one: {token})")
             self._wait_until_serving(config.start_timeout_s)
             self.membership.started = True
         except BaseException:
@@ -307,6 +315,8 @@ class Controller(RequestFrontend):
         if endpoint is not None:
             endpoint.close()
         self.store = None
+        if getattr(self, "hosted_store", None) is not None:
+            self.hosted_store.close()
 
     def __enter__(self):
         return self

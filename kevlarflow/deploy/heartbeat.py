@@ -11,7 +11,8 @@ does not come back within CONTROLLER_GRACE_S (a killed controller's sockets
 close at once), when ZMTP heartbeats go unanswered (a controller host that
 vanished, or a stopped controller), or when a locally spawned worker's
 parent process is gone. It runs from the moment the worker registers, so a
-worker still loading its weights is covered too."""
+worker still loading its weights is covered too. A controller that refuses
+this worker's join token ends it at once, with an error that says so."""
 from __future__ import annotations
 
 import logging
@@ -22,7 +23,6 @@ import time
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from kevlarflow.deploy.control import WorkerEndpoint
 
 log = logging.getLogger("kevlarflow.worker")
 
@@ -32,12 +32,15 @@ ZMTP_TIMEOUT_MS = 1000     # ...and how long without an answer drops the connect
 
 
 class Heartbeat(threading.Thread):
-    def __init__(self, worker, controller: str, parent_pid: int | None = None):
+    def __init__(self, worker, connect, parent_pid: int | None = None):
+        """connect(**options): a new control socket to the controller."""
         super().__init__(name="kevlarflow-heartbeat", daemon=True)
         self.worker, self.parent_pid = worker, parent_pid
         self.interval_ms = 100     # until the assignment says otherwise
-        self.endpoint = WorkerEndpoint(controller, zmq_heartbeat=(ZMTP_INTERVAL_MS, ZMTP_TIMEOUT_MS),
-                                       monitor_events=zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
+        self.endpoint = connect(zmq_heartbeat=(ZMTP_INTERVAL_MS, ZMTP_TIMEOUT_MS),
+                                monitor_events=zmq.EVENT_HANDSHAKE_SUCCEEDED
+                                | zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_DISCONNECTED)
+        self.refused = False
         self.monitor = self.endpoint.monitor
         self.stopping = threading.Event()
         self.connected = False
@@ -63,13 +66,13 @@ class Heartbeat(threading.Thread):
                             self._abort(message)
                 gone = self._controller_gone()
                 if gone:
-                    self.worker.controller_lost(gone)
+                    self.worker.controller_lost(gone, refused=self.refused)
                     # A main thread that does not stop (a stuck op, a long
                     # load) must not keep the process alive without a controller.
                     if not self.stopping.wait(CONTROLLER_GRACE_S):
                         log.warning("%s: exiting now", self.worker.name or "worker")
                         logging.shutdown()
-                        os._exit(0)
+                        os._exit(1 if self.refused else 0)
                     return
         finally:
             self.endpoint.close()
@@ -82,13 +85,18 @@ class Heartbeat(threading.Thread):
 
     def _connection_event(self) -> None:
         event = recv_monitor_message(self.monitor)["event"]
-        if event == zmq.EVENT_CONNECTED:
+        if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
             self.connected, self.lost_since = True, None
+        elif event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+            self.refused = True
         elif event == zmq.EVENT_DISCONNECTED and self.lost_since is None:
             self.lost_since = time.monotonic()
 
     def _controller_gone(self) -> str:
         """Why this worker has no controller any more ("" while it has one)."""
+        if self.refused:
+            return ("the controller refused this worker: its join token (--join-token or "
+                    "$KEVLARFLOW_JOIN_TOKEN) is missing or not the deployment's")
         if self.parent_pid is not None and os.getppid() != self.parent_pid:
             return "the controller process is gone"
         if self.lost_since is None:

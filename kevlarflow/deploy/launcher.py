@@ -7,10 +7,13 @@ import subprocess
 import sys
 import time
 
+from kevlarflow.deploy.join import TOKEN_ENV
+
 
 class LocalLauncher:
-    def __init__(self, controller: str, threads: int = 1):
+    def __init__(self, controller: str, join_token: str, threads: int = 1):
         self.controller, self.threads = controller, threads
+        self._join_token = join_token
         self.procs: dict[tuple[int, int], subprocess.Popen] = {}
 
     def spawn(self, instance: int, stage: int) -> subprocess.Popen:
@@ -18,6 +21,8 @@ class LocalLauncher:
         env = dict(os.environ)
         # Many workers share few cores: each keeps to its own thread budget.
         env["OMP_NUM_THREADS"] = str(self.threads)
+        # In the environment, not the command line, which every user can read.
+        env[TOKEN_ENV] = self._join_token
         cmd = [sys.executable, "-m", "kevlarflow", "worker", "--controller", self.controller,
                "--instance", str(instance), "--stage", str(stage),
                "--threads", str(self.threads), "--parent-pid", str(os.getpid())]

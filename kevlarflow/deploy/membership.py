@@ -4,6 +4,7 @@ that exited, a heartbeat that stopped, a replacement that never registered).
 What follows a failure is recovery's business (ft.recovery)."""
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -11,6 +12,7 @@ import time
 
 from kevlarflow.deploy.workers import WorkerState
 from kevlarflow.engine.outputs import RequestOutput
+from kevlarflow.model import fingerprint
 from kevlarflow.replication import is_link
 
 log = logging.getLogger("kevlarflow.controller")
@@ -122,6 +124,13 @@ class Membership:
             return []
         name = record.name
         if kind == "ready":
+            differs = self._other_checkpoint(m["checkpoint"])
+            if differs:
+                reason = "it loaded another checkpoint than the controller's: " + "; ".join(differs)
+                log.error("%s (pid %d on %s): %s", name, record.pid, record.host, reason)
+                c.send(name, "refused", reason=reason)
+                c.recovery.worker_lost(name, "refused: " + reason)
+                return []
             log.info("%s: loaded in %.2f s", name, m["load_s"])
             record.enter(WorkerState.READY)
             c.health.loaded(name)
@@ -131,6 +140,16 @@ class Membership:
         elif kind == "error":
             self._error(name, m)
         return []
+
+    def _other_checkpoint(self, encoded: str) -> list[str]:
+        """How the checkpoint a worker loaded differs from the controller's."""
+        try:
+            theirs = json.loads(encoded)
+        except ValueError:
+            return ["its fingerprint is not JSON"]
+        if not isinstance(theirs, dict):
+            return ["its fingerprint is not a map"]
+        return fingerprint.differences(self.c.checkpoint, theirs)
 
     def _register(self, peer: bytes, m: dict) -> None:
         c = self.c
@@ -148,7 +167,8 @@ class Membership:
         c.send(record.name, "assign", worker=record.name, instance=record.instance, stage=s,
                num_stages=cfg.pp_size, model=c.model, dtype=cfg.dtype,
                block_size=cfg.block_size, num_blocks=c.stage_blocks[s],
-               max_model_len=c.max_model_len, store_port=c.store.port,
+               max_model_len=c.max_model_len, store_port=c.hosted_store.port,
+               store_prefix=c.hosted_store.prefix,
                deadline_s=float(cfg.comm_deadline_s), attention_backend=cfg.attention_backend,
                threads=cfg.worker_threads, heartbeat_s=float(cfg.heartbeat_s),
                replica_blocks=c.replication.replica_blocks[s],

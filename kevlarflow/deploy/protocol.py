@@ -33,7 +33,8 @@ _SAMPLING = {"temperature": float, "top_k": int, "top_p": float, "min_p": float,
 # Worker -> controller.
 TO_CONTROLLER = {
     "register": {"pid": int, "host": str, "instance": Opt(int), "stage": Opt(int)},
-    "ready": {"worker": str, "load_s": float, "num_blocks": int},
+    # checkpoint: model/fingerprint.encode() of what it loaded.
+    "ready": {"worker": str, "load_s": float, "num_blocks": int, "checkpoint": str},
     # A build that connected, or could not (a member missing, dead, or the
     # generation called off); a generation that was aborted is not reported.
     # Sent by the build's thread on a socket of its own, hence the name.
@@ -53,7 +54,8 @@ TO_CONTROLLER = {
 TO_WORKER = {
     "assign": {"worker": str, "instance": int, "stage": int, "num_stages": int, "model": str,
                "dtype": Opt(str), "block_size": int, "num_blocks": int, "max_model_len": int,
-               "store_port": int, "deadline_s": float, "attention_backend": str, "threads": int,
+               "store_port": int, "store_prefix": str, "deadline_s": float,
+               "attention_backend": str, "threads": int,
                "heartbeat_s": float, "replica_blocks": int, "replication_transfer_bytes": int,
                "replication_interval_s": float},
     "build_group": {"group": str, "members": [str], "generation": int},
@@ -72,6 +74,8 @@ TO_WORKER = {
              "sample": Opt([Opt(_SAMPLING)]),
              "replicate": Opt([(int, int)])},
     "shutdown": {},
+    # This worker may not serve (it loaded another checkpoint): it exits.
+    "refused": {"reason": str},
 }
 
 

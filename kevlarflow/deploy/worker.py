@@ -9,22 +9,25 @@ in order (steps.py), builds and leaves the communicators it is told to
 and exits when its controller is gone (heartbeat.py)."""
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import socket
 import threading
 import time
 from collections import deque
-from datetime import timedelta
 
 import torch
 
 from kevlarflow.comm.groups import WorkerGroups
 from kevlarflow.deploy.control import Waker, WorkerEndpoint
 from kevlarflow.deploy.heartbeat import Heartbeat
+from kevlarflow.deploy.join import JoinKeys
 from kevlarflow.deploy.hidden_states import HiddenStates
 from kevlarflow.deploy.steps import BadStep, StageSteps
+from kevlarflow.deploy.store import client as store_client
 from kevlarflow.engine.model_runner import ModelRunner
+from kevlarflow.model import fingerprint
 from kevlarflow.model.config import DTYPES, ModelConfig
 from kevlarflow.model.loader import load_stage
 from kevlarflow.model.stage import StageSpec
@@ -38,13 +41,15 @@ CONNECT_TIMEOUT_S = 120.0  # for a worker started before its controller listens
 
 
 class Worker:
-    def __init__(self, controller: str, instance: int | None = None, stage: int | None = None,
-                 threads: int = 1, parent_pid: int | None = None,
+    def __init__(self, controller: str, keys: JoinKeys, instance: int | None = None,
+                 stage: int | None = None, threads: int = 1, parent_pid: int | None = None,
                  connect_timeout_s: float = CONNECT_TIMEOUT_S):
         torch.set_num_threads(threads)
         self.controller_host = controller.rsplit(":", 1)[0]
+        # Every socket to the controller, on any thread, proves the join token.
+        self.connect = functools.partial(WorkerEndpoint, controller, keys)
         self.waker = Waker()
-        self.endpoint = WorkerEndpoint(controller, self.waker)
+        self.endpoint = self.connect(self.waker)
         self.name: str | None = None  # assigned by the controller
         # Its stage of the model, and how it runs steps on it: once assigned.
         self.runner: ModelRunner | None = None
@@ -54,17 +59,17 @@ class Worker:
         # Build threads say at once that a pipeline is connected (the main
         # thread may be in a long forward pass): on a socket of their own,
         # one thread at a time.
-        self.announcer = WorkerEndpoint(controller)
+        self.announcer = self.connect()
         self.announcing = threading.Lock()
         self.replication: WorkerReplication | None = None
-        self.controller = controller
         self.connect_timeout_s = connect_timeout_s
         self.stop_reason: str | None = None  # set from the heartbeat thread
+        self.refused = False  # by the controller: it never let this worker in
         self.backlog: deque = deque()  # messages read ahead while looking for a step to merge
         self.merged_steps = 0
         self.endpoint.send("register", pid=os.getpid(), host=socket.gethostname(),
                            instance=instance, stage=stage)
-        self.heartbeat = Heartbeat(self, controller, parent_pid)
+        self.heartbeat = Heartbeat(self, self.connect, parent_pid)
         self.heartbeat.start()
 
     @property
@@ -93,6 +98,9 @@ class Worker:
                 log.warning("%s: ignored a second assignment", self.label)
                 return
             self._assign(m)
+        elif kind == "refused":
+            self.controller_lost(f"the controller refused this worker: {m['reason']}",
+                                 refused=True)
         elif self.steps is None:
             log.warning("unassigned worker: ignored %s", kind)
         elif kind == "build_group":
@@ -102,10 +110,12 @@ class Worker:
         elif kind == "step":
             self._step(m)
 
-    def controller_lost(self, reason: str) -> None:
-        """From the heartbeat thread: stop serving and exit. Aborting every
-        group wakes the main thread if an op holds it."""
-        log.warning("%s: %s; exiting", self.label, reason)
+    def controller_lost(self, reason: str, refused: bool = False) -> None:
+        """From the heartbeat thread: stop serving and exit (with an error
+        if the controller refused this worker). Aborting every group wakes
+        the main thread if an op holds it."""
+        log.log(logging.ERROR if refused else logging.WARNING, "%s: %s; exiting", self.label, reason)
+        self.refused = refused
         self.stop_reason = reason
         self.groups.abort_all()
         self.waker.wake()
@@ -144,12 +154,14 @@ class Worker:
                                 m["max_model_len"], self._reply, self._report_step)
         self.transfer_bytes = m["replication_transfer_bytes"]
         self.replication_interval_s = m["replication_interval_s"]
-        self.store_port, self.deadline_s = m["store_port"], m["deadline_s"]
+        self.store_port, self.store_prefix = m["store_port"], m["store_prefix"]
+        self.deadline_s = m["deadline_s"]
         self.heartbeat.interval_ms = max(1, int(m["heartbeat_s"] * 1000))
         load_s = time.perf_counter() - start
         log.info("%s: stage %d layers [%d, %d) loaded in %.2f s, %d KV blocks", self.name,
                  m["stage"], spec.first_layer, spec.end_layer, load_s, m["num_blocks"])
-        self.endpoint.send("ready", worker=self.name, load_s=load_s, num_blocks=m["num_blocks"])
+        self.endpoint.send("ready", worker=self.name, load_s=load_s, num_blocks=m["num_blocks"],
+                           checkpoint=fingerprint.encode(fingerprint.fingerprint(m["model"])))
 
     def _build_group(self, m: dict) -> None:
         group, members = m["group"], m["members"]
@@ -197,7 +209,7 @@ class Worker:
 
     def _replication(self) -> WorkerReplication:
         if self.replication is None:
-            self.replication = WorkerReplication(self.name, self.controller, self.groups.manager(),
+            self.replication = WorkerReplication(self.name, self.connect, self.groups.manager(),
                                                  self.runner.kv_caches, self.transfer_bytes,
                                                  self.replication_interval_s, self.deadline_s)
         return self.replication
@@ -211,10 +223,9 @@ class Worker:
     def _new_comm(self):
         from kevlarflow.comm.manager import CommManager
 
-        def client() -> torch.distributed.TCPStore:
-            return torch.distributed.TCPStore(
-                self.controller_host, self.store_port, is_master=False,
-                timeout=timedelta(seconds=max(30.0, self.deadline_s)))
+        def client():
+            return store_client(self.controller_host, self.store_port, self.store_prefix,
+                                max(30.0, self.deadline_s))
         return CommManager(client(), self.name, deadline_s=self.deadline_s, connect_store=client)
 
     # One micro-batch ----------------------------------------------------------
@@ -268,10 +279,10 @@ class Worker:
         return None
 
 
-def main(controller: str, instance: int | None, stage: int | None, threads: int,
-         parent_pid: int | None) -> int:
+def main(controller: str, keys: JoinKeys, instance: int | None, stage: int | None,
+         threads: int, parent_pid: int | None) -> int:
     logging.basicConfig(level=os.environ.get("KEVLARFLOW_LOG_LEVEL", "INFO"),
                         format=f"%(asctime)s worker[{os.getpid()}] %(levelname)s %(message)s")
-    worker = Worker(controller, instance, stage, threads, parent_pid)
+    worker = Worker(controller, keys, instance, stage, threads, parent_pid)
     worker.run()
-    return 0
+    return 1 if worker.refused else 0

@@ -18,20 +18,20 @@ import threading
 
 from kevlarflow import _comm
 from kevlarflow.comm.manager import CommError
-from kevlarflow.deploy.control import WorkerEndpoint
 
 log = logging.getLogger("kevlarflow.replication")
 
+
 class ReplicaReceiver(threading.Thread):
-    def __init__(self, replicator, controller: str, me: str, group: str, generation: int,
+    def __init__(self, replicator, connect, me: str, group: str, generation: int,
                  source: str, deadline_s: float):
         super().__init__(name=f"kevlarflow-replica-{source}", daemon=True)
-        self.replicator, self.controller, self.me = replicator, controller, me
+        self.replicator, self.connect, self.me = replicator, connect, me
         self.group, self.generation, self.source = group, generation, source
         self.deadline_s = deadline_s
 
     def run(self) -> None:
-        endpoint = WorkerEndpoint(self.controller)
+        endpoint = self.connect()
         try:
             while True:
                 steps = self.replicator.receive(self.group, self.source, self.deadline_s)
@@ -45,10 +45,11 @@ class ReplicaReceiver(threading.Thread):
 
 
 class WorkerReplication:
-    def __init__(self, me: str, controller: str, comm, kv_caches, transfer_bytes: int,
+    def __init__(self, me: str, connect, comm, kv_caches, transfer_bytes: int,
                  interval_s: float, deadline_s: float):
         caches = [t for pair in kv_caches for t in pair]
-        self.me, self.controller, self.comm, self.deadline_s = me, controller, comm, deadline_s
+        # connect(): a new control socket to the controller (one per thread).
+        self.me, self.connect, self.comm, self.deadline_s = me, connect, comm, deadline_s
         # Keepalives well inside the deadline: an idle link is not a dead one.
         self.native = _comm.KVReplicator(comm._core, caches, transfer_bytes, deadline_s / 4,
                                          interval_s)
@@ -61,7 +62,7 @@ class WorkerReplication:
             self.native.start(group, members[1])
             self.sending = group
         else:
-            receiver = ReplicaReceiver(self.native, self.controller, self.me, group, generation,
+            receiver = ReplicaReceiver(self.native, self.connect, self.me, group, generation,
                                        members[0], self.deadline_s)
             self.receivers[group] = receiver
             receiver.start()

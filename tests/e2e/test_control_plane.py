@@ -13,7 +13,17 @@ zmq = pytest.importorskip("zmq")  # a dependency of the package; absent on bare 
 
 from kevlarflow import LLM, SamplingParams  # noqa: E402
 from kevlarflow.deploy.control import ControllerEndpoint
+from kevlarflow.deploy.join import TOKEN_ENV, JoinKeys
 from helpers.models import tiny_model
+
+TOKEN = "a-join-token-of-the-tests"
+KEYS = JoinKeys(TOKEN)
+
+
+def _worker(endpoint, parent_pid) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "kevlarflow", "worker", "--controller",
+                             f"127.0.0.1:{endpoint.port}", "--parent-pid", str(parent_pid)],
+                            env=dict(os.environ, **{TOKEN_ENV: TOKEN}))
 
 GARBAGE = [b"", b"\xc1", b"not msgpack at all", msgpack.packb([1, 2, 3]),
            msgpack.packb({"type": "assign"}), msgpack.packb({"type": "rm -rf /", "x": 1}),
@@ -34,9 +44,8 @@ def _expect(endpoint, kind, timeout_s=60.0):
 @pytest.fixture
 def lone_worker():
     """A real worker process connected to a control socket the test drives."""
-    endpoint = ControllerEndpoint()
-    proc = subprocess.Popen([sys.executable, "-m", "kevlarflow", "worker", "--controller",
-                             f"127.0.0.1:{endpoint.port}", "--parent-pid", str(os.getpid())])
+    endpoint = ControllerEndpoint(KEYS)
+    proc = _worker(endpoint, os.getpid())
     try:
         yield endpoint, proc
     finally:
@@ -56,7 +65,7 @@ def test_worker_rejects_garbage_and_keeps_serving(lone_worker):
     # Still alive and listening: a valid assignment is carried out.
     endpoint.send(peer, "assign", worker="w0.0", instance=0, stage=0, num_stages=1,
                   model=tiny_model(), dtype=None, block_size=4, num_blocks=8, max_model_len=64,
-                  store_port=1, deadline_s=5.0, attention_backend="native", threads=1,
+                  store_port=1, store_prefix="p", deadline_s=5.0, attention_backend="native", threads=1,
                   heartbeat_s=0.1, replica_blocks=0, replication_transfer_bytes=1 << 20,
                   replication_interval_s=0.0)
     _expect(endpoint, "ready")
@@ -85,10 +94,9 @@ def test_worker_rejects_garbage_and_keeps_serving(lone_worker):
 
 
 def test_worker_exits_when_its_controller_process_is_gone():
-    endpoint = ControllerEndpoint()
+    endpoint = ControllerEndpoint(KEYS)
     # A parent pid that is not ours: the worker sees "its controller" gone at once.
-    proc = subprocess.Popen([sys.executable, "-m", "kevlarflow", "worker", "--controller",
-                             f"127.0.0.1:{endpoint.port}", "--parent-pid", "1"])
+    proc = _worker(endpoint, 1)
     try:
         assert proc.wait(timeout=60) == 0
     finally:
@@ -100,11 +108,12 @@ def test_worker_exits_when_its_controller_process_is_gone():
 def test_deployment_rejects_garbage_and_keeps_serving(caplog):
     greedy = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
     caplog.set_level("WARNING", logger="kevlarflow")
-    with LLM(tiny_model(), num_instances=1, pp_size=1, block_size=4) as llm:
+    with LLM(tiny_model(), num_instances=1, pp_size=1, block_size=4, join_token=TOKEN) as llm:
         before = llm.generate(["hello there"], greedy)[0].token_ids
         ctx = zmq.Context()
         sock = ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
+        KEYS.connect_as_worker(sock)  # a peer that has the token, and sends garbage
         sock.connect(f"tcp://{llm.engine.address}")
         for data in GARBAGE:
             sock.send(data)

@@ -1,6 +1,7 @@
 """Deployments of real worker processes on loopback: pipeline outputs equal
 the single-process engine's, instances share the load, nothing is orphaned."""
 
+import os
 import time
 
 import psutil
@@ -58,11 +59,13 @@ def test_external_workers_register_with_a_controller(expected):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    token = "this-deployments-join-token"
     cmd = [sys.executable, "-m", "kevlarflow", "worker", "--controller", f"127.0.0.1:{port}"]
-    workers = [subprocess.Popen(cmd) for _ in range(2)]
+    env = dict(os.environ, KEVLARFLOW_JOIN_TOKEN=token)
+    workers = [subprocess.Popen(cmd, env=env) for _ in range(2)]
     try:
         with LLM(tiny_model(), num_instances=1, pp_size=2, spawn_workers=False, port=port,
-                 start_timeout_s=120, **ENGINE_ARGS) as llm:
+                 join_token=token, start_timeout_s=120, **ENGINE_ARGS) as llm:
             assert [w.name for w in llm.engine.status().workers if w.live] == ["w0.0", "w0.1"]
             assert [o.token_ids for o in llm.generate(PROMPTS, GREEDY)] == expected
         # Told to shut down with the deployment, they exit on their own.
@@ -143,10 +146,18 @@ def test_a_worker_that_cannot_start_fails_the_deployment_at_once(tmp_path):
     broken = tmp_path / "broken"
     shutil.copytree(tiny_model(), broken)
     for weights in broken.glob("*.safetensors"):
-        weights.write_bytes(b"not safetensors")
+        data = weights.read_bytes()
+        header = int.from_bytes(data[:8], "little")
+        weights.write_bytes(data[:8 + header + 16])  # the header, and hardly any tensor
     start = time.monotonic()
     before = _children()
     with pytest.raises(DeploymentError, match="exited with code"):
         LLM(str(broken), num_instances=1, pp_size=2, start_timeout_s=300)
     assert time.monotonic() - start < 60
+    assert not (_children() - before)
+    # Not even a header: the controller says so before it starts anything.
+    for weights in broken.glob("*.safetensors"):
+        weights.write_bytes(b"not safetensors")
+    with pytest.raises(ValueError, match="safetensors header"):
+        LLM(str(broken), num_instances=1, pp_size=2, start_timeout_s=300)
     assert not (_children() - before)

@@ -31,6 +31,7 @@ CONTROLLER = """
 import sys, time
 from kevlarflow import LLM
 llm = LLM(sys.argv[1], num_instances=1, pp_size=2, spawn_workers=False, port=int(sys.argv[2]),
+          join_token=sys.argv[3],
           start_timeout_s=120, block_size=4, kv_cache_memory=1 << 20)
 print("serving", flush=True)
 time.sleep(600)
@@ -86,10 +87,13 @@ def test_every_worker_exits_within_2_s_of_its_controller_being_killed():
     port = _free_port()
     serve = _serve(port, "--instances", "2", "--pp", "1")
     ctl_port = _free_port()
-    controller = subprocess.Popen([sys.executable, "-c", CONTROLLER, tiny_model(), str(ctl_port)],
-                                  stdout=subprocess.PIPE, text=True)
+    token = "a-token-for-the-hand-started-workers"
+    controller = subprocess.Popen([sys.executable, "-c", CONTROLLER, tiny_model(), str(ctl_port),
+                                   token], stdout=subprocess.PIPE, text=True)
     by_hand = [subprocess.Popen([sys.executable, "-m", "kevlarflow", "worker", "--controller",
-                                 f"127.0.0.1:{ctl_port}"]) for _ in range(2)]
+                                 f"127.0.0.1:{ctl_port}"],
+                                env=dict(os.environ, KEVLARFLOW_JOIN_TOKEN=token))
+               for _ in range(2)]
     try:
         _wait_healthy(serve, f"http://127.0.0.1:{port}")
         assert controller.stdout.readline().strip() == "serving"
