@@ -51,21 +51,48 @@ def _worker(address: str, token: str | None) -> subprocess.Popen:
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def test_workers_without_the_token_are_refused_and_one_with_it_serves(caplog):
-    caplog.set_level(logging.WARNING, logger="kevlarflow")
-    port = _free_port()
-    address = f"127.0.0.1:{port}"
+def _start_controller(model: str, port: int) -> tuple[dict, threading.Thread]:
+    """A controller that waits for one worker started by hand, constructed on
+    a thread: started["llm"] once a worker joined, or started["error"]."""
     started: dict = {}
 
     def controller():
         try:
-            started["llm"] = LLM(tiny_model(), num_instances=1, pp_size=1, spawn_workers=False,
+            started["llm"] = LLM(model, num_instances=1, pp_size=1, spawn_workers=False,
                                  port=port, join_token=TOKEN, block_size=4, start_timeout_s=120)
         except BaseException as error:  # noqa: BLE001 (reported by the test)
             started["error"] = error
 
     thread = threading.Thread(target=controller)
     thread.start()
+    return started, thread
+
+
+def _joined(started: dict, thread: threading.Thread, worker: subprocess.Popen) -> LLM:
+    """The controller, once `worker` joined it."""
+    thread.join(timeout=120)
+    assert "error" not in started, started.get("error")
+    assert "llm" in started, "the worker never joined"
+    return started["llm"]
+
+
+def _serves_then_stops(llm: LLM, worker: subprocess.Popen) -> None:
+    with llm:
+        assert llm.generate(["hello"], GREEDY)[0].finish_reason == "length"
+    assert worker.wait(timeout=30) == 0  # told to shut down with the deployment
+
+
+def _reap(thread: threading.Thread) -> None:
+    thread.join(timeout=1)
+    for p in psutil.Process().children(recursive=True):
+        p.kill()
+
+
+def test_workers_without_the_token_are_refused_and_one_with_it_serves(caplog):
+    caplog.set_level(logging.WARNING, logger="kevlarflow")
+    port = _free_port()
+    address = f"127.0.0.1:{port}"
+    started, thread = _start_controller(tiny_model(), port)
     try:
         for token in (None, "another-deployments-token"):
             proc = _worker(address, token)
@@ -76,18 +103,12 @@ def test_workers_without_the_token_are_refused_and_one_with_it_serves(caplog):
         assert refusals == ["refused a worker at 127.0.0.1: the join token is missing or wrong"]
         assert "llm" not in started and thread.is_alive()  # nobody joined
         good = _worker(address, TOKEN)
-        thread.join(timeout=120)
-        assert "error" not in started, started.get("error")
-        llm = started["llm"]
-        with llm:
-            (record,) = list(llm.engine.workers)
-            assert record.pid == good.pid  # the only worker it ever registered
-            assert llm.generate(["hello"], GREEDY)[0].finish_reason == "length"
-        assert good.wait(timeout=30) == 0
+        llm = _joined(started, thread, good)
+        (record,) = list(llm.engine.workers)
+        assert record.pid == good.pid  # the only worker it ever registered
+        _serves_then_stops(llm, good)
     finally:
-        thread.join(timeout=1)
-        for p in psutil.Process().children(recursive=True):
-            p.kill()
+        _reap(thread)
 
 
 def test_a_worker_that_loaded_another_checkpoint_is_refused(tmp_path, caplog):
@@ -100,17 +121,7 @@ def test_a_worker_that_loaded_another_checkpoint_is_refused(tmp_path, caplog):
     shutil.copytree(tiny_model(), model)
     make_model(other, preset="tiny", flavour="llama", seed=1)
     port = _free_port()
-    started: dict = {}
-
-    def controller():
-        try:
-            started["llm"] = LLM(str(model), num_instances=1, pp_size=1, spawn_workers=False,
-                                 port=port, join_token=TOKEN, block_size=4, start_timeout_s=120)
-        except BaseException as error:  # noqa: BLE001 (reported by the test)
-            started["error"] = error
-
-    thread = threading.Thread(target=controller)
-    thread.start()
+    started, thread = _start_controller(str(model), port)
     try:
         _wait_listening(port)
         original = tmp_path / "original.safetensors"
@@ -125,15 +136,9 @@ def test_a_worker_that_loaded_another_checkpoint_is_refused(tmp_path, caplog):
         assert "llm" not in started and thread.is_alive()
         shutil.copy(original, model / "model.safetensors")
         good = _worker(f"127.0.0.1:{port}", TOKEN)
-        thread.join(timeout=120)
-        assert "error" not in started, started.get("error")
-        with started["llm"] as llm:
-            assert llm.generate(["hello"], GREEDY)[0].finish_reason == "length"
-        assert good.wait(timeout=30) == 0
+        _serves_then_stops(_joined(started, thread, good), good)
     finally:
-        thread.join(timeout=1)
-        for p in psutil.Process().children(recursive=True):
-            p.kill()
+        _reap(thread)
 
 
 def _wait_listening(port: int, timeout_s: float = 60) -> None:

@@ -142,18 +142,12 @@ def test_sigterm_in_the_middle_of_a_recovery_stops_cleanly():
         assert httpx.post(url + "/v1/fault", json={"instance": 1, "stage": 0,
                                                    "kind": "kill"}).status_code == 200
         workers = [p.pid for p in psutil.Process(serve.pid).children(recursive=True)]
-        start = time.monotonic()
-        serve.send_signal(signal.SIGTERM)
-        code = serve.wait(timeout=30)
+        start, _ = _sigterm(serve)
         took = time.monotonic() - start
         client.join(timeout=30)
-        output = serve.stdout.read()
-        assert code in (0, -signal.SIGTERM), output  # uvicorn raises the signal again when done
         assert took < 15, f"stopping took {took:.1f} s"
-        assert "Traceback" not in output, output
         assert not client.is_alive() and streamed, "the streaming client was left hanging"
-        times = _exit_times(workers, start, 10.0)
-        assert None not in times.values(), f"processes left behind: {times}"
+        _all_gone(workers, start)
     finally:
         if serve.poll() is None:
             serve.kill()
@@ -193,12 +187,8 @@ def test_sigterm_lets_an_open_request_finish_then_reaps_the_workers():
         client = threading.Thread(target=stream)
         client.start()
         assert first.wait(60), "no token streamed"
-        start = time.monotonic()
-        serve.send_signal(signal.SIGTERM)
-        code = serve.wait(timeout=30)
+        start, output = _sigterm(serve)
         client.join(timeout=30)
-        output = serve.stdout.read()
-        assert code in (0, -signal.SIGTERM), output
         # It was still open when the signal came, and it got every token.
         assert "Waiting for connections to close" in output, output
         assert got["status"] == 200 and got["data"][-1] == "[DONE]", got
@@ -206,8 +196,7 @@ def test_sigterm_lets_an_open_request_finish_then_reaps_the_workers():
         assert not any("error" in c for c in chunks), chunks[-1]
         assert sum(len(c["choices"][0]["token_ids"]) for c in chunks) == 300
         assert chunks[-1]["choices"][0]["finish_reason"] == "length"
-        times = _exit_times(workers, start, 10.0)
-        assert None not in times.values(), f"processes left behind: {times}"
+        _all_gone(workers, start)
     finally:
         if serve.poll() is None:
             serve.kill()
@@ -225,21 +214,32 @@ def test_sigterm_with_a_stopped_worker_still_exits_and_reaps_it():
         workers = _workers_of(serve)
         assert sorted(workers) == ["w0.0", "w0.1", "w1.0", "w1.1"]
         os.kill(workers["w0.1"], signal.SIGSTOP)
-        start = time.monotonic()
-        serve.send_signal(signal.SIGTERM)
-        code = serve.wait(timeout=30)
-        output = serve.stdout.read()
-        assert code in (0, -signal.SIGTERM), output
+        start, _ = _sigterm(serve)
         assert time.monotonic() - start < 15, "stopping waited on the stopped worker"
-        assert "Traceback" not in output, output
-        times = _exit_times(list(workers.values()), start, 10.0)
-        assert None not in times.values(), f"processes left behind: {times}"
+        _all_gone(workers.values(), start)
     finally:
         for pid in _alive(workers.values()):
             os.kill(pid, signal.SIGKILL)
         if serve.poll() is None:
             serve.kill()
             serve.wait()
+
+
+def _sigterm(serve) -> tuple[float, str]:
+    """SIGTERM the server: (when, what it printed) once it stopped cleanly.
+    uvicorn raises the signal again once its graceful shutdown is done."""
+    start = time.monotonic()
+    serve.send_signal(signal.SIGTERM)
+    code = serve.wait(timeout=30)
+    output = serve.stdout.read()
+    assert code in (0, -signal.SIGTERM), output
+    assert "Traceback" not in output, output
+    return start, output
+
+
+def _all_gone(pids, since: float) -> None:
+    times = _exit_times(list(pids), since, 10.0)
+    assert None not in times.values(), f"processes left behind: {times}"
 
 
 def _alive(pids) -> list[int]:
