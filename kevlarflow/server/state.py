@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import time
 
+from kevlarflow.ft.phases import Phase
+
 LATE_MIN_S = 0.3  # heartbeats later than this (or three intervals) mark a worker silent
 
 
@@ -27,10 +29,12 @@ def is_deployment(engine) -> bool:
 def health(async_engine) -> tuple[bool, dict]:
     """(healthy, body). The in-process engine is healthy while its loop runs.
     A deployment is unhealthy (503) while some request cannot be served: an
-    instance is not serving, or a worker has missed its heartbeats (a hung
-    worker stalls its pipeline long before the hang deadline declares it
-    failed). Rerouted through a borrowed worker, every request is served:
-    200, with status "degraded" and the reason, until the replacement joins."""
+    instance cannot serve without a new worker, or a worker has missed its
+    heartbeats (a hung worker stalls its pipeline long before the hang
+    deadline declares it failed). An instance that pauses to rebuild its
+    pipeline or to move back to its own workers, or runs through a borrowed
+    worker, serves every request it has: 200, with status "degraded" and the
+    reason, until the replacement has joined and the move is done."""
     if not async_engine.alive:
         return False, {"status": "unhealthy", "reason": "the engine loop is not running",
                        "serving": False}
@@ -40,7 +44,8 @@ def health(async_engine) -> tuple[bool, dict]:
     st = engine.status()
     late_s = max(3 * st.heartbeat_s, LATE_MIN_S)
     silent = sorted(w.name for w in st.workers if w.silent_s is not None and w.silent_s > late_s)
-    down = [i.index for i in st.instances if not i.serving]
+    down = [i.index for i in st.instances if not Phase(i.phase).accepts]
+    pausing = {i.index: i.phase for i in st.instances if Phase(i.phase).accepts and not i.serving}
     borrowing = {i.index: i.borrowed for i in st.instances if i.borrowed}
     dead = sorted(w.name for w in st.workers if not w.live)
     reasons = []
@@ -48,6 +53,8 @@ def health(async_engine) -> tuple[bool, dict]:
         reasons.append(f"worker(s) {silent} missed their heartbeats")
     if down:
         reasons.append(f"instance(s) {down} not serving")
+    if pausing:
+        reasons.append("instance(s) " + ", ".join(f"{i} {phase}" for i, phase in pausing.items()))
     if dead:
         reasons.append(f"worker(s) {dead} failed, replacement pending")
     if borrowing:
