@@ -5,9 +5,10 @@ Builds run in the background (CommManager.start_build), so a worker keeps
 running the steps of its other groups while one connects, and a build that
 can no longer complete is called off at once: when a newer generation of the
 same group is asked for, when the group is left, or when the controller
-aborts that generation (from the heartbeat thread). The main thread starts
-builds and collects the finished ones (a hook hears of each as it ends, on
-its own thread); any thread may abort."""
+aborts that generation (from the heartbeat thread). Any thread may start a
+build (one at a time; a generation older than the one there is ignored) or
+abort one; the main thread collects the finished ones (a hook hears of each
+as it ends, on its own thread)."""
 from __future__ import annotations
 
 import threading
@@ -24,24 +25,35 @@ class WorkerGroups:
         self._manager: CommManager | None = None
         self._ended_hook = ended  # told of each build as it ends, on its thread
         self._lock = threading.Lock()
+        self._building_one = threading.Lock()  # build() calls, one at a time
+        self._making = threading.Lock()        # of the manager
+        self._latest: dict[str, int] = {}  # newest generation asked for, per group
         self._built: dict[str, tuple[list[str], int]] = {}
         self._building: dict[str, Build] = {}
         self._finished: deque[Build] = deque()
         self._known: set[str] = set()  # every group ever asked for
 
-    def build(self, group: str, members: list[str], generation: int) -> None:
+    def build(self, group: str, members: list[str], generation: int) -> bool:
         """Start connecting `generation` of `group`; whatever generation of it
-        was there or being built is given up."""
-        self.stop(group, f"generation {generation} replaces it")
-        if len(members) == 1:  # a one-member pipeline talks to no one: built at once
-            build = _Alone(group, members, generation)
-        else:
-            build = self.manager().start_build(group, members, generation, on_done=self._ended)
-        with self._lock:
-            self._known.add(group)
-            self._building[group] = build
+        was there or being built is given up. False (nothing done) if a newer
+        generation was asked for already: the request came the slow way."""
+        with self._building_one:
+            with self._lock:
+                if self._latest.get(group, -1) >= generation:
+                    return False
+                self._latest[group] = generation
+            self.stop(group, f"generation {generation} replaces it")
+            if len(members) == 1:  # a one-member pipeline talks to no one: built at once
+                build = _Alone(group, members, generation)
+            else:
+                build = self.manager().start_build(group, members, generation,
+                                                   on_done=self._ended)
+            with self._lock:
+                self._known.add(group)
+                self._building[group] = build
         if isinstance(build, _Alone):
             self._ended(build)
+        return True
 
     def _ended(self, build: Build) -> None:  # on the build's thread
         with self._lock:
@@ -97,8 +109,9 @@ class WorkerGroups:
     def manager(self) -> CommManager:
         """The communicator manager, made when the first group needs it: the
         store and the data plane are not needed before."""
-        if self._manager is None:
-            self._manager = self._make_manager()
+        with self._making:
+            if self._manager is None:
+                self._manager = self._make_manager()
         return self._manager
 
     def abort_all(self) -> None:

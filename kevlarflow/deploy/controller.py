@@ -160,10 +160,15 @@ class Controller(RequestFrontend):
         abandon_generation(self.store, group, generation, len(members), reason)
 
     def build(self, inst: PipelineInstance, route: list[str]) -> None:
+        """To the heartbeat sockets: a worker in a forward pass (a borrowed
+        one serves another pipeline) starts connecting at once."""
         inst.generation = next(self._generations)
         for w in route:
-            self.send(w, "build_group", group=inst.group, members=route,
-                      generation=inst.generation)
+            record = self.workers[w]
+            peer = record.heartbeat_peer or record.peer
+            if peer is not None:
+                self.endpoint.send(peer, "build_group", group=inst.group, members=route,
+                                   generation=inst.generation)
 
     def abort_generation(self, inst: PipelineInstance, reason: str) -> None:
         """Through the heartbeat sockets, so that a worker blocked in an op of
@@ -239,7 +244,8 @@ class Controller(RequestFrontend):
                 self._dispatch(inst, batch)
         # Wait only while tokens are due; otherwise just take what is there.
         waiting = self.recovery.busy() or any(inst.in_flight for inst in self.instances)
-        received = self.endpoint.recv(int(timeout_s * 1000) if waiting else 0)
+        received = self.endpoint.recv(int(timeout_s * 1000) if waiting else 0,
+                                      self.launcher.exit_fds() if self.launcher else ())
         if received is not None:
             outputs += self.membership.handle(received) + self._drain()
         return outputs

@@ -1,8 +1,9 @@
 """A worker's heartbeat thread, which also watches the controller.
 
 It tells the controller every interval that this process is alive, on a
-socket of its own, and carries out abort_group at once: the main thread may
-be blocked in an op of that very group (a SIGSTOPped process sends no
+socket of its own, and carries out abort_group and a pipeline's build_group
+at once: the main thread may be blocked in an op of that very group, or in
+a forward pass of another pipeline (a SIGSTOPped process sends no
 heartbeats, which is how the controller tells a hang).
 
 The other way round, a worker must not outlive its controller: the thread
@@ -64,6 +65,8 @@ class Heartbeat(threading.Thread):
                         message = self.endpoint.recv(0)
                         if message is not None and message["type"] == "abort_group":
                             self._abort(message)
+                        elif message is not None and message["type"] == "build_group":
+                            self._build(message)
                 gone = self._controller_gone()
                 if gone:
                     self.worker.controller_lost(gone, refused=self.refused)
@@ -76,6 +79,12 @@ class Heartbeat(threading.Thread):
                     return
         finally:
             self.endpoint.close()
+
+    def _build(self, message: dict) -> None:
+        try:
+            self.worker.build_pipeline(message)
+        except Exception:  # noqa: BLE001  (this thread must go on beating)
+            log.exception("%s: building %s failed", self.worker.label, message["group"])
 
     def _abort(self, message: dict) -> None:
         try:

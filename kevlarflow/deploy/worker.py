@@ -170,8 +170,17 @@ class Worker:
             return
         if is_link(group) and self.replication is not None:
             self.replication.leave(group)  # a link's threads stop before it is rebuilt
-        self.hidden.drop(group)
-        self.groups.build(group, members, m["generation"])
+        if self.groups.build(group, members, m["generation"]):
+            self.hidden.drop(group)
+
+    def build_pipeline(self, m: dict) -> None:
+        """From the heartbeat thread: start connecting a pipeline now, while
+        the main thread may be in a forward pass. (Its sends still on their
+        way on the old generation fail as it is retired; nobody waits.)"""
+        if is_link(m["group"]) or self.steps is None or self.name not in m["members"]:
+            log.warning("%s: ignored a build of %s on the heartbeat socket", self.label, m["group"])
+            return
+        self.groups.build(m["group"], m["members"], m["generation"])
 
     def _build_ended(self, build) -> None:
         """On the build's thread: a pipeline's build is reported at once. A
