@@ -67,15 +67,22 @@ class ControllerEndpoint:
             log.warning("dropped %s for worker %r: its queue is full", type_, peer)
             return False
 
-    def recv(self, timeout_ms: int) -> tuple[bytes, dict] | None:
-        """The next valid message and its sender, or None after timeout_ms."""
-        while self.sock.poll(timeout_ms):
+    def recv(self, timeout_ms: int, wake_fds=()) -> tuple[bytes, dict] | None:
+        """The next valid message and its sender, or None after timeout_ms,
+        or as soon as one of wake_fds is readable (a worker process exited)."""
+        poller = zmq.Poller()
+        poller.register(self.sock, zmq.POLLIN)
+        for fd in wake_fds:
+            poller.register(fd, zmq.POLLIN)
+        while True:
+            ready = dict(poller.poll(timeout_ms))
+            if self.sock not in ready:
+                return None
             timeout_ms = 0  # only what is already there from now on
             frames = _frames(self.sock, 2)
             message = frames and _decode(protocol.TO_CONTROLLER, frames[1], repr(frames[0]))
             if message:
                 return frames[0], message
-        return None
 
     def close(self) -> None:
         self.sock.close()

@@ -105,6 +105,29 @@ def test_worker_exits_when_its_controller_process_is_gone():
         endpoint.close()
 
 
+def test_a_wait_for_messages_wakes_when_a_worker_process_exits():
+    """The controller does not poll for exits: a process's pidfd in the wait
+    ends it the moment the process is gone."""
+    from kevlarflow.deploy.launcher import LocalLauncher
+
+    endpoint = ControllerEndpoint(KEYS)
+    launcher = LocalLauncher(f"127.0.0.1:{endpoint.port}", TOKEN)
+    try:
+        proc = launcher.spawn(0, 0)
+        fds = launcher.exit_fds()
+        if not fds:
+            pytest.skip("no pidfd on this system: exits are polled")
+        proc.kill()
+        start = time.monotonic()
+        while endpoint.recv(30_000, launcher.exit_fds()) is not None:
+            pass  # messages it sent before dying
+        assert time.monotonic() - start < 10, "the wait did not end when the process exited"
+        assert launcher.exited() == {(0, 0): -9} and launcher.exit_fds() == []
+    finally:
+        launcher.stop(grace_s=0)
+        endpoint.close()
+
+
 def test_deployment_rejects_garbage_and_keeps_serving(caplog):
     greedy = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
     caplog.set_level("WARNING", logger="kevlarflow")
