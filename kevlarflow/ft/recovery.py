@@ -153,7 +153,7 @@ class Recovery:
         st = self.states[inst.index]
         if st.failed_at is not None:
             self.d.events.record("first_step_after_failure", instance=inst.index,
-                                 detail=f"{time.time() - st.failed_at:.3f} s after the failure")
+                                 detail=f"{time.time() - st.failed_at:.3f} s after its detection")
             st.failed_at = None
 
     # Time ------------------------------------------------------------------------

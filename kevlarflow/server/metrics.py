@@ -67,7 +67,9 @@ class _EngineCollector:
 def _recovery_metrics(st):
     """MTTR of the last failure and what replication moved and saved."""
     last_mttr = GaugeMetricFamily("kevlarflow_last_mttr_seconds",
-                                  "From the last failure until its instance completed a step")
+                                  "MTTR of the last failure: from the fault (an injected "
+                                  "one; else its detection) until its instance completed a "
+                                  "step")
     mttrs = [f["mttr_s"] for f in failure_timings([(e.kind, e.time, e.instance, e.worker)
                                                    for e in st.events]) if f["mttr_s"] is not None]
     if mttrs:
