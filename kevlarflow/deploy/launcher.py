@@ -56,6 +56,18 @@ class LocalLauncher:
                 proc.kill()
             proc.wait()
 
+    def stopped(self, slot: tuple[int, int]) -> bool:
+        """The slot's process is stopped (SIGSTOP, job control): it sends no
+        heartbeat before it registers, so only this tells such a hang."""
+        proc = self.procs.get(slot)
+        if proc is None or proc.poll() is not None:
+            return False
+        try:
+            with open(f"/proc/{proc.pid}/stat") as f:
+                return f.read().rsplit(")", 1)[1].split()[0] in ("T", "t")
+        except (OSError, IndexError):  # another OS: the registration deadline applies
+            return False
+
     def exited(self) -> dict[tuple[int, int], int]:
         """Slots whose process has exited, with its exit code."""
         return {slot: p.returncode for slot, p in self.procs.items() if p.poll() is not None}

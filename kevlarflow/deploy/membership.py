@@ -87,10 +87,15 @@ class Membership:
             c.recovery.worker_lost(name, f"no heartbeat for {silent_s:.2f} s")
         now = time.monotonic()
         for record in c.workers:
-            if record.state is WorkerState.STARTING and self.started \
-                    and now - record.since > REGISTER_TIMEOUT_S:
+            if record.state is not WorkerState.STARTING or not self.started:
+                continue
+            age = now - record.since
+            if age > REGISTER_TIMEOUT_S:
                 c.recovery.replacement_died(record.name,
                                             f"did not register within {REGISTER_TIMEOUT_S:.0f} s")
+            elif age > c.health.loading_timeout_s and c.launcher \
+                    and c.launcher.stopped((record.instance, record.stage)):
+                c.recovery.replacement_died(record.name, "stopped before it registered")
         c.recovery.tick()
 
     def handle(self, received) -> list[RequestOutput]:

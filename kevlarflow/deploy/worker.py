@@ -114,7 +114,8 @@ class Worker:
         """From the heartbeat thread: stop serving and exit (with an error
         if the controller refused this worker). Aborting every group wakes
         the main thread if an op holds it."""
-        log.log(logging.ERROR if refused else logging.WARNING, "%s: %s; exiting", self.label, reason)
+        log.log(logging.ERROR if refused else logging.WARNING, "%s: %s; exiting", self.label,
+                reason)
         self.refused = refused
         self.stop_reason = reason
         self.groups.abort_all()

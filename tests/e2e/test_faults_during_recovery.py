@@ -132,6 +132,27 @@ def test_a_replacement_fails_as_it_loads(kind):
         assert len(engine.events.of("replacement_started")) == 2
 
 
+def test_a_replacement_stopped_before_it_registers_is_replaced_at_the_loading_deadline(expected):
+    """A SIGSTOP while the replacement still starts (it sends no heartbeat
+    before it registers): replaced after the loading deadline, not after
+    the 120 s registration deadline."""
+    prompts, params = workload()
+    with LLM(tiny_model(), num_instances=2, pp_size=2, **ARGS) as llm:
+        engine, streams, seqs = _start(llm, prompts, params)
+        engine.inject_fault(0, 0, "kill")
+        streams.until(lambda: engine.events.of("replacement_started"), "a replacement")
+        record = engine.workers["w0.0"]
+        assert record.state is WorkerState.STARTING
+        os.kill(engine.launcher.procs[(0, 0)].pid, signal.SIGSTOP)
+        streams.finish()
+        assert streams.tokens(seqs) == expected
+        streams.until(lambda: len(engine.events.of("replacement_started")) == 2,
+                      "a second replacement", timeout_s=60)
+        detected = engine.events.of("detected")[-1]
+        assert detected.worker == "w0.0" and "stopped before it registered" in detected.detail
+        streams.until(lambda: _all_home(engine), "the second replacement")
+
+
 def test_two_instances_hit_at_once(expected):
     prompts, params = workload()
     with LLM(tiny_model(), num_instances=2, pp_size=2, **ARGS) as llm:
