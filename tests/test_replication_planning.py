@@ -72,6 +72,26 @@ def test_an_early_sequence_that_grows_takes_the_replicas_of_the_newest_one():
     assert link.watermark(early) == 5 and link.watermark(mid) == 4
 
 
+def test_a_request_that_lost_its_replicas_takes_them_back_with_a_full_copy_once_it_fits():
+    link = ReplicaLink("w0.0", "w1.0", 0, ids=[40, 41, 42], block_size=BS)
+    early, late = _seq("early", 8), _seq("late", 4)
+    early.arrival_time, late.arrival_time = 1.0, 2.0
+    assert link.plan(early, 8, [1, 2], step=1) == [[1, 40], [2, 41]]
+    assert link.plan(late, 4, [3], step=1) == [[3, 42]]
+    early.num_computed_tokens, late.num_computed_tokens = 8, 4
+    # early grows into late's block before step 1 is acknowledged.
+    assert link.plan(early, 1, [1, 2, 5], step=2) == [[5, 42]]
+    assert link.records[late].dropped
+    link.forget(early)  # early ends: its blocks are free again
+    # late takes replicas back: all its blocks are copied anew.
+    pairs = link.plan(late, 1, [3, 6], step=3)
+    assert [p[0] for p in pairs] == [3, 6] and not link.records[late].dropped
+    link.acknowledged([1, 2])  # of copies made before it lost them: they count for nothing
+    assert link.watermark(late) == 0
+    link.acknowledged([3])
+    assert link.watermark(late) == 5
+
+
 def _workers(ready: set[str], instances=3, stages=2) -> WorkerTable:
     table = WorkerTable(instances, stages)
     for record in table:

@@ -12,10 +12,13 @@ blocks to copy to which of the backup's, and the backup acknowledges steps
 once their KV has arrived: the watermark of a sequence on a link is the
 number of its tokens whose KV is then durable at the backup.
 
-Policy when the replica pool is full: the newest sequence on the link gives
-its replicas up until it finishes (the earliest requests keep theirs, as a
-scheduler preempts the newest); on failure it recomputes instead. Replicas
-are freed as soon as their sequence finishes, is preempted or moves.
+Policy when the replica pool is full: the earliest requests that fit keep
+their replicas. A request that needs a block takes it from the newest later
+one (as a scheduler preempts the newest); one that lost its replicas, or
+never had room, takes them back with a full copy once there are enough free
+blocks; one larger than the whole pool has none. Without replicas a request recomputes
+on failure. Replicas are freed as soon as their sequence finishes, is
+preempted or moves.
 
 After a failure, the borrowed worker takes the failed worker's replicas over:
 their blocks become live blocks of its pool, and the sequences recompute only

@@ -44,20 +44,30 @@ class ReplicaLink:
 
     def plan(self, seq: Sequence, n: int, table: list[int], step: int) -> list[list[int]]:
         """(source block, backup block) pairs that seq's chunk of n tokens in
-        this step makes to copy; blocks written before the link existed go
-        along the first time."""
-        record = self.records.setdefault(seq, Record())
-        if record.dropped:
-            return []
+        this step makes to copy; blocks written before seq had replicas here
+        (before the link existed, or while it had none) go along the first
+        time."""
         start = seq.num_computed_tokens
         end = start + n
-        if not self.ids:
+        record = self.records.get(seq)
+        if record is None or record.dropped:
+            # A newcomer may take blocks from later requests; one that lost
+            # its replicas takes free blocks only (taking them from others
+            # in turn would have the pool copy the same requests over and
+            # over, and keep none of them durable).
+            room = self._make_room(seq, end) if record is None else \
+                bool(self.ids) and self.alloc.allocate(seq, end)
+            if not room:
+                if record is None:
+                    self.records[seq] = Record(dropped=True)
+                    self.dropped += 1
+                return []
+            # (Again) with replicas: a new record, so that acknowledgements of
+            # copies made before it lost them count for nothing.
+            record = self.records[seq] = Record()
+        elif not self._make_room(seq, end):
             self._drop(seq)
             return []
-        while not self.alloc.allocate(seq, end):
-            if not self._evict_newer_than(seq):
-                self._drop(seq)
-                return []
         replicas = self.alloc.table(seq)
         bs = self.block_size
         pairs = [[table[k], self.ids[replicas[k]]]
@@ -68,13 +78,25 @@ class ReplicaLink:
         self.blocks_sent += len(pairs)
         return pairs
 
-    def _evict_newer_than(self, seq: Sequence) -> bool:
+    def _make_room(self, seq: Sequence, tokens: int) -> bool:
+        """Blocks for seq's first `tokens` tokens, taken from later requests
+        if need be; False (nothing taken) if they cannot be had."""
+        if not self.ids:  # a pool of nothing (its allocator has one block)
+            return False
+        while not self.alloc.allocate(seq, tokens):
+            if not self._evict_newer_than(seq, tokens):
+                return False
+        return True
+
+    def _evict_newer_than(self, seq: Sequence, tokens: int) -> bool:
         """The pool is full: the newest request that arrived after seq gives
         its replicas up, so that the earliest requests keep theirs (as a
-        scheduler preempts the newest). False if there is none."""
+        scheduler preempts the newest). False if there is none, or if even
+        all of theirs would not make room for seq's `tokens`."""
         newer = [s for s, r in self.records.items()
                  if not r.dropped and s.arrival_time > seq.arrival_time]
-        if not newer:
+        reclaimable = self.alloc.num_free_blocks + sum(len(self.alloc.table(s)) for s in newer)
+        if not newer or self.alloc.blocks_needed(seq, tokens) > reclaimable:
             return False
         self._drop(max(newer, key=lambda s: s.arrival_time))
         return True

@@ -71,12 +71,12 @@ def test_a_failure_recomputes_at_most_a_block_per_request(expected, stage, kind)
         assert moved and all(moves[s.request_id][1] > 0 for s in moved)
 
 
-def test_a_full_replica_pool_keeps_the_earliest_requests_replicas(expected):
+def test_a_full_replica_pool_keeps_some_requests_replicas(expected):
     """A replica pool of 8 blocks holds a few requests only. It never lends
-    more than its blocks, none of them a live one; the earliest requests
-    keep their replicas and the later ones give theirs up. After the
-    failure, those without replicas recompute all their KV, the others only
-    their lag, and every request still finishes right."""
+    more than its blocks, none of them a live one; some requests have
+    replicas, the others none. After the failure, those without replicas
+    recompute all their KV, the others only their lag, and every request
+    still finishes right."""
     prompts, params = workload()
     with LLM(tiny_model(), num_instances=2, pp_size=2, replica_memory=ARGS["kv_cache_memory"] // 32,
              **ARGS) as llm:
@@ -93,17 +93,26 @@ def test_a_full_replica_pool_keeps_the_earliest_requests_replicas(expected):
         assert len(held) == len(set(held)) <= len(link.ids) == engine.replication.replica_blocks[1]
         live = {b for s in engine.instances[1].sequences for b in engine.pools["w1.1"].table(s)}
         assert not live & set(link.ids), "replica blocks lent out as live ones"
-        has_replicas = [not link.records[s].dropped for s in mine]
-        assert True in has_replicas and False in has_replicas, has_replicas
-        assert has_replicas == sorted(has_replicas, reverse=True), "a later request kept its replicas"
+        # Both kinds at the moment of the kill: a request with KV durable
+        # at the backup, and one without replicas. (Which ones keep them, the
+        # earliest that fit, is planning's to show: test_replication_planning.py,
+        # without the races of a live run.)
+        def running():  # and not about to finish while the failure is detected
+            return [s for s in mine if s in link.records
+                    and s.params.max_tokens - len(s.output_token_ids) > 8]
+        streams.until(lambda: any(link.watermark(s) > 0 for s in running())
+                      and any(link.records[s].dropped for s in running()), "both kinds")
         engine.inject_fault(0, 1, "kill")
         moves = _moves_at_reroute(streams)
         streams.finish()
         assert streams.tokens(seqs) == expected
-        for seq, replicated in zip(mine, has_replicas):
-            computed, kept = moves[seq.request_id]
-            assert (kept > 0) == replicated, (seq.request_id, computed, kept)
-            assert recomputed(seq) == computed - kept
+        # What each ran again is what it lacked at the backup: all its KV
+        # without replicas, its lag with them; both kinds were there.
+        kept = [moves[s.request_id][1] for s in mine if s.request_id in moves]
+        assert any(k > 0 for k in kept) and any(k == 0 for k in kept), kept
+        for seq in seqs:
+            computed, kept_ = moves.get(seq.request_id, (0, 0))
+            assert recomputed(seq) == computed - kept_, seq.request_id
         assert all(s.finish_reason == "length" for s in seqs)
 
 
@@ -185,7 +194,6 @@ def test_requests_move_back_without_losing_their_kv(expected):
         seqs = _start(streams, prompts, params)
         engine.inject_fault(0, 1, "kill")
         moved_at_failure = _moves_at_reroute(streams)
-        run_before = {s.request_id: recomputed(s) for s in seqs}
         # Not stepping meanwhile, so that the requests are still running when
         # the replacement (started already) registers, loads and joins.
         time.sleep(3)
@@ -198,7 +206,10 @@ def test_requests_move_back_without_losing_their_kv(expected):
         rejoined = engine.events.of("rejoined")[0]
         assert rejoined.detail.endswith("recompute 0"), rejoined.detail
         streams.finish()
-        assert {s.request_id: recomputed(s) for s in seqs} == run_before
+        # What they ran again is the failure's recompute, nothing for the move.
+        for seq in seqs:
+            computed, kept = moved_at_failure.get(seq.request_id, (0, 0))
+            assert recomputed(seq) == computed - kept, seq.request_id
         with LLM(tiny_model(), **{k: v for k, v in ARGS.items() if k != "hang_timeout_s"}) as ref:
             want = [o.token_ids for o in ref.generate(prompts, params)]
         assert streams.tokens(seqs) == want
