@@ -301,6 +301,9 @@ def test_the_control_socket_and_the_store_listen_on_the_configured_host_only():
         assert len(prefix.rsplit("/", 1)[1]) == 32
         raw = dist.TCPStore("127.0.0.1", engine.hosted_store.port, is_master=False)
         engine.store.set("probe", "1")
+        # A set is not answered: a get on the same connection makes sure the
+        # store has it before another connection looks.
+        assert engine.store.get("probe") == b"1"
         assert raw.check([f"{prefix}/probe"]) and not raw.check(["probe"])
         with LLM(tiny_model(), num_instances=1, pp_size=1, block_size=4) as other:
             assert other.engine.hosted_store.prefix != prefix
