@@ -4,6 +4,7 @@ socket of the test's own, and a real deployment against a raw socket."""
 import os
 import subprocess
 import sys
+import threading
 import time
 
 import msgpack
@@ -114,12 +115,12 @@ def test_a_wait_for_messages_wakes_when_a_worker_process_exits():
     launcher = LocalLauncher(f"127.0.0.1:{endpoint.port}", TOKEN)
     try:
         proc = launcher.spawn(0, 0)
-        fds = launcher.exit_fds()
+        fds = launcher.exit_fds()  # taken while it runs
         if not fds:
             pytest.skip("no pidfd on this system: exits are polled")
-        proc.kill()
+        threading.Timer(0.5, proc.kill).start()
         start = time.monotonic()
-        while endpoint.recv(30_000, launcher.exit_fds()) is not None:
+        while endpoint.recv(30_000, fds) is not None:
             pass  # messages it sent before dying
         assert time.monotonic() - start < 10, "the wait did not end when the process exited"
         assert launcher.exited() == {(0, 0): -9} and launcher.exit_fds() == []
