@@ -10,7 +10,7 @@ import pytest
 
 from kevlarflow import LLM
 from kevlarflow.deploy.router import NoInstanceServing
-from helpers.failover import ARGS, Streams, workload
+from helpers.failover import ARGS, Streams, all_home, workload
 from helpers.models import tiny_model
 
 @pytest.fixture(scope="module")
@@ -35,7 +35,7 @@ def _serve_with_fault(stage, kind, recovery="kevlarflow", victim_instance=0):
         events = list(engine.events.events)
         recomputed = engine.status().stats["tokens_recomputed"]
         # Wait for the replacement to join, so that what it does is tested too.
-        streams.until(lambda: engine.events.of("rejoined") and _all_home(engine), "the rejoin")
+        streams.until(lambda: engine.events.of("rejoined") and all_home(engine), "the rejoin")
         # The deployment serves on, with every instance back on its own workers.
         again = llm.generate(prompts[:4], params[:4])
     # Failed workers, hung ones included, and replacements: all reaped.
@@ -50,10 +50,6 @@ def _serve_with_fault(stage, kind, recovery="kevlarflow", victim_instance=0):
     assert recomputed == sum(o.metrics.tokens_run - (len(o.prompt_token_ids) + len(o.token_ids) - 1)
                              for o in outs)
     return outs, again, events, recomputed
-
-
-def _all_home(engine):
-    return all(i.serving and i.workers == i.home for i in engine.instances)
 
 
 @pytest.mark.parametrize("stage", [0, 1])
@@ -134,7 +130,7 @@ def test_borrowed_worker_fails_too(expected):
                 assert out.token_ids == want
             else:
                 assert out.token_ids == want[:len(out.token_ids)]
-        streams.until(lambda: _all_home(engine), "both replacements")
+        streams.until(lambda: all_home(engine), "both replacements")
         assert [o.token_ids for o in llm.generate(prompts[:3], params[:3])] == expected[:3]
 
 
@@ -154,7 +150,7 @@ def test_five_failures_in_a_row_under_load(expected):
             engine.inject_fault(instance, stage, kind)
             streams.finish()
             assert streams.tokens(seqs) == expected, round_
-            streams.until(lambda: _all_home(engine), "the rejoin")
+            streams.until(lambda: all_home(engine), "the rejoin")
         assert len(engine.events.of("detected")) == 5
 
 
@@ -183,7 +179,7 @@ def test_replacements_that_die_while_loading_are_replaced_again_after_a_backoff(
             seqs = streams.add(prompts, params)
             streams.until(lambda: all(s.is_finished for s in seqs), "requests")
             assert all(streams.output(s).finish_reason == "length" for s in seqs)
-        streams.until(lambda: _all_home(engine), "the rejoin")
+        streams.until(lambda: all_home(engine), "the rejoin")
         assert [e.detail for e in started()] == [f"attempt {k}" for k in (1, 2, 3, 4)]
         assert {e.worker for e in started()} == {"w0.0"}
 

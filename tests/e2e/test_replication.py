@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from helpers.failover import ARGS, Streams, recomputed, workload
+from helpers.failover import ARGS, Streams, all_home, recomputed, workload
 from helpers.models import tiny_model
 from kevlarflow import LLM
 
@@ -124,10 +124,6 @@ def _watermarks(engine, instance, stage):
             for seq in engine.instances[instance].running()}
 
 
-def _all_home(engine):
-    return all(i.serving and i.workers == i.home for i in engine.instances)
-
-
 def test_without_a_replica_pool_a_failure_recomputes_all_kv(expected):
     """replica_memory=0 turns replication off: no link, no copy, and after
     the kill each moved request runs again every token it had computed."""
@@ -160,7 +156,7 @@ def test_replication_survives_a_rejoin(expected):
         engine.inject_fault(0, 1, "kill")
         streams.finish()
         assert streams.tokens(seqs) == expected
-        streams.until(lambda: engine.events.of("rejoined") and _all_home(engine), "the rejoin")
+        streams.until(lambda: engine.events.of("rejoined") and all_home(engine), "the rejoin")
         assert engine.replication.links["w1.1"].backup == "w0.1"
         seqs = _start(streams, prompts, params)
         before = _watermarks(engine, 1, 1)

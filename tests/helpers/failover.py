@@ -60,3 +60,8 @@ def recomputed(seq) -> int:
     and its outputs but the last, once each), as its steps' results counted
     them: the KV it computed again after a failure or a preemption."""
     return seq.tokens_run - (len(seq.prompt_token_ids) + len(seq.output_token_ids) - 1)
+
+
+def all_home(engine) -> bool:
+    """Every instance serves, on its own workers."""
+    return all(i.serving and i.workers == i.home for i in engine.instances)
