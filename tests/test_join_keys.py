@@ -4,11 +4,13 @@ import shutil
 
 import pytest
 
-from helpers.models import tiny_model
-from kevlarflow.deploy.config import DeploymentConfig
-from kevlarflow.deploy.join import JoinKeys, new_token
-from kevlarflow.model import fingerprint
-from kevlarflow.model.make_model import make_model
+pytest.importorskip("zmq")  # a dependency of the package; absent on bare GPU images
+
+from helpers.models import tiny_model  # noqa: E402
+from kevlarflow.deploy.config import DeploymentConfig  # noqa: E402
+from kevlarflow.deploy.join import JoinKeys, new_token  # noqa: E402
+from kevlarflow.model import fingerprint  # noqa: E402
+from kevlarflow.model.make_model import make_model  # noqa: E402
 
 
 def test_a_token_gives_the_same_keys_everywhere_and_another_token_others():

@@ -24,14 +24,14 @@ import pytest
 import torch.distributed as dist
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from helpers.models import tiny_model
-from kevlarflow import LLM, SamplingParams
-from kevlarflow.deploy import protocol
-from kevlarflow.deploy.control import ControllerEndpoint
-from kevlarflow.deploy.join import TOKEN_ENV, JoinKeys
-from kevlarflow.model.make_model import make_model
+zmq = pytest.importorskip("zmq")  # a dependency of the package; absent on bare GPU images
 
-zmq = pytest.importorskip("zmq")
+from helpers.models import tiny_model  # noqa: E402
+from kevlarflow import LLM, SamplingParams  # noqa: E402
+from kevlarflow.deploy import protocol  # noqa: E402
+from kevlarflow.deploy.control import ControllerEndpoint  # noqa: E402
+from kevlarflow.deploy.join import TOKEN_ENV, JoinKeys  # noqa: E402
+from kevlarflow.model.make_model import make_model  # noqa: E402
 
 TOKEN = "the-deployment-join-token"
 GREEDY = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
