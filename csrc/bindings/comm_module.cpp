@@ -176,23 +176,27 @@ PYBIND11_MODULE(_comm, m) {
       .def(
           "send",
           [](CommManager& self, const std::string& group, const at::Tensor& t,
-             const std::string& dst, std::optional<double> deadline_s) {
+             const std::string& dst, std::optional<double> deadline_s,
+             std::optional<int64_t> generation) {
             auto d = to_millis(deadline_s, "deadline_s");
             py::gil_scoped_release release;
-            self.send(group, t, dst, d);
+            self.send(group, t, dst, d, generation);
           },
-          py::arg("group"), py::arg("tensor"), py::arg("dst"), py::arg("deadline_s") = py::none())
+          py::arg("group"), py::arg("tensor"), py::arg("dst"), py::arg("deadline_s") = py::none(),
+          py::arg("generation") = py::none())
       .def("isend", &CommManager::isend, py::arg("group"), py::arg("tensor"), py::arg("dst"),
-           Release())
+           py::arg("generation") = py::none(), Release())
       .def(
           "recv",
           [](CommManager& self, const std::string& group, const at::Tensor& t,
-             const std::string& src, std::optional<double> deadline_s) {
+             const std::string& src, std::optional<double> deadline_s,
+             std::optional<int64_t> generation) {
             auto d = to_millis(deadline_s, "deadline_s");
             py::gil_scoped_release release;
-            self.recv(group, t, src, d);
+            self.recv(group, t, src, d, generation);
           },
-          py::arg("group"), py::arg("tensor"), py::arg("src"), py::arg("deadline_s") = py::none())
+          py::arg("group"), py::arg("tensor"), py::arg("src"), py::arg("deadline_s") = py::none(),
+          py::arg("generation") = py::none())
       .def(
           "allreduce",
           [](CommManager& self, const std::string& group, const at::Tensor& t,

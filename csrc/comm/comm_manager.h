@@ -81,12 +81,17 @@ class CommManager : public std::enable_shared_from_this<CommManager> {
   void abort_generation(const std::string& group, int64_t generation);
   void close();                          // aborts every group; never blocks
 
+  // Point-to-point ops. With `generation`, the op is for that generation
+  // only: if the group is at another one (rebuilt meanwhile, on another
+  // thread), it fails as aborted instead of reaching whoever is the peer
+  // now, which would hand them data of another step.
   void send(const std::string& group, const at::Tensor& t, const std::string& dst,
-            std::optional<Millis> deadline);
+            std::optional<Millis> deadline, std::optional<int64_t> generation = std::nullopt);
   std::shared_ptr<PendingOp> isend(const std::string& group, const at::Tensor& t,
-                                   const std::string& dst);
+                                   const std::string& dst,
+                                   std::optional<int64_t> generation = std::nullopt);
   void recv(const std::string& group, const at::Tensor& t, const std::string& src,
-            std::optional<Millis> deadline);
+            std::optional<Millis> deadline, std::optional<int64_t> generation = std::nullopt);
   void allreduce(const std::string& group, const at::Tensor& t, std::optional<Millis> deadline);
   void broadcast(const std::string& group, const at::Tensor& t, const std::string& root,
                  std::optional<Millis> deadline);
@@ -123,7 +128,7 @@ class CommManager : public std::enable_shared_from_this<CommManager> {
 
   const Group& find(const std::string& group) const;  // throws std::out_of_range
   Target target(const std::string& group, const std::string& op, const at::Tensor& t,
-                const std::string* peer);
+                const std::string* peer, std::optional<int64_t> generation = std::nullopt);
   Millis resolve(std::optional<Millis> deadline) const;
   // Issues an op on the transport; a transport that refuses it breaks the group.
   std::unique_ptr<Work> start(const std::string& group, const std::string& op,

@@ -18,7 +18,8 @@ Millis CommManager::resolve(std::optional<Millis> deadline) const {
 }
 
 CommManager::Target CommManager::target(const std::string& group, const std::string& op,
-                                        const at::Tensor& t, const std::string* peer) {
+                                        const at::Tensor& t, const std::string* peer,
+                                        std::optional<int64_t> generation) {
   if (!t.defined()) throw std::invalid_argument(op + ": undefined tensor");
   if (t.layout() != at::kStrided) throw std::invalid_argument(op + ": only dense tensors are supported");
   if (!t.is_contiguous())
@@ -26,6 +27,12 @@ CommManager::Target CommManager::target(const std::string& group, const std::str
   std::lock_guard<std::mutex> lock(mu_);
   const Group& g = find(group);
   Target out{g.transport, g.generation, -1, "all of " + join(g.members)};
+  if (generation && *generation != g.generation)
+    throw CommFailure(ErrorKind::kAborted, group, g.generation, op,
+                      peer ? quoted(*peer) : out.peer,
+                      "an op of generation " + std::to_string(*generation) +
+                          ", which was given up: the group is at generation " +
+                          std::to_string(g.generation));
   if (peer) {
     out.peer_rank = index_of(g.members, *peer);
     out.peer = quoted(*peer);
@@ -79,16 +86,17 @@ std::unique_ptr<Work> CommManager::start(const std::string& group, const std::st
 }
 
 void CommManager::send(const std::string& group, const at::Tensor& t, const std::string& dst,
-                       std::optional<Millis> deadline) {
+                       std::optional<Millis> deadline, std::optional<int64_t> generation) {
   Millis d = resolve(deadline);
-  Target tg = target(group, "send", t, &dst);
+  Target tg = target(group, "send", t, &dst, generation);
   run(group, "send", tg,
       start(group, "send", tg, [&] { return tg.transport->send(handle_of(t), tg.peer_rank, d); }), d);
 }
 
 std::shared_ptr<PendingOp> CommManager::isend(const std::string& group, const at::Tensor& t,
-                                              const std::string& dst) {
-  Target tg = target(group, "isend", t, &dst);
+                                              const std::string& dst,
+                                              std::optional<int64_t> generation) {
+  Target tg = target(group, "isend", t, &dst, generation);
   auto w = start(group, "isend", tg,
                  [&] { return tg.transport->send(handle_of(t), tg.peer_rank, deadline_); });
   return std::make_shared<PendingOp>(weak_from_this(), group, tg.generation, "isend", tg.peer, t,
@@ -96,9 +104,9 @@ std::shared_ptr<PendingOp> CommManager::isend(const std::string& group, const at
 }
 
 void CommManager::recv(const std::string& group, const at::Tensor& t, const std::string& src,
-                       std::optional<Millis> deadline) {
+                       std::optional<Millis> deadline, std::optional<int64_t> generation) {
   Millis d = resolve(deadline);
-  Target tg = target(group, "recv", t, &src);
+  Target tg = target(group, "recv", t, &src, generation);
   run(group, "recv", tg,
       start(group, "recv", tg, [&] { return tg.transport->recv(handle_of(t), tg.peer_rank, d); }), d);
 }

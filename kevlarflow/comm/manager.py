@@ -264,14 +264,20 @@ class CommManager:
 
     # ---- ops --------------------------------------------------------------
 
-    def send(self, group: str, tensor: torch.Tensor, dst: str, deadline_s=None) -> None:
-        self._core.send(group, tensor, dst, deadline_s)
+    # With `generation`, a point-to-point op is for that generation only: on
+    # a group rebuilt meanwhile it raises CommAborted, never reaching the
+    # new generation's peer.
+    def send(self, group: str, tensor: torch.Tensor, dst: str, deadline_s=None,
+             generation: int | None = None) -> None:
+        self._core.send(group, tensor, dst, deadline_s, generation)
 
-    def isend(self, group: str, tensor: torch.Tensor, dst: str) -> PendingOp:
-        return self._core.isend(group, tensor, dst)
+    def isend(self, group: str, tensor: torch.Tensor, dst: str,
+              generation: int | None = None) -> PendingOp:
+        return self._core.isend(group, tensor, dst, generation)
 
-    def recv(self, group: str, tensor: torch.Tensor, src: str, deadline_s=None) -> None:
-        self._core.recv(group, tensor, src, deadline_s)
+    def recv(self, group: str, tensor: torch.Tensor, src: str, deadline_s=None,
+             generation: int | None = None) -> None:
+        self._core.recv(group, tensor, src, deadline_s, generation)
 
     def allreduce(self, group: str, tensor: torch.Tensor, deadline_s=None) -> None:
         self._core.allreduce(group, tensor, deadline_s)

@@ -21,17 +21,22 @@ class HiddenStates:
         self.report = report  # a failed send, as an error of the step it belonged to
         self.pending: deque = deque()  # (step, group, generation, op)
 
-    def recv(self, group: str, src: str, num_tokens: int) -> torch.Tensor:
+    # Both ops name the generation of their step: a group rebuilt on another
+    # thread meanwhile refuses them (CommAborted) rather than pairing this
+    # step's hidden states with another step's at the new generation's peer.
+    def recv(self, group: str, generation: int, src: str, num_tokens: int) -> torch.Tensor:
         width = self.hidden_size * self.dtype.itemsize
         buffer = torch.empty(num_tokens, width, dtype=torch.uint8)  # bytes: any dtype travels
-        self.groups.manager().recv(group, buffer, src)
+        self.groups.manager().recv(group, buffer, src, generation=generation)
         return buffer.view(self.dtype)
 
-    def send(self, step: int, group: str, dst: str, hidden: torch.Tensor) -> None:
+    def send(self, step: int, group: str, generation: int, dst: str,
+             hidden: torch.Tensor) -> None:
         while len(self.pending) >= MAX_PENDING_SENDS:
             self._wait_oldest()
-        op = self.groups.manager().isend(group, hidden.contiguous().view(torch.uint8), dst)
-        self.pending.append((step, group, self.groups.generation(group), op))
+        op = self.groups.manager().isend(group, hidden.contiguous().view(torch.uint8), dst,
+                                         generation=generation)
+        self.pending.append((step, group, generation, op))
 
     def drop(self, group: str) -> None:
         """Sends still on their way on group: nobody waits for them."""

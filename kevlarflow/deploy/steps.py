@@ -61,7 +61,7 @@ class StageSteps:
             try:
                 p = self._prepare(m)
             except (BadStep, CommError) as error:
-                self.report(m["step"], error)
+                self._failed(m, error)
                 continue
             if p is not None:
                 prepared.append(p)
@@ -82,8 +82,16 @@ class StageSteps:
             try:
                 self._finish(p, out[start:start + size])
             except CommError as error:
-                self.report(p.message["step"], error)
+                self._failed(p.message, error)
             start += size
+
+    def _failed(self, m: dict, error: Exception) -> None:
+        """A step that failed is reported, unless its group was rebuilt on
+        another thread meanwhile (its op then refused to run on the new
+        generation): nobody waits for such a step."""
+        if isinstance(error, CommError) and m["generation"] != self.groups.generation(m["group"]):
+            return
+        self.report(m["step"], error)
 
     def _prepare(self, m: dict) -> _Prepared | None:
         """Check a step and gather its inputs; None for a stale step."""
@@ -104,7 +112,7 @@ class StageSteps:
                 raise BadStep(f"the first stage needs {num_tokens} token ids in [0, vocab)")
             inputs = torch.tensor(ids, dtype=torch.int64)
         else:
-            inputs = self.hidden.recv(m["group"], members[me - 1], num_tokens)
+            inputs = self.hidden.recv(m["group"], m["generation"], members[me - 1], num_tokens)
         return _Prepared(m, members, me, chunks, num_tokens, inputs)
 
     def _check_chunks(self, seqs: list) -> list[tuple[int, int, list[int]]]:
@@ -123,7 +131,8 @@ class StageSteps:
 
     def _finish(self, p: _Prepared, out: torch.Tensor) -> None:
         if not self.spec.is_last:
-            self.hidden.send(p.message["step"], p.message["group"], p.members[p.me + 1], out)
+            self.hidden.send(p.message["step"], p.message["group"], p.message["generation"],
+                             p.members[p.me + 1], out)
             return
         rows = p.sampled
         params = [SamplingParams(temperature=r["temperature"], top_k=r["top_k"], top_p=r["top_p"],

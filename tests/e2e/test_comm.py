@@ -109,6 +109,9 @@ def test_generations_never_mix():
     assert b["first"] == [222.0]  # the message of generation 1, not the old one
     assert b["second_outcome"] == "CommTimeout" and b["second"] == [-1.0]
     assert a["old_outcome"] in ("PeerFailure", "CommTimeout", "CommError"), a
+    # An op naming the generation it belongs to is refused on a newer one.
+    for outcome in (a["stale_isend"], b["stale_recv"]):
+        assert outcome.startswith("CommAborted") and "of generation 0" in outcome, outcome
     # Members building different generations of one group never connect.
     assert a["other_generation"] == b["other_generation"] == "CommTimeout"
 

@@ -170,7 +170,10 @@ def generations_never_mix(mgr: CommManager, store, me, members):
         nxt = CommManager(store, me, deadline_s=2.0)
         nxt.build("g", members, generation=1, deadline_s=BUILD_DEADLINE_S)
         store.wait(["b_posting"])
-        nxt.send("g", torch.tensor([222.0]), b)
+        # An op of a step of generation 0, issued once generation 1 is up
+        # (a build on another thread): refused, never sent to b at 1.
+        stale = _outcome(lambda: nxt.isend("g", torch.tensor([333.0]), b, generation=0))
+        nxt.send("g", torch.tensor([222.0]), b, generation=1)
         try:
             old.wait(deadline_s=2.0)
             old_outcome = "delivered"
@@ -178,9 +181,11 @@ def generations_never_mix(mgr: CommManager, store, me, members):
             old_outcome = type(e).__name__
         store.wait(["b_done"])
         nxt.close()
-        return dict(old_outcome=old_outcome, other_generation=_build_outcome(mgr, "h", members, 6))
+        return dict(old_outcome=old_outcome, stale_isend=stale,
+                    other_generation=_build_outcome(mgr, "h", members, 6))
     store.wait(["old_sent"])
     generation = mgr.rebuild("g", members, deadline_s=BUILD_DEADLINE_S)
+    stale = _outcome(lambda: mgr.recv("g", torch.tensor([-1.0]), a, generation=0))
     store.set("b_posting", "1")
     first = torch.tensor([-1.0])
     mgr.recv("g", first, a)
@@ -192,8 +197,16 @@ def generations_never_mix(mgr: CommManager, store, me, members):
         second_outcome = "CommTimeout"
     store.set("b_done", "1")
     return dict(generation=generation, first=first.tolist(), second=second.tolist(),
-                second_outcome=second_outcome,
+                second_outcome=second_outcome, stale_recv=stale,
                 other_generation=_build_outcome(mgr, "h", members, 5))
+
+
+def _outcome(op) -> str:
+    try:
+        op()
+    except CommError as e:
+        return f"{type(e).__name__}: {e}"
+    return "ran"
 
 
 def _build_outcome(mgr: CommManager, group, members, generation) -> str:
