@@ -96,11 +96,18 @@ def _add_worker(subparsers) -> None:
     parser.add_argument("--join-token", default=None,
                         help="the deployment's join token (default: $KEVLARFLOW_JOIN_TOKEN; "
                              "prefer the variable: a command line is visible to every user)")
+    parser.add_argument("--cpus", default=None, metavar="LIST",
+                        help="run on these CPUs only, e.g. 0,1 (default: any)")
     parser.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)
 
     def run(args):
         if (args.instance is None) != (args.stage is None):
             parser.error("--instance and --stage go together")
+        if args.cpus is not None:
+            try:
+                os.sched_setaffinity(0, {int(c) for c in args.cpus.split(",")})
+            except (ValueError, OSError) as exc:
+                parser.error(f"--cpus {args.cpus!r}: not a list of this machine's CPUs ({exc})")
         if args.threads < 1:
             parser.error("--threads must be >= 1")
         host, sep, port = args.controller.rpartition(":")

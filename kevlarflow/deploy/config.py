@@ -1,6 +1,7 @@
 """The configuration of a deployment, and the size of each stage's KV pools."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 from kevlarflow.engine.llm_engine import EngineConfig
@@ -24,6 +25,10 @@ class DeploymentConfig(EngineConfig):
     # workers this controller spawns are given; see deploy/join.py).
     join_token: str | None = field(default=None, repr=False)
     worker_threads: int = 1         # torch threads per worker
+    # CPUs the workers this controller spawns run on, one set per instance
+    # (instance i takes set i mod len): each instance on hardware of its own,
+    # as on a cluster where a worker owns its GPU. None: not pinned.
+    instance_cpus: tuple[tuple[int, ...], ...] | None = None
     comm_deadline_s: float = 30.0   # bound on every communicator operation
     start_timeout_s: float = 600.0  # for all workers to register, load and connect
     max_in_flight: int | None = None  # micro-batches in flight per instance (default pp_size)
@@ -49,6 +54,13 @@ class DeploymentConfig(EngineConfig):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if self.instance_cpus is not None:
+            allowed = _usable_cpus()
+            if not self.instance_cpus or not all(
+                    cpus and all(isinstance(c, int) and c in allowed for c in cpus)
+                    for cpus in self.instance_cpus):
+                raise ValueError(f"instance_cpus must be non-empty sets of this machine's usable "
+                                 f"CPUs {sorted(allowed)}, got {self.instance_cpus!r}")
         if self.max_in_flight is not None and (not isinstance(self.max_in_flight, int)
                                                or self.max_in_flight < 1):
             raise ValueError(f"max_in_flight must be None or a positive int, got {self.max_in_flight!r}")
@@ -109,3 +121,10 @@ class StagePools:
             raise ValueError(f"kv_cache_memory={config.kv_cache_memory} bytes holds no block of {bs} "
                              f"tokens on some stage")
         return pools
+
+
+def _usable_cpus() -> set[int]:
+    try:
+        return os.sched_getaffinity(0)
+    except AttributeError:  # not Linux
+        return set(range(os.cpu_count() or 1))

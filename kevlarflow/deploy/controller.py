@@ -106,8 +106,9 @@ class Controller(RequestFrontend):
         self.address = f"{config.host}:{self.endpoint.port}"
         log.info("controller on %s, rendezvous store on port %d", self.address,
                  self.hosted_store.port)
-        self.launcher = LocalLauncher(self._local_address(), token, config.worker_threads) \
-            if config.spawn_workers else None
+        if config.spawn_workers:  # else None, as set above
+            self.launcher = LocalLauncher(self._local_address(), token, config.worker_threads,
+                                          config.instance_cpus)
         self.membership = Membership(self)
         # Recovery's view of the workers' processes is membership's.
         self.discard, self.spawn = self.membership.discard, self.membership.spawn

@@ -11,8 +11,10 @@ from kevlarflow.deploy.join import TOKEN_ENV
 
 
 class LocalLauncher:
-    def __init__(self, controller: str, join_token: str, threads: int = 1):
+    def __init__(self, controller: str, join_token: str, threads: int = 1,
+                 instance_cpus: tuple[tuple[int, ...], ...] | None = None):
         self.controller, self.threads = controller, threads
+        self.instance_cpus = instance_cpus
         self._join_token = join_token
         self._exit_fds: dict[int, int] = {}  # pid -> its pidfd
         self.procs: dict[tuple[int, int], subprocess.Popen] = {}
@@ -22,11 +24,19 @@ class LocalLauncher:
         env = dict(os.environ)
         # Many workers share few cores: each keeps to its own thread budget.
         env["OMP_NUM_THREADS"] = str(self.threads)
+        # torch puts its large allocations (weights, KV pools) on transparent
+        # huge pages: a killed worker's memory is then freed in a few ms
+        # instead of ~100 ms, and its exit, which is how a crash is
+        # detected, comes that much sooner.
+        env.setdefault("THP_MEM_ALLOC_ENABLE", "1")
         # In the environment, not the command line, which every user can read.
         env[TOKEN_ENV] = self._join_token
         cmd = [sys.executable, "-m", "kevlarflow", "worker", "--controller", self.controller,
                "--instance", str(instance), "--stage", str(stage),
                "--threads", str(self.threads), "--parent-pid", str(os.getpid())]
+        if self.instance_cpus:
+            cpus = self.instance_cpus[instance % len(self.instance_cpus)]
+            cmd += ["--cpus", ",".join(map(str, cpus))]
         proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL)
         self.procs[(instance, stage)] = proc
         self._watch(proc)

@@ -9,6 +9,7 @@ import pytest
 
 from kevlarflow import LLM, SamplingParams
 from helpers import models
+from helpers.failover import all_home
 from helpers.models import tiny_model
 
 PROMPTS = models.PROMPTS + [
@@ -75,6 +76,32 @@ def test_external_workers_register_with_a_controller(expected):
             if w.poll() is None:
                 w.kill()
             w.wait()
+
+
+def test_each_instance_runs_on_the_cpus_it_was_given(expected):
+    """instance_cpus pins each instance's workers to its own CPUs; a
+    replacement takes the same ones; the outputs do not change."""
+    cpus = sorted(os.sched_getaffinity(0))
+    sets = ((cpus[0],), (cpus[-1],))
+    with LLM(tiny_model(), num_instances=2, pp_size=2, instance_cpus=sets,
+             **ENGINE_ARGS) as llm:
+        def affinity():
+            return {slot: os.sched_getaffinity(proc.pid)
+                    for slot, proc in llm.engine.launcher.procs.items()}
+
+        assert affinity() == {(i, s): set(sets[i]) for i in range(2) for s in range(2)}
+        assert [o.token_ids for o in llm.generate(PROMPTS, GREEDY)] == expected
+        old = llm.engine.launcher.procs[(0, 1)].pid
+        llm.engine.inject_fault(0, 1, "kill")
+        deadline = time.monotonic() + 60
+        while not (all_home(llm.engine) and llm.engine.launcher.procs[(0, 1)].pid != old) \
+                and time.monotonic() < deadline:
+            llm.engine.step(timeout_s=0.05)
+        assert all_home(llm.engine) and llm.engine.launcher.procs[(0, 1)].pid != old
+        assert affinity()[(0, 1)] == set(sets[0])
+    for bad in ((), ((),), ((10_000,),), (("0",),)):
+        with pytest.raises(ValueError, match="instance_cpus"):
+            LLM(tiny_model(), num_instances=2, pp_size=1, instance_cpus=bad)
 
 
 def test_logprobs_and_streaming_through_a_pipeline():
