@@ -51,9 +51,10 @@ class Deployment:
                                        self._send, self._call_off, lambda: next(self._generations))
         for name in self.workers.names():
             self.pools[name] = self._pool(name)
+        # One micro-batch in flight, so that d.step() advances every request.
         self.instances = [PipelineInstance(i, [f"w{i}.{s}" for s in range(pp_size)],
                                            [self.pools[f"w{i}.{s}"] for s in range(pp_size)],
-                                           64, 16, pp_size, on_free=self.replication.forget)
+                                           64, 16, 1, on_free=self.replication.forget)
                           for i in range(num_instances)]
         self.clock = Clock()
         self.recovery = Recovery(self, self.clock)
@@ -272,6 +273,68 @@ def test_a_kill_reroutes_through_the_backup_and_keeps_replicated_kv(d):
     assert d.kinds()[-3:] == ["aborted", "rerouted", "resumed"]
     d.step(0)
     assert d.kinds()[-1] == "first_step_after_failure"
+
+
+def test_the_lender_holds_its_steps_back_until_the_first_step_after_a_failure(d):
+    """MTTR ends with the recovering instance's first step: the instance
+    that lends it a worker starts no step of its own until that step is back,
+    nor for longer than FIRST_STEP_PRIORITY_S; an instance that lends
+    nothing is not held back."""
+    from kevlarflow.ft.recovery import FIRST_STEP_PRIORITY_S
+
+    recovering, lender = d.instances
+    for i in (0, 1):
+        d.add(i)
+    d.lose("w0.1")
+    assert not d.recovery.yields(lender)  # not resumed yet: nothing to wait for
+    d.connect(recovering)
+    assert recovering.workers == ["w0.0", "w1.1"] and d.recovery.yields(lender)
+    assert not d.recovery.yields(recovering)
+    step = d.dispatch(0)
+    assert d.recovery.yields(lender)
+    d.complete(0, step)
+    assert d.kinds()[-1] == "first_step_after_failure" and not d.recovery.yields(lender)
+
+
+def test_micro_batches_in_flight_share_the_running_sequences():
+    """With two micro-batches in flight, each takes half of the running
+    sequences, even when all are free at once (after a failure): the stages
+    then overlap instead of taking turns."""
+    pools = [BlockManager(64, BLOCK, pool=f"w0.{s}") for s in range(2)]
+    inst = PipelineInstance(0, ["w0.0", "w0.1"], pools, 64, 16, 2)
+    seqs = []
+    for i in range(5):
+        seqs.append(Sequence(str(i), None, [1, 2, 3], SamplingParams(max_tokens=9)))
+        inst.add(seqs[-1])
+    first = inst.schedule()  # admission of waiting requests is not capped
+    assert [s for s, _ in first.items] == seqs
+    for seq, n in first.items:
+        seq.num_computed_tokens += n
+    a = inst.schedule()
+    inst.busy.update(s for s, _ in a.items)
+    b = inst.schedule()
+    inst.busy.update(s for s, _ in b.items)
+    assert [s for s, _ in a.items] == seqs[:3] and [s for s, _ in b.items] == seqs[3:]
+    assert not inst.schedule()
+    # A lone sequence is still scheduled.
+    inst.busy.clear()
+    for seq in seqs[1:]:
+        inst.scheduler.finish(seq)
+    assert [s for s, _ in inst.schedule().items] == seqs[:1]
+
+
+def test_the_lender_holds_back_for_a_bounded_time_only(d):
+    from kevlarflow.ft.recovery import FIRST_STEP_PRIORITY_S
+
+    recovering, lender = d.instances
+    d.add(0)
+    d.lose("w0.1")
+    d.connect(recovering)
+    d.dispatch(0)  # the first step, which does not come back
+    d.clock.now += FIRST_STEP_PRIORITY_S - 0.01
+    assert d.recovery.yields(lender)
+    d.clock.now += 0.02
+    assert not d.recovery.yields(lender)
 
 
 def test_both_workers_of_a_stage_lost_fails_requests_until_one_joins(d):

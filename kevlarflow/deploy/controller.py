@@ -238,6 +238,8 @@ class Controller(RequestFrontend):
         self.membership.check()
         outputs, self._undelivered = self._undelivered + outputs, []
         for inst in self.instances:
+            if self.recovery.yields(inst):
+                continue
             while inst.can_dispatch():
                 batch = inst.schedule()
                 if not batch:

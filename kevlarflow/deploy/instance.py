@@ -115,7 +115,12 @@ class PipelineInstance:
             and self.scheduler.has_work()
 
     def schedule(self) -> ScheduledBatch:
-        batch = self.scheduler.schedule(self.busy)
+        # Each micro-batch in flight takes its share of the running
+        # sequences: else, when all are free at once (as after a failure),
+        # one micro-batch takes them all, the next finds none, and the stages
+        # take turns instead of overlapping.
+        share = -(-len(self.scheduler.running) // self.max_in_flight)
+        batch = self.scheduler.schedule(self.busy, max(1, share))
         if not batch and not self.in_flight and self.scheduler.waiting \
                 and not self.scheduler.running:
             # Idle, yet the next request does not fit: an error if it never

@@ -1,7 +1,7 @@
 """Continuous batching with chunked prefill under a token budget.
 
-Every step, running sequences are served first (a decode token each, or the
-next chunk of an unfinished prefill), in arrival order; then waiting
+Every step, running sequences are served first: a decode token each, then
+the next chunk of each unfinished prefill, in arrival order; then waiting
 sequences are admitted first-come first-served while budget and blocks last.
 When blocks run out, the most recently arrived running sequence is
 preempted: its blocks are freed and it later recomputes its KV from scratch.
@@ -56,18 +56,29 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def schedule(self, busy: Container[Sequence] = ()) -> ScheduledBatch:
+    def schedule(self, busy: Container[Sequence] = (),
+                 max_running: int | None = None) -> ScheduledBatch:
         """busy: running sequences of a batch still in flight (pipelines run
-        several); they are neither scheduled nor preempted."""
+        several); they are neither scheduled nor preempted. max_running: the
+        most running sequences this batch takes (a pipeline spreads them
+        over its micro-batches); the rest wait for the next one."""
         batch = ScheduledBatch()
         budget = self.max_num_batched_tokens
-        # Running sequences, oldest first.
-        queue = sorted((s for s in self.running if s not in busy), key=lambda s: s.arrival_time)
+        # Running sequences: those that decode first, then those with a
+        # prefill to go on with (or KV to recompute after a failure), oldest
+        # first within each: a long prefill does not hold decodes back.
+        queue = sorted((s for s in self.running if s not in busy),
+                       key=lambda s: (s.num_tokens - s.num_computed_tokens > 1, s.arrival_time))
+        if max_running is not None:
+            queue = queue[:max_running]
         while queue and budget > 0:
             seq = queue.pop(0)
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
             while not self.blocks.allocate(seq, seq.num_computed_tokens + n):
-                victim = queue.pop() if queue else seq  # newest arrival goes first
+                # The newest arrival goes first.
+                victim = max(queue, key=lambda s: s.arrival_time) if queue else seq
+                if victim is not seq:
+                    queue.remove(victim)
                 self._preempt(victim)
                 batch.preempted.append(victim)
                 if victim is seq:

@@ -40,6 +40,7 @@ log = logging.getLogger("kevlarflow.ft")
 MIN_COPY_RATE = 20e6       # bytes/s a catch-up deadline allows for, at the least
 MAX_BUILD_BACKOFF_S = 2.0  # between retries of a build that keeps failing
 MOVING_BACK = "moving back"  # the reason of the build that ends a move back
+FIRST_STEP_PRIORITY_S = 0.5  # the longest a lender holds its steps back for a first step
 
 
 class Recovery:
@@ -179,6 +180,20 @@ class Recovery:
                                 "replicas caught up", deadline=self._copy_time(inst))
             elif st.phase is Phase.DRAINING:
                 self._check_drained(inst, late)
+
+    def yields(self, inst) -> bool:
+        """inst lends a worker to an instance that has resumed after a
+        failure and not yet completed a step: inst starts no step of its own
+        meanwhile (for at most FIRST_STEP_PRIORITY_S), so that the first step
+        after the failure is not queued at the borrowed worker behind inst's
+        micro-batches. MTTR ends with that step."""
+        now = self.clock()
+        shared = set(inst.workers)
+        return any(other is not inst and st.failed_at is not None
+                   and st.phase is Phase.SERVING and now - st.since < FIRST_STEP_PRIORITY_S
+                   and shared & set(other.workers)
+                   and (other.in_flight or other.scheduler.has_work())
+                   for other, st in zip(self.d.instances, self.states))
 
     def busy(self) -> bool:
         """Something is under way that the controller should poll for."""
