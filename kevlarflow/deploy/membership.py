@@ -125,7 +125,9 @@ class Membership:
             return []
         record = c.workers.by_peer(peer)
         if record is None:
-            log.warning("dropped %s from an unregistered peer", kind)
+            # Late messages of a worker given up on (a restart discards a
+            # whole instance) are expected; anything else has no business here.
+            log.info("dropped %s from a peer that is no worker (any more)", kind)
             return []
         name = record.name
         if kind == "ready":
