@@ -99,6 +99,38 @@ def test_restart_mttr_grows_with_weight_load_time_and_kevlarflows_does_not():
     assert mttr[4e9]["kevlarflow"] < COSTS.detect_kill_s + COSTS.comm_build_s + 0.5
 
 
+def test_a_replacement_delay_holds_back_every_new_process_in_both_modes():
+    trace = trace_at(0.5)
+    events = {}
+    for delay in (0.0, 30.0):
+        costs = COSTS.with_overrides(replacement_delay_s=delay)
+        for mode in ("kevlarflow", "restart"):
+            log = simulate(costs, trace, mode, KILL).log
+            events[delay, mode] = {e["kind"]: e["t_s"] for e in log}
+    for mode in ("kevlarflow", "restart"):
+        assert events[30.0, mode]["replacement_loaded"] - events[0.0, mode]["replacement_loaded"] \
+            == pytest.approx(30.0)
+    # KevlarFlow serves through a lent worker meanwhile: its MTTR does not move.
+    assert events[30.0, "kevlarflow"]["first_step_after_failure"] == \
+        pytest.approx(events[0.0, "kevlarflow"]["first_step_after_failure"])
+    assert events[30.0, "restart"]["first_step_after_failure"] - \
+        events[0.0, "restart"]["first_step_after_failure"] == pytest.approx(30.0, abs=0.1)
+
+
+def test_pinned_instances_keep_their_own_cores_when_another_is_down():
+    # One core per instance: the survivor of a restart does not speed up on
+    # the dead instance's core, as it does where all workers share all cores.
+    trace = trace_at(0.3, duration=40.0)
+    slow_load = COSTS.with_overrides(weight_load_bytes_per_s=0.2e9, cpu_cores=2)
+    shared = figures(slow_load, trace, "restart", KILL)
+    pinned = figures(slow_load.with_overrides(pinned_instances=1), trace, "restart", KILL)
+    assert pinned["avg_latency_s"] > 1.1 * shared["avg_latency_s"]
+    # Without a failure, one core per instance or two shared by both are alike.
+    assert figures(slow_load, trace, "restart")["avg_latency_s"] == pytest.approx(
+        figures(slow_load.with_overrides(pinned_instances=1), trace, "restart")["avg_latency_s"],
+        rel=0.05)
+
+
 def test_a_hang_is_detected_later_than_a_kill():
     trace = trace_at(0.5)
     kill = figures(COSTS, trace, "kevlarflow", KILL)["mttr_s"]
@@ -311,6 +343,27 @@ def test_validate_fits_one_contention_factor_on_the_baseline_tpot():
     assert compare(run, faster)["contention"] == pytest.approx(2 * result["contention"], rel=0.05)
     with pytest.raises(ValueError, match="positive"):
         CPU_LIKE.contended(0)
+
+
+def test_the_step_fit_recovers_known_costs_and_flags_what_it_cannot_tell():
+    import numpy as np
+
+    from kevlarflow.bench.sim.calibrate import DECODE_BATCHES, MIXED, PREFILL_SIZES, fit_step_costs
+
+    design = [(1.0, n, 0) for n in PREFILL_SIZES] + [(1.0, 0, b) for b in DECODE_BATCHES] + \
+        [(1.0, p, d) for p, d in MIXED]
+    rows = np.array(design, dtype=float)
+    exact = rows @ np.array([0.005, 0.0002, 0.001])
+    fit = fit_step_costs(rows, exact)
+    assert (fit["base"], fit["prefill"], fit["decode"]) == pytest.approx((0.005, 0.0002, 0.001))
+    assert fit["doubts"] == [] and fit["worst_residual"] < 1e-9
+    # 5% noise: still told apart.
+    noisy = exact * (1 + 0.05 * np.random.default_rng(0).standard_normal(len(exact)))
+    fit = fit_step_costs(rows, noisy)
+    assert fit["doubts"] == [] and fit["prefill"] == pytest.approx(0.0002, rel=0.25)
+    # Steps whose times have nothing to do with their tokens: flagged.
+    erratic = np.random.default_rng(1).uniform(0.01, 0.1, len(exact))
+    assert fit_step_costs(rows, erratic)["doubts"]
 
 
 def test_calibration_measures_this_machine_and_the_simulator_takes_it(tmp_path):

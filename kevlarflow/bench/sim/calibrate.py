@@ -31,8 +31,12 @@ KV_POOL_BYTES = 256 << 20      # the failover benchmark's per-worker pool
 SEND_BYTES = 64 << 20
 PREFILL_SIZES = (16, 64, 128, 256)
 DECODE_BATCHES = (1, 8, 32, 64)
+MIXED = ((64, 16), (128, 32))  # (prefill, decode) in one step: the fit must tell them apart
 DECODE_CONTEXT = 128           # tokens each decoding sequence has already
-REPEATS = 3
+REPEATS = 3                    # of the builds and process starts
+STEP_REPEATS = 7               # of each step: the median of these is one sample
+MAX_REL_SE = 0.25              # a fitted cost less certain than this is flagged
+MAX_REL_RESIDUAL = 0.2         # so is a sample the fit misses by more than this
 
 
 def _median_time(fn, repeats: int = REPEATS) -> float:
@@ -134,26 +138,54 @@ def stage_costs(model: str) -> dict:
     def forward(chunks):
         meta = attention_metadata(chunks, block_size)
         x = hidden(sum(n for n, _, _ in chunks))
-        return _median_time(lambda: stage(x, meta, kv, logits_indices=torch.tensor([0])))
+        return _median_time(lambda: stage(x, meta, kv, logits_indices=torch.tensor([0])),
+                            STEP_REPEATS)
 
-    def table(i: int, tokens: int) -> list[int]:  # sequence i's own blocks
-        n = tokens // block_size + 1
-        return list(range(i * n, (i + 1) * n))
+    def step(prefill: int, decode: int) -> float:
+        # One prefill chunk of its own blocks, then `decode` sequences of
+        # DECODE_CONTEXT tokens each, each on blocks of its own.
+        n = DECODE_CONTEXT // block_size + 1
+        chunks = [(prefill, 0, list(range(prefill // block_size + 1)))] if prefill else []
+        first = prefill // block_size + 1
+        chunks += [(1, DECODE_CONTEXT, list(range(first + i * n, first + (i + 1) * n)))
+                   for i in range(decode)]
+        return forward(chunks)
 
-    rows, times = [], []
-    for n in PREFILL_SIZES:
-        rows.append((1.0, n, 0.0))
-        times.append(forward([(n, 0, table(0, n))]))
-    for b in DECODE_BATCHES:
-        rows.append((1.0, 0.0, b))
-        times.append(forward([(1, DECODE_CONTEXT, table(i, DECODE_CONTEXT + 1)) for i in range(b)]))
-    (base, prefill, decode), *_ = np.linalg.lstsq(np.array(rows), np.array(times), rcond=None)
-    points = [dict(prefill=r[1], decode=r[2], seconds=t) for r, t in zip(rows, times)]
+    design = [(n, 0) for n in PREFILL_SIZES] + [(0, b) for b in DECODE_BATCHES] + list(MIXED)
+    step(16, 1)  # warm-up: first calls pay for allocation
+    times = [step(p, d) for p, d in design]
+    fit = fit_step_costs(np.array([(1.0, p, d) for p, d in design]), np.array(times))
+    points = [dict(prefill=p, decode=d, seconds=t) for (p, d), t in zip(design, times)]
     return dict(load_s=load_s, weight_bytes=weight_bytes, init_s=init_s,
                 kv_bytes_per_token=kv_per_token,
                 activation_bytes=cfg.hidden_size * torch.empty((), dtype=stage.cfg.dtype).element_size(),
-                base=max(0.0, float(base)), prefill=max(0.0, float(prefill)),
-                decode=max(0.0, float(decode)), points=points)
+                points=points, **fit)
+
+
+def fit_step_costs(rows, times) -> dict:
+    """base + prefill tokens x a + decode tokens x b, fitted to the steps'
+    times by least squares on relative errors (a 5 ms step counts as much as
+    a 500 ms one), with the standard error of each cost and the worst
+    residual; "doubts" says what the fit cannot tell on this machine."""
+    import numpy as np
+
+    weights = 1.0 / times
+    a, w = rows * weights[:, None], times * weights
+    coef, *_ = np.linalg.lstsq(a, w, rcond=None)
+    residuals = (rows @ coef - times) / times
+    dof = max(1, len(times) - len(coef))
+    cov = np.linalg.pinv(a.T @ a) * float(residuals @ residuals) / dof
+    se = np.sqrt(np.clip(np.diag(cov), 0, None))
+    names = ("base", "prefill", "decode")
+    doubts = [f"the {name} cost ({value * 1e3:.3f} ms +- {err * 1e3:.3f})"
+              for name, value, err in zip(names, coef, se)
+              if name != "base" and (value <= 0 or err > MAX_REL_SE * value)]
+    worst = float(np.max(np.abs(residuals)))
+    if worst > MAX_REL_RESIDUAL:
+        doubts.append(f"a step the fit misses by {worst:.0%}")
+    return dict(**{n: max(0.0, float(v)) for n, v in zip(names, coef)},
+                stderr={n: float(e) for n, e in zip(names, se)}, worst_residual=worst,
+                doubts=doubts)
 
 
 def calibrate(preset: str, out: str | None = None) -> Costs:
@@ -170,6 +202,15 @@ def calibrate(preset: str, out: str | None = None) -> Costs:
     for p in stage["points"]:
         print(f"    step with {p['prefill']:.0f} prefill + {p['decode']:.0f} decode tokens: "
               f"{p['seconds'] * 1e3:.1f} ms", flush=True)
+    se = stage["stderr"]
+    print(f"  fit: {stage['base'] * 1e3:.2f} ms (+- {se['base'] * 1e3:.2f}) + "
+          f"{stage['prefill'] * 1e3:.3f} ms (+- {se['prefill'] * 1e3:.3f}) per prefill token + "
+          f"{stage['decode'] * 1e3:.3f} ms (+- {se['decode'] * 1e3:.3f}) per decode token; "
+          f"worst residual {stage['worst_residual']:.0%}", flush=True)
+    if stage["doubts"]:
+        print("  WARNING: the step costs are uncertain on this machine: "
+              + "; ".join(stage["doubts"]) + ". Calibrate again on an idle machine; the "
+              "simulator's step figures follow from these costs.", flush=True)
     build_s, link = comm_costs()
     print(f"  communicator build {build_s * 1e3:.0f} ms, send {link / 1e9:.2f} GB/s", flush=True)
     costs = Costs(
@@ -186,7 +227,8 @@ def calibrate(preset: str, out: str | None = None) -> Costs:
         step_decode_token_s=stage["decode"], cpu_cores=float(os.cpu_count() or 1))
     note = (f"measured by `kevlarflow bench simulate --calibrate --preset {preset}` on "
             f"{platform.node()} ({platform.processor() or platform.machine()}), "
-            f"{time.strftime('%Y-%m-%d %H:%M')}")
+            f"{time.strftime('%Y-%m-%d %H:%M')}"
+            + (f"; uncertain: {'; '.join(stage['doubts'])}" if stage["doubts"] else ""))
     for path in [local_costs_path()] + ([out] if out else []):
         save_file(costs, path, note)
         print(f"wrote {path}")

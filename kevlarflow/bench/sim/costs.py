@@ -43,6 +43,11 @@ class Costs:
     # Cores the workers share (0: each worker has its own device, as on GPUs).
     # A stage step then takes longer by max(1, busy workers / cores).
     cpu_cores: float = 0
+    # 1: each instance's workers have cpu_cores / instances cores of their
+    # own (`bench failover --pin-instances`); 0: all share all the cores.
+    pinned_instances: float = 0
+    # Before a failed slot's new process can start (a node provisioned).
+    replacement_delay_s: float = 0
 
     def __post_init__(self):
         for f in fields(self):

@@ -153,7 +153,12 @@ class Simulation(RecoveryMixin):
             merged = max(m, pm)
             length = max(length, merged * c.stage_step_s((prefill + pp) / merged,
                                                           (decode + pd) / merged))
-        if c.cpu_cores:
+        if c.cpu_cores and c.pinned_instances:
+            # The instance's workers share its own cores, whatever the others
+            # do; a worker it borrows shares its lender's, who keep as many
+            # busy (the merged work is in the length above).
+            length *= max(1.0, m / (c.cpu_cores / c.instances))
+        elif c.cpu_cores:
             # Each micro-batch in flight keeps one worker busy; beyond the
             # cores, the workers share them.
             busy = m + sum(o.load[0] for o in self.instances if o is not inst and o.up)

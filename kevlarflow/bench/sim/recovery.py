@@ -37,7 +37,7 @@ class RecoveryMixin:
         if self.mode == "restart":
             # The whole instance is replaced: every worker loads in parallel.
             self._preempt_all(inst, t)
-            self._push(t + self.c.stage_load_s(), "restart_loaded", f)
+            self._push(t + self.c.replacement_delay_s + self.c.stage_load_s(), "restart_loaded", f)
             return
         # The next healthy instance in the ring, not already lending a worker.
         ring = [self.instances[(f.instance + k) % self.c.instances]
@@ -47,7 +47,7 @@ class RecoveryMixin:
             raise ValueError(f"no healthy instance to lend instance {f.instance} a stage-{f.stage} worker")
         self._rewind(inst, self.replicated, t, "failure")
         self._push(t + self.c.comm_build_s, "resume", (f, donor.index))
-        self._push(t + self.c.stage_load_s(), "replacement_loaded", f)
+        self._push(t + self.c.replacement_delay_s + self.c.stage_load_s(), "replacement_loaded", f)
 
     def _on_resume(self, t: float, payload) -> None:
         f, donor = payload

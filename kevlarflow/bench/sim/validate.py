@@ -49,6 +49,8 @@ def deployment_costs(costs: Costs, config: dict) -> Costs:
         changes["replication_interval_s"] = config["replication_interval_s"]
     if "hang_timeout_s" in config:
         changes["detect_hang_s"] = config["hang_timeout_s"]
+    changes["replacement_delay_s"] = config.get("replacement_delay_s", 0.0)
+    changes["pinned_instances"] = 1.0 if config.get("instance_cpus") else 0.0
     return costs.with_overrides(**changes)
 
 
