@@ -48,8 +48,9 @@ class EventLog:
 
 
 def failure_timings(events: list[tuple[str, float, int | None, str | None]]) -> list[dict]:
-    """Per failure (a detection), in seconds from its start (the injected
-    fault that caused it, if one did, else the detection itself): to the
+    """Per failure (a detection): its start (at: the injected fault that
+    caused it, if one did, else the detection itself), its instance, and in
+    seconds from its start: to the
     detection (detect_s), to its instance's communicator being up again
     (resumed_s) and to that instance's first completed step (mttr_s, the
     time to recovery); None where that never happened. events: (kind, time,
@@ -66,6 +67,6 @@ def failure_timings(events: list[tuple[str, float, int | None, str | None]]) -> 
         def after(wanted: str) -> float | None:
             return next((t2 - start for kind2, t2, inst2, _ in events[k:]
                          if kind2 == wanted and inst2 == instance and t2 >= t), None)
-        out.append(dict(detect_s=t - start, resumed_s=after("resumed"),
-                        mttr_s=after("first_step_after_failure")))
+        out.append(dict(at=start, instance=instance, detect_s=t - start,
+                        resumed_s=after("resumed"), mttr_s=after("first_step_after_failure")))
     return out

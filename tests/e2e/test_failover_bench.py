@@ -89,8 +89,8 @@ def test_failure_schedule_entries():
 def _run(requests, events=(), elapsed=10.0):
     return dict(elapsed_s=elapsed, events=list(events), tokens_recomputed=7, tokens_restored=3,
                 bytes_replicated=100,
-                requests=[dict(arrival_s=a, output_tokens=n, token_times_s=list(times))
-                          for a, n, times in requests])
+                requests=[dict(arrival_s=a, output_tokens=n, token_times_s=list(times),
+                               instance=0) for a, n, times in requests])
 
 
 def test_metrics_of_a_run():
@@ -144,8 +144,26 @@ def test_a_failure_without_an_injected_fault_counts_from_its_detection():
 
     timings = failure_timings([("detected", 10.0, 0, "w0.1"), ("resumed", 10.2, 0, None),
                                ("first_step_after_failure", 10.5, 0, None)])
-    assert timings == [dict(detect_s=0.0, resumed_s=pytest.approx(0.2),
+    assert timings == [dict(at=10.0, instance=0, detect_s=0.0, resumed_s=pytest.approx(0.2),
                             mttr_s=pytest.approx(0.5))]
+
+
+def test_recovery_overhead_is_the_mttr_less_one_step_of_the_failed_instances_requests():
+    # Instance 0 decodes a token every 0.2 s before the fault at 10 s, instance
+    # 1 every 1 s; instance 0 steps again 0.25 s after the fault.
+    run = _run([(8.0, 12, [8.2 + 0.2 * i for i in range(12)])], events=[
+        dict(kind="failed", t_s=10.0, instance=0, worker="w0.1"),
+        dict(kind="detected", t_s=10.03, instance=0, worker="w0.1"),
+        dict(kind="first_step_after_failure", t_s=10.25, instance=0)])
+    run["requests"].append(dict(arrival_s=5.0, output_tokens=5, instance=1,
+                                token_times_s=[5.5, 6.5, 7.5, 8.5, 9.5]))
+    assert m.step_floor(run, 0, 10.0) == pytest.approx(0.2)
+    assert m.step_floor(run, 1, 10.0) == pytest.approx(1.0)
+    got = m.recovery_times(run)
+    assert got["mttr_s"] == pytest.approx(0.25)
+    assert got["recovery_overhead_s"] == pytest.approx(0.05)
+    # Only gaps wholly in the window before the fault count; none: no figure.
+    assert m.step_floor(run, 0, 8.3) is None
 
 
 def test_summaries_ratios_and_targets():
@@ -155,9 +173,10 @@ def test_summaries_ratios_and_targets():
     base = dict(avg_latency_s=2.0, p99_latency_s=4.0, avg_ttft_s=1.0, p99_ttft_s=2.0,
                 mean_tpot_s=0.1, requests_failed=0)
     metrics = {
-        "kevlarflow": dict(failure=summary_of(mttr_s=0.5, **base),
+        "kevlarflow": dict(failure=summary_of(mttr_s=0.5, recovery_overhead_s=0.04, **base),
                            fault_free=summary_of(**base | dict(avg_latency_s=2.01))),
-        "restart": dict(failure=summary_of(mttr_s=20.0, **base | dict(p99_ttft_s=8.0)),
+        "restart": dict(failure=summary_of(mttr_s=20.0, recovery_overhead_s=19.5,
+                                           **base | dict(p99_ttft_s=8.0)),
                         fault_free=summary_of(**base)),
     }
     ratios = m.paper_ratios(metrics)
@@ -166,14 +185,53 @@ def test_summaries_ratios_and_targets():
     assert ratios["kevlarflow"]["under_failure"]["p99_ttft_s"] == 4.0
     assert ratios["kevlarflow"]["fault_free_overhead"]["avg_latency_s"] == pytest.approx(0.005)
     targets = m.targets(metrics, ratios)
+    assert set(targets) == {"mttr_vs_restart", "recovery_overhead", "p99_ttft_failure_vs_fault_free",
+                            "p99_latency_failure_vs_fault_free", "fault_free_overhead",
+                            "requests_failed"}
     assert all(t["met"] for t in targets.values()), targets
+    # Paired rounds replace the medians' ratio by their interval's upper end.
+    paired = {"kevlarflow": {"avg_latency_s": dict(ratios=[0.0, 0.02], mean=0.01, median=0.01,
+                                                   ci95=[0.0, 0.02])}}
+    assert m.targets(metrics, ratios, paired)["fault_free_overhead"] == dict(
+        what=m.TARGETS[6][1], bound=0.01, value=0.02, met=False, higher_is_better=False)
+    # A restart on a new node: the latency and TTFT ratios under failure.
+    new_node = m.targets(metrics, ratios, new_node=True)
+    assert set(new_node) == {"mttr_vs_restart", "p99_ttft_vs_restart", "avg_latency_vs_restart",
+                             "fault_free_overhead", "requests_failed"}
+    assert new_node["p99_ttft_vs_restart"]["met"] is False  # 4x, not 10x
+    assert new_node["avg_latency_vs_restart"]["value"] == 1.0
     metrics["kevlarflow"]["failure"]["requests_failed"]["max"] = 1
     metrics["kevlarflow"]["failure"]["p99_latency_s"]["median"] = 6.1
+    metrics["kevlarflow"]["failure"]["recovery_overhead_s"]["median"] = 0.06
     targets = m.targets(metrics, ratios)
     assert not targets["requests_failed"]["met"]
     assert not targets["p99_latency_failure_vs_fault_free"]["met"]
+    assert not targets["recovery_overhead"]["met"]
     assert m.summarize([dict(a=1.0, b=None), dict(a=3.0, b=None), dict(a=2.0, b=None)]) == \
         dict(a=dict(median=2.0, min=1.0, max=3.0), b=None)
+
+
+def test_paired_overhead_is_the_mean_ratio_with_a_bootstrap_interval():
+    from kevlarflow.bench.failover.paired import bootstrap_mean_ci, paired_overhead
+
+    def rounds(*latencies):
+        return [dict(avg_latency_s=v, p99_latency_s=2 * v, mean_tpot_s=None, worker_cpu_s=1.0,
+                     controller_cpu_s=None) for v in latencies]
+
+    got = paired_overhead({"restart": rounds(1.0, 2.0, 1.0, 2.0),
+                           "kevlarflow": rounds(1.01, 2.04, 1.0, 2.0)}, "restart")
+    lat = got["kevlarflow"]["avg_latency_s"]
+    assert lat["ratios"] == pytest.approx([0.01, 0.02, 0.0, 0.0])
+    assert lat["mean"] == pytest.approx(0.0075) and lat["median"] == pytest.approx(0.005)
+    assert lat["ci95"][0] <= lat["mean"] <= lat["ci95"][1]
+    assert 0.0 <= lat["ci95"][0] and lat["ci95"][1] <= 0.02
+    assert got["kevlarflow"]["mean_tpot_s"] is None  # nothing to compare
+    assert got["kevlarflow"]["worker_cpu_s"]["ci95"] == [0.0, 0.0]
+    # The interval narrows as pairs agree, and is seeded.
+    wide = bootstrap_mean_ci([-0.1, 0.1, -0.1, 0.1])
+    narrow = bootstrap_mean_ci([-0.01, 0.01, -0.01, 0.01])
+    assert wide[1] - wide[0] > 5 * (narrow[1] - narrow[0])
+    assert bootstrap_mean_ci([0.1, 0.3, 0.2]) == bootstrap_mean_ci([0.1, 0.3, 0.2])
 
 
 # A real run --------------------------------------------------------------------------------
@@ -189,7 +247,7 @@ def test_benchmark_end_to_end(tmp_path):
          "--kv-memory", str(1 << 20), "--modes", "kevlarflow,restart", "--out", str(out),
          # The tiny model decodes a token in milliseconds: transfers every 50 ms
          # keep the lag at a few tokens, as the default does on real models.
-         "--replication-interval", "0.05"],
+         "--replication-interval", "0.05", "--rounds", "2"],
         capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "restart / kevlarflow under failure: MTTR" in proc.stdout
@@ -203,9 +261,12 @@ def test_benchmark_end_to_end(tmp_path):
         failure, fault_free = doc["metrics"][mode]["failure"], doc["metrics"][mode]["fault_free"]
         assert failure["requests_failed"]["max"] == 0 == fault_free["requests_failed"]["max"]
         assert failure["mttr_s"]["median"] > 0 and fault_free["mttr_s"] is None
+        assert failure["recovery_overhead_s"]["median"] < failure["mttr_s"]["median"]
         for key in ("avg_latency_s", "p99_latency_s", "avg_ttft_s", "p99_ttft_s",
-                    "mean_tpot_s", "goodput_rps", "tokens_recomputed"):
+                    "mean_tpot_s", "goodput_rps", "tokens_recomputed", "worker_cpu_s",
+                    "controller_cpu_s"):
             assert failure[key] is not None and fault_free[key] is not None, key
+        assert len(doc["runs"][mode]["fault_free"]) == 2  # the rounds
         run = doc["runs"][mode]["failure"][0]
         kinds = [e["kind"] for e in run["events"]]
         assert kinds[0] == "failed" and "first_step_after_failure" in kinds
@@ -227,6 +288,11 @@ def test_benchmark_end_to_end(tmp_path):
     assert math.isclose(ratio, doc["metrics"]["restart"]["failure"]["mttr_s"]["median"]
                         / doc["metrics"]["kevlarflow"]["failure"]["mttr_s"]["median"])
     assert doc["targets"]["requests_failed"]["met"] is True
+    # The fault-free cost comes from the two rounds, pair by pair.
+    pairs = doc["fault_free_pairs"]["kevlarflow"]["avg_latency_s"]
+    assert len(pairs["ratios"]) == 2 and pairs["ci95"][0] <= pairs["mean"] <= pairs["ci95"][1]
+    assert doc["ratios"]["kevlarflow"]["fault_free_overhead"]["avg_latency_s"] == pairs["mean"]
+    assert "interleaved pairs" in proc.stdout
     assert len(doc["timelines"]) == 5
     for name in doc["timelines"]:
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -238,12 +304,21 @@ def test_benchmark_measures_capacity_and_loads_to_a_fraction_of_it(tmp_path):
         [sys.executable, "-m", "kevlarflow", "bench", "failover", "--model", tiny_model(),
          "--duration", "3", "--load", "0.5", "--capacity-requests", "6", "--chunk", "32",
          "--kv-memory", str(1 << 20), "--modes", "kevlarflow", "--conditions", "fault_free",
-         "--out", str(out)], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+         "--rounds", "1", "--out", str(out)],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     doc = json.loads((out / "failover.json").read_text())
     load = doc["config"]["load"]
     assert load["fraction"] == 0.5 and load["capacity_rps"] > 0
     assert doc["config"]["trace"]["rate"] == pytest.approx(0.5 * load["capacity_rps"])
+    # Levels of requests in flight, raised while the rate grew; the best one counts.
+    levels = load["capacity"]["levels"]
+    assert [level["in_flight"] for level in levels] == [16, 32, 64, 128, 256][:len(levels)]
+    assert len(levels) >= 2 and all(level["tokens_per_s"] > 0 for level in levels)
+    best = max(levels, key=lambda level: level["tokens_per_s"])
+    assert load["capacity"]["tokens_per_s"] == best["tokens_per_s"]
+    if len(levels) < 5:  # it stopped because the rate stopped growing
+        assert levels[-1]["tokens_per_s"] < 1.1 * levels[-2]["tokens_per_s"]
     assert doc["config"]["failures"] == [] and list(doc["runs"]["kevlarflow"]) == ["fault_free"]
     assert doc["metrics"]["kevlarflow"]["fault_free"]["requests_failed"]["max"] == 0
     assert doc["timelines"] == ["timeline-kevlarflow-fault-free-1.png"]
@@ -256,19 +331,56 @@ def test_demo_is_the_benchmark_and_takes_its_options(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "kevlarflow", "demo", "--out", str(out), "--model", tiny_model(),
          "--duration", "2", "--rate", "3", "--chunk", "32", "--kv-memory", str(1 << 20),
-         "--modes", "kevlarflow", "--conditions", "fault_free"],
+         "--modes", "kevlarflow", "--conditions", "fault_free", "--rounds", "1"],
         capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     doc = json.loads((out / "failover.json").read_text())
     assert list(doc["runs"]) == ["kevlarflow"] and doc["config"]["trace"]["rate"] == 3
     assert not (tmp_path / "demo-results").exists()
+    # The demo's own options stay unless overridden: instances on CPUs of their own.
+    assert doc["config"]["instance_cpus"] is not None
+
+
+def test_each_replacement_delay_is_a_setting_of_its_own(tmp_path):
+    """--replacement-delay 0,2: a failure trace and runs per setting, in a
+    folder each, sharing the fault-free rounds; every new process for the
+    failed slot waits out the delay, in both modes."""
+    out = tmp_path / "results"
+    proc = subprocess.run(
+        [sys.executable, "-m", "kevlarflow", "bench", "failover", "--model", tiny_model(),
+         "--rate", "4", "--requests", "8", "--fail", "1:0:1:kill", "--chunk", "32",
+         "--kv-memory", str(1 << 20), "--modes", "kevlarflow,restart", "--rounds", "1",
+         "--replacement-delay", "0,2", "--replication-interval", "0.05", "--out", str(out)],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    same, new = (json.loads((out / name / "failover.json").read_text())
+                 for name in ("same-machine", "new-node-2s"))
+    assert same["config"]["setting"] == "same-machine" and same["config"]["replacement_delay_s"] == 0
+    assert new["config"]["setting"] == "new-node-2s" and new["config"]["replacement_delay_s"] == 2
+    # A failure trace lasts 3 delays, and at least 10 s, past its failure.
+    assert same["config"]["trace"]["duration_s"] >= 11 and new["config"]["trace"]["duration_s"] >= 11
+    assert same["metrics"]["restart"]["fault_free"] == new["metrics"]["restart"]["fault_free"]
+    for mode in ("kevlarflow", "restart"):
+        events = new["runs"][mode]["failure"][0]["events"]
+        detected = next(e["t_s"] for e in events if e["kind"] == "detected")
+        started = [e["t_s"] for e in events if e["kind"] == "replacement_started"]
+        assert started and min(started) - detected >= 2.0, (mode, events)
+        assert new["metrics"][mode]["failure"]["requests_failed"]["max"] == 0
+    # The delay holds restart's instance down; KevlarFlow serves through it.
+    assert new["metrics"]["restart"]["failure"]["mttr_s"]["median"] > 2.0
+    assert new["metrics"]["kevlarflow"]["failure"]["mttr_s"]["median"] < 2.0
+    assert set(new["targets"]) >= {"p99_ttft_vs_restart", "avg_latency_vs_restart"}
+    assert "recovery_overhead" in same["targets"] and "recovery_overhead" not in new["targets"]
+    assert "new-node-2s:" in proc.stdout and "same-machine:" in proc.stdout
 
 
 def test_benchmark_refuses_bad_options(tmp_path):
     for bad in (["--modes", "kevlarflow,nope"], ["--fail", "3:5:0"], ["--fail", "x"],
                 ["--rate", "-1"], ["--repeats", "0"], ["--conditions", "sometimes"],
                 ["--preset", "huge"], ["--duration", "0"], ["--sharegpt", "missing.json"],
-                ["--replication-interval", "-1"], ["--replacement-delay", "-2"]):
+                ["--replication-interval", "-1"], ["--replacement-delay", "-2"],
+                ["--replacement-delay", "0,0"], ["--replacement-delay", "x"], ["--rounds", "0"],
+                ["--requests", "0"]):
         proc = subprocess.run([sys.executable, "-m", "kevlarflow", "bench", "failover",
                                "--model", tiny_model(), *bad], capture_output=True, text=True,
                               timeout=60, cwd=tmp_path)

@@ -4,14 +4,39 @@ from __future__ import annotations
 import argparse
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from kevlarflow.bench.failover import metrics as m
-from kevlarflow.bench.failover.report import ratios_text, table, targets_text, write_json
-from kevlarflow.bench.failover.runner import MODES, Deployment, Failure, capacity, replay
+from kevlarflow.bench.failover.paired import paired_overhead, run_rounds
+from kevlarflow.bench.failover.report import (paired_text, ratios_text, table, targets_text,
+                                              write_json)
+from kevlarflow.bench.failover.runner import (MODES, Deployment, Failure, capacity, replay,
+                                              split_cpus)
 from kevlarflow.bench.trace import sharegpt_file, sharegpt_like, summary
 
 CONDITIONS = ("failure", "fault_free")
+CAPACITY_WARMUP, CAPACITY_MIN_S = 8, 5.0
+CAPACITY_IN_FLIGHT = (16, 32, 64, 128, 256)  # tried in turn while the rate still grows
+MIN_DURATION_S = 6.0
+# A failure trace runs on past its last failure for this many replacement
+# delays, and at least MIN_TAIL_S (a restart on this machine takes seconds).
+TAIL_DELAYS, MIN_TAIL_S = 3, 10.0
+
+
+def delays(text: str) -> list[float]:
+    """A comma-separated list of replacement delays, in seconds."""
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a list of seconds, e.g. 0,30; got {text!r}") from None
+    if not all(0 <= v < 3600 for v in values) or len(set(values)) != len(values):
+        raise argparse.ArgumentTypeError(f"distinct delays in [0, 3600) s; got {text!r}")
+    return values
+
+
+def setting_name(delay: float) -> str:
+    return "same-machine" if delay == 0 else f"new-node-{delay:g}s"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,9 +55,17 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("--rate", type=float, help="requests per second")
     load.add_argument("--load", type=float, default=0.7,
                       help="rate as a fraction of the measured fault-free capacity (default 0.7)")
-    p.add_argument("--capacity-requests", type=int, default=16,
-                   help="requests of the capacity measurement")
-    p.add_argument("--duration", type=float, default=30.0, help="seconds of arrivals")
+    p.add_argument("--capacity-requests", type=int, default=32,
+                   help="the fewest completions each level of the capacity measurement is "
+                        f"timed over, after {CAPACITY_WARMUP} to settle (default 32)")
+    p.add_argument("--requests", type=int, default=40,
+                   help="the fewest requests of a trace: without --duration, its length is "
+                        "scaled from the rate to hold them (default 40)")
+    p.add_argument("--duration", type=float,
+                   help="seconds of arrivals of the fault-free rounds (default: long enough "
+                        f"for --requests, at least {MIN_DURATION_S:g} s); a failure trace goes on "
+                        f"{TAIL_DELAYS}x the replacement delay past the last failure, at least "
+                        f"{MIN_TAIL_S:g} s")
     p.add_argument("--prompt-len", type=int, default=64, help="mean prompt tokens")
     p.add_argument("--output-len", type=int, default=32, help="mean output tokens")
     p.add_argument("--sharegpt", help="a local ShareGPT JSON file instead of drawn lengths")
@@ -44,15 +77,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--modes", default=",".join(MODES), help=f"of {', '.join(MODES)}")
     p.add_argument("--conditions", default=",".join(CONDITIONS),
                    help="failure, fault_free or both (each mode runs each)")
-    p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=1, help="runs per mode under failure")
+    p.add_argument("--rounds", type=int, default=8,
+                   help="fault-free rounds: each mode serves each round's trace on a live "
+                        "deployment, interleaved; the fault-free cost is the per-round ratio "
+                        "(default 8)")
     p.add_argument("--chunk", type=int, default=256, help="max_num_batched_tokens")
     p.add_argument("--kv-memory", type=int, default=256 << 20, help="bytes per worker pool")
     p.add_argument("--replication-interval", type=float, default=0.5, metavar="S",
                    help="least seconds between two KV transfers of a worker (default 0.5, the "
                         "deployment's)")
-    p.add_argument("--replacement-delay", type=float, default=0.0, metavar="S",
+    p.add_argument("--replacement-delay", type=delays, default=[0.0], metavar="S[,S...]",
                    help="seconds before a failed slot's new process can start, in every mode "
-                        "(a cluster provisioning a node; default 0: a restart on this machine)")
+                        "(a cluster provisioning a node); each value is a setting of its own "
+                        "under failure (default 0: a restart on this machine)")
+    p.add_argument("--pin-instances", action=argparse.BooleanOptionalAction, default=False,
+                   help="run each instance's workers on CPUs of their own (this machine's "
+                        "split evenly): losing an instance then loses its compute, as on a "
+                        "cluster where each worker owns its GPU")
     p.add_argument("--slo-ttft", type=float, help="goodput SLO on TTFT, seconds (default: "
                    f"{m.SLO_FACTOR:g}x the fault-free baseline's median)")
     p.add_argument("--slo-tpot", type=float, help="goodput SLO on TPOT, seconds (same default)")
@@ -69,17 +111,16 @@ def parse(argv) -> argparse.Namespace:
         if not values or not set(values) <= set(known):
             parser.error(f"{name}: unknown {sorted(set(values) - set(known))}; "
                          f"known: {list(known)}")
-    for name in ("instances", "stages", "repeats", "capacity_requests", "chunk", "kv_memory"):
+    for name in ("instances", "stages", "repeats", "rounds", "capacity_requests", "requests",
+                 "chunk", "kv_memory"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
-    if (args.rate is not None and args.rate <= 0) or not 0 < args.load <= 4 or args.duration <= 0:
+    if (args.rate is not None and args.rate <= 0) or not 0 < args.load <= 4 or \
+            (args.duration is not None and args.duration <= 0):
         parser.error("--rate and --duration must be positive, --load in (0, 4]")
-    if not (0 <= args.replication_interval <= 10 and 0 <= args.replacement_delay < 3600):
-        parser.error("--replication-interval must be in [0, 10] s, --replacement-delay in "
-                     "[0, 3600) s")
-    if args.fail is None:
-        args.fail = [Failure(args.duration / 2, 0, args.stages - 1, "kill")]
-    for f in args.fail:
+    if not 0 <= args.replication_interval <= 10:
+        parser.error("--replication-interval must be in [0, 10] s")
+    for f in args.fail or []:
         if not (f.instance < args.instances and f.stage < args.stages):
             parser.error(f"--fail: no worker at instance {f.instance}, stage {f.stage}")
     if args.model and not (Path(args.model) / "config.json").is_file():
@@ -91,15 +132,61 @@ def parse(argv) -> argparse.Namespace:
     return args
 
 
-def make_trace(args, rate: float, vocab: int, tokenizer, seed: int):
+def trace_length(args, rate: float) -> float:
+    """Seconds of arrivals of the fault-free rounds: --duration, or enough
+    for --requests at the rate."""
+    return args.duration or max(MIN_DURATION_S, args.requests / rate)
+
+
+def failures_for(args, base_s: float) -> list[Failure]:
+    """--fail, or one kill of worker (0, last stage) halfway through."""
+    if args.fail is None:
+        return [Failure(round(base_s / 2, 1), 0, args.stages - 1, "kill")]
+    return args.fail
+
+
+def make_trace(args, rate: float, duration_s: float, vocab: int, tokenizer, seed: int):
     try:
         if args.sharegpt:
-            return sharegpt_file(args.sharegpt, rate, args.duration, tokenizer,
+            return sharegpt_file(args.sharegpt, rate, duration_s, tokenizer,
                                  max_prompt=8 * args.prompt_len, max_output=8 * args.output_len,
                                  seed=seed)
-        return sharegpt_like(rate, args.duration, args.prompt_len, args.output_len, vocab, seed)
+        return sharegpt_like(rate, duration_s, args.prompt_len, args.output_len, vocab, seed)
     except ValueError as exc:
         raise SystemExit(f"kevlarflow bench failover: error: {exc}") from None
+
+
+def trace_holding(args, rate: float, duration_s: float, vocab: int, tokenizer, seed: int):
+    """(trace, its duration): a trace of at least duration_s seconds that
+    holds at least --requests requests unless --duration fixed its length
+    (Poisson arrivals can fall short of rate x duration)."""
+    trace = make_trace(args, rate, duration_s, vocab, tokenizer, seed)
+    while not args.duration and len(trace) < args.requests:
+        duration_s *= 1.1
+        trace = make_trace(args, rate, duration_s, vocab, tokenizer, seed)
+    if not trace:
+        raise SystemExit(f"no request arrives in {duration_s:g} s at {rate:.3f}/s: "
+                         "raise --duration or --rate")
+    return trace, duration_s
+
+
+def measure_capacity(args, deployment: Deployment, vocab: int, tokenizer) -> dict:
+    """The saturated closed-loop capacity (runner.capacity) on requests of
+    the trace's lengths (another seed)."""
+    n = len(CAPACITY_IN_FLIGHT) * (CAPACITY_WARMUP + 4 * args.capacity_requests) \
+        + CAPACITY_IN_FLIGHT[-1]
+    probe = make_trace(args, n, 2.0, vocab, tokenizer, args.seed + 1)
+    try:
+        measured = capacity(deployment, probe, CAPACITY_WARMUP, args.capacity_requests,
+                            CAPACITY_MIN_S, CAPACITY_IN_FLIGHT)
+    except ValueError as exc:
+        raise SystemExit(f"kevlarflow bench failover: error: {exc}; give --rate") from None
+    mean_output = sum(r.output_len for r in probe) / len(probe)
+    levels = ", ".join(f"{level['tokens_per_s']:.0f} at {level['in_flight']}"
+                       for level in measured["levels"])
+    measured.update(how=f"closed loop on the plain system, output tokens/s by requests in "
+                        f"flight: {levels}; the best / {mean_output:.1f} tokens per request")
+    return measured
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -118,110 +205,154 @@ def main(argv: list[str] | None = None) -> dict:
 
         tokenizer = AutoTokenizer.from_pretrained(model)
     deployment = Deployment(model, args.instances, args.stages, args.chunk, args.kv_memory,
-                            args.replication_interval, args.replacement_delay)
+                            args.replication_interval,
+                            instance_cpus=split_cpus(args.instances) if args.pin_instances
+                            else None)
 
-    measured_capacity = None
+    measured = None
     rate = args.rate
     if rate is None:
-        # Requests with the trace's lengths (another seed), all served at
-        # once: their arrival times do not matter, only that there are enough.
-        probe_rate = max(1.0, 1.5 * args.capacity_requests / args.duration)
-        probe = make_trace(args, probe_rate, vocab, tokenizer, args.seed + 1)
-        probe = probe[:args.capacity_requests]
-        if not probe:
-            raise SystemExit("kevlarflow bench failover: error: no request to measure the "
-                             "capacity with; give --rate")
-        measured_capacity = capacity(deployment, probe)
-        rate = args.load * measured_capacity
-        print(f"fault-free capacity {measured_capacity:.3f} requests/s; replaying at "
-              f"{args.load:.0%} of it: {rate:.3f} requests/s", flush=True)
-    trace = make_trace(args, rate, vocab, tokenizer, args.seed)
-    if not trace:
-        raise SystemExit(f"no request arrives in {args.duration} s at {rate:.3f}/s: "
-                         "raise --duration or --rate")
-    schedule = ", ".join(f"{f.kind} of ({f.instance}, {f.stage}) at {f.at_s:g} s"
-                         for f in args.fail)
-    print(f"{len(trace)} requests over {args.duration:g} s; failures: {schedule or 'none'}",
-          flush=True)
+        measured = measure_capacity(args, deployment, vocab, tokenizer)
+        rate = args.load * measured["rps"]
+        print(f"fault-free capacity {measured['rps']:.3f} requests/s ({measured['how']}); "
+              f"replaying at {args.load:.0%} of it: {rate:.3f} requests/s", flush=True)
+    base_s = trace_length(args, rate)
+    failures = failures_for(args, base_s) if "failure" in args.conditions else []
+    ctx = dict(args=args, model=model, rate=rate, capacity=measured, started=started,
+               base_s=base_s, failures=failures)
 
-    runs = {mode: {c: [] for c in args.conditions} for mode in args.modes}
-    total = args.repeats * len(args.modes) * len(args.conditions)
-    done = 0
-    for r in range(args.repeats):
-        # Alternating, and each repeat starts one mode later, so that neither
-        # drift on the machine nor a place in the order favours a mode.
-        shift = r % len(args.modes)
-        for mode in args.modes[shift:] + args.modes[:shift]:
-            for condition in args.conditions:
-                done += 1
-                label = f"[{done}/{total}] {mode} {condition.replace('_', '-')}"
-                failures = args.fail if condition == "failure" else []
-                run = replay(deployment, mode, trace, failures, label)
-                runs[mode][condition].append(run)
-                print(f"{label}: {len(m.completed(run))}/{len(trace)} requests in "
-                      f"{run['elapsed_s']:.1f} s", flush=True)
-    return finish(args, model, deployment, trace, runs, rate, measured_capacity, started)
+    fault_free = {}
+    if "fault_free" in args.conditions:
+        traces = [trace_holding(args, rate, base_s, vocab, tokenizer, args.seed + r)[0]
+                  for r in range(args.rounds)]
+        print(f"fault-free: {args.rounds} round(s) of {min(map(len, traces))} to "
+              f"{max(map(len, traces))} requests (the failure traces have the same rate and "
+              "lengths)", flush=True)
+        fault_free = run_rounds(deployment, args.modes, traces)
+
+    delays = args.replacement_delay if failures else [None]
+    results = {}
+    for delay in delays:
+        name = "fault-free" if delay is None else setting_name(delay)
+        out = Path(args.out) / name if len(delays) > 1 else Path(args.out)
+        setting = replace(deployment, replacement_delay_s=delay or 0.0)
+        duration = base_s
+        if delay is not None and not args.duration:
+            last = max(f.at_s for f in failures)
+            duration = max(base_s, last + TAIL_DELAYS * delay, last + MIN_TAIL_S)
+        trace, duration = trace_holding(args, rate, duration, vocab, tokenizer, args.seed)
+        runs = {mode: [] for mode in args.modes}
+        if delay is not None:
+            schedule = ", ".join(f"{f.kind} of ({f.instance}, {f.stage}) at {f.at_s:g} s"
+                                 for f in failures)
+            print(f"\n{name} (replacement delay {delay:g} s): {len(trace)} requests over "
+                  f"{duration:.1f} s; failures: {schedule}", flush=True)
+            for r in range(args.repeats):
+                # Alternating, and each repeat starts one mode later, so that
+                # neither drift on the machine nor a place in the order
+                # favours a mode.
+                shift = r % len(args.modes)
+                for mode in args.modes[shift:] + args.modes[:shift]:
+                    label = f"[{name} {r + 1}/{args.repeats}] {mode} failure"
+                    run = replay(setting, mode, trace, failures, label)
+                    runs[mode].append(run)
+                    print(f"{label}: {len(m.completed(run))}/{len(trace)} requests in "
+                          f"{run['elapsed_s']:.1f} s", flush=True)
+        results[name] = finish(ctx, name, delay, setting, trace, duration, runs, fault_free,
+                                out)
+    if len(results) > 1:
+        print("\nall settings:")
+        for name, r in results.items():
+            print(f"  {name}: " + "; ".join(
+                f"{t['what']} {'-' if t['value'] is None else format(t['value'], '.3g')} "
+                f"({'n/a' if t['met'] is None else 'met' if t['met'] else 'NOT met'})"
+                for t in r["targets"].values()))
+    print(f"({time.time() - started:.0f} s in all)")
+    return results
 
 
-def finish(args, model, deployment, trace, runs, rate, measured_capacity, started) -> dict:
+def finish(ctx: dict, name: str, delay: float | None, deployment: Deployment, trace,
+           duration: float, runs, fault_free: dict, out: Path) -> dict:
+    """One setting's metrics, table, targets, plots and JSON file."""
     from kevlarflow.bench.failover.timeline import plot_modes, plot_run
     from kevlarflow.deploy.config import DeploymentConfig
 
-    base_mode = "restart" if "restart" in runs else args.modes[0]
-    base_runs = runs[base_mode].get("fault_free") or next(iter(runs[base_mode].values()))
-    slo = m.slos(base_runs[0])
+    args = ctx["args"]
+    base_mode = "restart" if "restart" in args.modes else args.modes[0]
+    base_run = (fault_free.get(base_mode) or runs[base_mode])[0]
+    slo = m.slos(base_run)
     slo.update({k: v for k, v in (("ttft_s", args.slo_ttft), ("tpot_s", args.slo_tpot)) if v})
-    metrics = {mode: {c: m.summarize([m.run_metrics(run, slo) for run in rs])
-                      for c, rs in by_condition.items()} for mode, by_condition in runs.items()}
+    metrics, per_round = {}, {}
+    for mode in args.modes:
+        metrics[mode] = {}
+        if runs[mode]:
+            metrics[mode]["failure"] = m.summarize([m.run_metrics(r, slo) for r in runs[mode]])
+        if fault_free:
+            per_round[mode] = [m.run_metrics(r, slo) for r in fault_free[mode]]
+            metrics[mode]["fault_free"] = m.summarize(per_round[mode])
+    pairs = paired_overhead(per_round, base_mode) if per_round else {}
     ratios = m.paper_ratios(metrics)
-    targets = m.targets(metrics, ratios)
+    for mode, by_metric in pairs.items():  # the paired estimate replaces the medians' ratio
+        ratios[mode]["fault_free_overhead"] = {k: v and v["mean"] for k, v in by_metric.items()}
+    targets = m.targets(metrics, ratios, pairs, new_node=bool(delay))
 
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    where = (f"{Path(model).name}, {args.instances} x {args.stages}, {len(trace)} requests at "
-             f"{rate:.2f}/s")
+    where = (f"{Path(ctx['model']).name}, {args.instances} x {args.stages}, {len(trace)} requests "
+             f"at {ctx['rate']:.2f}/s" + ("" if delay is None else f", {name}"))
     timelines = []
-    for mode, by_condition in runs.items():
-        for condition, rs in by_condition.items():
+    for mode in args.modes:
+        # Every failure run, and the first fault-free round.
+        for condition, rs in (("failure", runs[mode]), ("fault_free", fault_free.get(mode, [])[:1])):
             for i, run in enumerate(rs):
                 path = out / f"timeline-{mode}-{condition.replace('_', '-')}-{i + 1}.png"
                 plot_run(run, f"{mode}, {condition.replace('_', '-')}, run {i + 1}: {where}", path)
                 timelines.append(path.name)
-    if "failure" in args.conditions:
+    if any(runs.values()):
         path = out / "timeline-failure.png"
-        plot_modes({mode: rs["failure"][0] for mode, rs in runs.items()},
+        plot_modes({mode: rs[0] for mode, rs in runs.items() if rs},
                    f"every mode under the same failure: {where}", path)
         timelines.insert(0, path.name)
 
-    config = dict(model=model, preset=None if args.model else args.preset,
-                  num_instances=args.instances, pp_size=args.stages,
+    config = dict(model=ctx["model"], preset=None if args.model else args.preset,
+                  setting=name, num_instances=args.instances, pp_size=args.stages,
                   max_num_batched_tokens=args.chunk, kv_cache_memory=args.kv_memory,
                   replication_interval_s=args.replication_interval,
-                  replacement_delay_s=args.replacement_delay,
+                  replacement_delay_s=deployment.replacement_delay_s,
+                  instance_cpus=deployment.instance_cpus,
                   **{k: getattr(DeploymentConfig, k) for k in ("hang_timeout_s", "heartbeat_s")},
-                  trace=dict(source=args.sharegpt or "sharegpt-like", rate=rate,
-                             duration_s=args.duration, seed=args.seed,
+                  trace=dict(source=args.sharegpt or "sharegpt-like", rate=ctx["rate"],
+                             duration_s=duration, seed=args.seed,
                              mean_prompt_tokens_asked=args.prompt_len,
                              mean_output_tokens_asked=args.output_len, **summary(trace)),
+                  fault_free=dict(rounds=args.rounds if fault_free else 0,
+                                  duration_s=ctx["base_s"],
+                                  seeds=list(range(args.seed, args.seed + args.rounds))
+                                  if fault_free else []),
                   load=dict(fraction=args.load if args.rate is None else None,
-                            capacity_rps=measured_capacity),
-                  failures=[f.as_json() for f in args.fail], modes=args.modes,
-                  conditions=args.conditions, repeats=args.repeats,
-                  wall_s=time.time() - started)
+                            capacity_rps=ctx["capacity"] and ctx["capacity"]["rps"],
+                            capacity=ctx["capacity"]),
+                  failures=[f.as_json() for f in (ctx["failures"] if delay is not None else [])],
+                  modes=args.modes, conditions=args.conditions, repeats=args.repeats,
+                  wall_s=time.time() - ctx["started"])
     trace_json = [dict(arrival_s=r.arrival_s, prompt_tokens=len(r.prompt),
                        output_tokens=r.output_len) for r in trace]
-    write_json(out / "failover.json", config, trace_json, runs, metrics, ratios, targets, slo,
-               timelines)
+    all_runs = {mode: {**({"failure": runs[mode]} if runs[mode] else {}),
+                       **({"fault_free": fault_free[mode]} if fault_free else {})}
+                for mode in args.modes}
+    write_json(out / "failover.json", config, trace_json, all_runs, metrics, ratios, targets,
+               slo, timelines, pairs)
 
-    print(f"\n{where}; {args.repeats} run(s) per mode and condition"
-          + (", median (min-max)" if args.repeats > 1 else "") + "; SLOs for goodput: TTFT "
+    print(f"\n{where}; under failure {args.repeats} run(s) per mode"
+          + (f", fault-free {args.rounds} round(s)" if fault_free else "")
+          + "; median (min-max) where several; SLOs for goodput: TTFT "
           + ("none" if slo["ttft_s"] is None else f"<= {slo['ttft_s']:.2f} s") + ", TPOT "
           + ("none" if slo["tpot_s"] is None else f"<= {slo['tpot_s'] * 1000:.0f} ms"))
-    print(table(metrics, args.repeats))
+    print(table(metrics, max(args.repeats, args.rounds if fault_free else 1)))
     print()
-    print(ratios_text(ratios))
+    print(ratios_text(ratios, overhead=not pairs))
+    if pairs:
+        print(paired_text(pairs, args.rounds))
     print("targets (kevlarflow mode):")
     print(targets_text(targets))
-    print(f"\nwrote {out / 'failover.json'} and {len(timelines)} timeline(s) in {out}/ "
-          f"({time.time() - started:.0f} s in all)")
-    return dict(metrics=metrics, ratios=ratios, targets=targets)
+    print(f"wrote {out / 'failover.json'} and {len(timelines)} timeline(s) in {out}/", flush=True)
+    return dict(metrics=metrics, ratios=ratios, targets=targets, fault_free_pairs=pairs)

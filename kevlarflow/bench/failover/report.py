@@ -14,6 +14,7 @@ SCHEMA = "kevlarflow.failover/1"
 CONDITIONS = {"failure": "failure", "fault_free": "fault-free"}
 COLUMNS = (  # (metric key, header, scale, digits)
     ("mttr_s", "MTTR s", 1, 2),
+    ("recovery_overhead_s", "overhead ms", 1000, 0),
     ("avg_latency_s", "avg lat s", 1, 2),
     ("p99_latency_s", "p99 lat s", 1, 2),
     ("avg_ttft_s", "avg TTFT s", 1, 2),
@@ -50,7 +51,7 @@ def table(metrics: dict, repeats: int) -> str:
     return "\n".join(lines)
 
 
-def ratios_text(ratios: dict) -> str:
+def ratios_text(ratios: dict, overhead: bool = True) -> str:
     lines = []
     for mode, r in ratios.items():
         parts = [f"{RATIO_NAMES[k]} {v:.1f}x" for k, v in r["under_failure"].items()
@@ -58,7 +59,7 @@ def ratios_text(ratios: dict) -> str:
         if parts:
             lines.append(f"restart / {mode} under failure: " + ", ".join(parts))
         over = r["fault_free_overhead"]
-        if over.get("avg_latency_s") is not None:
+        if overhead and over.get("avg_latency_s") is not None:
             lines.append(f"{mode} fault-free vs restart's: avg latency "
                          f"{over['avg_latency_s']:+.1%}, p99 latency {over['p99_latency_s']:+.1%}, "
                          f"TPOT {over['mean_tpot_s']:+.1%}")
@@ -70,7 +71,7 @@ def targets_text(targets: dict) -> str:
     for name, t in targets.items():
         verdict = "n/a" if t["met"] is None else ("met" if t["met"] else "NOT met")
         value = "-" if t["value"] is None else f"{t['value']:.3g}"
-        lines.append(f"  {t['what']}: {value} (target {'>=' if name == 'mttr_vs_restart' else '<='}"
+        lines.append(f"  {t['what']}: {value} (target {'>=' if t['higher_is_better'] else '<='}"
                      f" {t['bound']:g}): {verdict}")
     return "\n".join(lines)
 
@@ -84,10 +85,27 @@ def machine() -> dict:
                 python=sys.version.split()[0], torch=torch.__version__, kevlarflow=__version__)
 
 
+def paired_text(paired: dict, rounds: int) -> str:
+    names = {"avg_latency_s": "avg latency", "p99_latency_s": "p99 latency",
+             "mean_tpot_s": "TPOT", "worker_cpu_s": "workers' CPU time",
+             "controller_cpu_s": "controller's CPU time"}
+    lines = []
+    for mode, by_metric in paired.items():
+        parts = [f"{names[k]} {v['mean']:+.1%} (95% CI {v['ci95'][0]:+.1%} to "
+                 f"{v['ci95'][1]:+.1%}; pairs {min(v['ratios']):+.1%} to {max(v['ratios']):+.1%})"
+                 for k, v in by_metric.items() if v]
+        if parts:
+            lines.append(f"{mode} fault-free vs restart's, mean of {rounds} interleaved pairs:\n  "
+                         + "\n  ".join(parts))
+    return "\n".join(lines)
+
+
 def write_json(path: Path, config: dict, trace: list[dict], runs: dict, metrics: dict,
-               ratios: dict, targets: dict, slo: dict, timelines: list[str]) -> None:
+               ratios: dict, targets: dict, slo: dict, timelines: list[str],
+               fault_free_pairs: dict) -> None:
     doc = dict(schema=SCHEMA, created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                machine=machine(), config=config, slo=slo, trace=trace, metrics=metrics,
-               ratios=ratios, targets=targets, timelines=timelines, runs=runs)
+               ratios=ratios, fault_free_pairs=fault_free_pairs, targets=targets,
+               timelines=timelines, runs=runs)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(doc, indent=1))

@@ -3,9 +3,11 @@ real time, delivers the failure schedule's faults, and records what every
 request saw (the time of each of its tokens) and every recovery event."""
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import asdict, dataclass
 
+import psutil
 from tqdm import tqdm
 
 from kevlarflow.bench.trace import Request
@@ -56,6 +58,7 @@ class Deployment:
     kv_cache_memory: int = 256 << 20
     replication_interval_s: float = 0.5
     replacement_delay_s: float = 0.0
+    instance_cpus: tuple[tuple[int, ...], ...] | None = None
 
     def start(self, mode: str):
         from kevlarflow import LLM
@@ -64,8 +67,19 @@ class Deployment:
                    max_num_batched_tokens=self.max_num_batched_tokens,
                    kv_cache_memory=self.kv_cache_memory,
                    replication_interval_s=self.replication_interval_s,
-                   replacement_delay_s=self.replacement_delay_s, load_progress=False,
+                   replacement_delay_s=self.replacement_delay_s,
+                   instance_cpus=self.instance_cpus, load_progress=False,
                    **MODES[mode])
+
+
+def split_cpus(num_instances: int) -> tuple[tuple[int, ...], ...]:
+    """This process's CPUs, split evenly among the instances (an instance per
+    CPU, round robin, where there are fewer CPUs than instances)."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < num_instances:
+        return tuple((c,) for c in cpus)
+    k = len(cpus) // num_instances
+    return tuple(tuple(cpus[i * k:(i + 1) * k]) for i in range(num_instances))
 
 
 def submit(engine, req: Request):
@@ -79,66 +93,129 @@ def submit(engine, req: Request):
 def replay(deployment: Deployment, mode: str, trace: list[Request], failures: list[Failure],
            label: str = "") -> dict:
     """Serve the trace on a fresh deployment of `mode`; the run's record (see
-    docs/failover-benchmark.md for its fields). Times are seconds from the
-    start of the trace."""
+    docs/failover-benchmark.md for its fields)."""
     for f in failures:
         if not (0 <= f.instance < deployment.num_instances and 0 <= f.stage < deployment.pp_size):
             raise ValueError(f"no worker at instance {f.instance}, stage {f.stage}")
     llm = deployment.start(mode)
-    engine = llm.engine
-    pending, schedule = list(trace), sorted(failures, key=lambda f: f.at_s)
-    seqs, records, lags, next_lag = [], {}, [], 0.0
-    bar = tqdm(total=len(trace), desc=label or mode, unit="req", leave=False, dynamic_ncols=True)
     try:
-        start = time.time()
-        while pending or schedule or engine.has_unfinished():
-            now = time.time() - start
-            while pending and pending[0].arrival_s <= now:
-                req = pending.pop(0)
-                seq = submit(engine, req)
-                seqs.append(seq)
-                records[seq.request_id] = dict(
-                    arrival_s=req.arrival_s, prompt_tokens=len(req.prompt),
-                    output_tokens=req.output_len, token_times_s=[], finish_reason=None,
-                    instance=engine.owner[seq].index)
-            while schedule and schedule[0].at_s <= now:
-                f = schedule.pop(0)
-                engine.inject_fault(f.instance, f.stage, f.kind)
-            for out in engine.step(timeout_s=STEP_TIMEOUT_S):
-                rec = records[out.request_id]
-                rec["token_times_s"] += [time.time() - start] * len(out.new_token_ids)
-                if out.finished:
-                    rec["finish_reason"] = out.finish_reason
-                    bar.update(1)
-            if time.monotonic() >= next_lag:
-                lags += engine.status().lag_tokens
-                next_lag = time.monotonic() + LAG_SAMPLE_S
-        for seq in seqs:  # requests failed by the engine may end without an output
-            records[seq.request_id]["finish_reason"] = seq.finish_reason
-        stats = engine.status().stats
-        return dict(
-            elapsed_s=time.time() - start,
-            requests=[records[seq.request_id] for seq in seqs],
-            events=[dict(kind=e.kind, t_s=e.time - start, worker=e.worker, instance=e.instance,
-                         detail=e.detail) for e in engine.events.events],
-            **{k: stats[k] for k in ("tokens_recomputed", "tokens_restored", "requests_restored",
-                                     "bytes_replicated")},
-            lag_tokens=lags)
+        return serve(llm.engine, trace, failures, label or mode)
     finally:
-        bar.close()
         llm.shutdown()
 
 
-def capacity(deployment: Deployment, trace: list[Request], label: str = "capacity") -> float:
-    """Requests per second the fault-free deployment sustains: every request
-    of the trace at once, on the plain system (no replication)."""
+def serve(engine, trace: list[Request], failures: list[Failure], label: str) -> dict:
+    """Serve the trace in real time on a running engine and deliver the
+    failures; the run's record. Times are seconds from the start of the
+    trace; events and counters are those of this run only."""
+    pending, schedule = list(trace), sorted(failures, key=lambda f: f.at_s)
+    seqs, records, lags, next_lag = [], {}, [], 0.0
+    counters = ("tokens_recomputed", "tokens_restored", "requests_restored", "bytes_replicated")
+    before = engine.status().stats
+    cpu_before, own_before = worker_cpu_s(engine), time.process_time()
+    bar = tqdm(total=len(trace), desc=label, unit="req", leave=False, dynamic_ncols=True)
+    start = time.time()
+    while pending or schedule or engine.has_unfinished():
+        now = time.time() - start
+        while pending and pending[0].arrival_s <= now:
+            req = pending.pop(0)
+            seq = submit(engine, req)
+            seqs.append(seq)
+            records[seq.request_id] = dict(
+                arrival_s=req.arrival_s, prompt_tokens=len(req.prompt),
+                output_tokens=req.output_len, token_times_s=[], finish_reason=None,
+                instance=engine.owner[seq].index)
+        while schedule and schedule[0].at_s <= now:
+            f = schedule.pop(0)
+            engine.inject_fault(f.instance, f.stage, f.kind)
+        for out in engine.step(timeout_s=STEP_TIMEOUT_S):
+            rec = records[out.request_id]
+            rec["token_times_s"] += [time.time() - start] * len(out.new_token_ids)
+            if out.finished:
+                rec["finish_reason"] = out.finish_reason
+                bar.update(1)
+        if time.monotonic() >= next_lag:
+            lags += engine.status().lag_tokens
+            next_lag = time.monotonic() + LAG_SAMPLE_S
+    bar.close()
+    for seq in seqs:  # requests failed by the engine may end without an output
+        records[seq.request_id]["finish_reason"] = seq.finish_reason
+    stats = engine.status().stats
+    cpu_after = worker_cpu_s(engine)
+    return dict(
+        elapsed_s=time.time() - start,
+        # CPU seconds of the workers there from start to end, and of this
+        # process (the controller): where a fault-free cost goes.
+        worker_cpu_s=sum(cpu_after[pid] - cpu_before[pid] for pid in cpu_after
+                         if pid in cpu_before),
+        controller_cpu_s=time.process_time() - own_before,
+        requests=[records[seq.request_id] for seq in seqs],
+        events=[dict(kind=e.kind, t_s=e.time - start, worker=e.worker, instance=e.instance,
+                     detail=e.detail) for e in engine.events.events if e.time >= start],
+        **{k: stats[k] - before[k] for k in counters},
+        lag_tokens=lags)
+
+
+def worker_cpu_s(engine) -> dict[int, float]:
+    """CPU seconds (user + system, every thread) of each local worker process."""
+    launcher = getattr(engine, "launcher", None)
+    out = {}
+    for proc in list(launcher.procs.values()) if launcher else []:
+        try:
+            times = psutil.Process(proc.pid).cpu_times()
+        except psutil.Error:  # gone meanwhile
+            continue
+        out[proc.pid] = times.user + times.system
+    return out
+
+
+def capacity(deployment: Deployment, requests: list[Request], warmup: int, timed: int,
+             min_seconds: float, in_flight: tuple[int, ...], gain: float = 1.1,
+             label: str = "capacity") -> dict:
+    """Output tokens per second, and from them requests per second, that the
+    fault-free plain system (no replication) sustains at saturation. A closed
+    loop keeps k requests of the trace's lengths in flight, for each k of
+    `in_flight` in turn while the rate still grows by `gain` (a larger batch
+    costs little more per step until the hardware is busy). At each k, after
+    max(warmup, k / 4) completions (to settle; the first level also pays
+    start-up), output
+    tokens are counted over at least `timed` completions and `min_seconds`.
+    The capacity is the best rate over the mean output length of `requests`
+    (counting completions instead would favour short requests, which finish
+    first). Returns {"rps", "tokens_per_s", "in_flight", "levels"}."""
+    if warmup < 1 or timed < 1 or not in_flight:
+        raise ValueError("a capacity measurement needs warmup >= 1, timed >= 1 and levels")
+    mean_output = sum(r.output_len for r in requests) / len(requests)
+    queue, running, levels = list(requests), 0, []
     with deployment.start("restart") as llm:
         engine = llm.engine
-        bar = tqdm(total=len(trace), desc=label, unit="req", leave=False, dynamic_ncols=True)
-        start = time.perf_counter()
-        for req in trace:
-            submit(engine, req)
-        while engine.has_unfinished():
-            bar.update(sum(out.finished for out in engine.step()))
-        bar.close()
-        return len(trace) / (time.perf_counter() - start)
+        for k in in_flight:
+            settle = max(warmup, k // 4)  # the level's new requests get going
+            bar = tqdm(total=settle + timed, desc=f"{label} ({k} in flight)", unit="req",
+                       leave=False, dynamic_ncols=True)
+            done, tokens, started = 0, 0, None
+            while started is None or done < settle + timed or \
+                    time.perf_counter() - started < min_seconds:
+                while running < k:
+                    if not queue:
+                        raise ValueError(f"the capacity measurement ran out of its "
+                                         f"{len(requests)} requests")
+                    submit(engine, queue.pop(0))
+                    running += 1
+                outputs = engine.step()
+                if started is not None:
+                    tokens += sum(len(out.new_token_ids) for out in outputs)
+                finished = sum(out.finished for out in outputs)
+                running -= finished
+                done += finished
+                bar.update(finished)
+                if started is None and done >= settle:
+                    started = time.perf_counter()
+            bar.close()
+            levels.append(dict(in_flight=k, tokens_per_s=tokens / (time.perf_counter() - started)))
+            if len(levels) > 1 and levels[-1]["tokens_per_s"] < gain * levels[-2]["tokens_per_s"]:
+                break
+    # The requests still in hand are not waited for: shutdown drops them.
+    best = max(levels, key=lambda level: level["tokens_per_s"])
+    return dict(rps=best["tokens_per_s"] / mean_output, tokens_per_s=best["tokens_per_s"],
+                in_flight=best["in_flight"], levels=levels)
