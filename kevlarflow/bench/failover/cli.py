@@ -17,11 +17,12 @@ from kevlarflow.bench.trace import sharegpt_file, sharegpt_like, summary
 
 CONDITIONS = ("failure", "fault_free")
 CAPACITY_WARMUP, CAPACITY_MIN_S = 8, 5.0
-CAPACITY_IN_FLIGHT = (16, 32, 64, 128, 256)  # tried in turn while the rate still grows
+CAPACITY_IN_FLIGHT = (32, 64, 128, 256)  # tried in turn while the rate still grows
 MIN_DURATION_S = 6.0
 # A failure trace runs on past its last failure for this many replacement
-# delays, and at least MIN_TAIL_S (a restart on this machine takes seconds).
-TAIL_DELAYS, MIN_TAIL_S = 3, 10.0
+# delays (a restart's outage, and as long again for the queue it built to
+# drain), and at least MIN_TAIL_S (a restart on this machine takes seconds).
+TAIL_DELAYS, MIN_TAIL_S = 2, 10.0
 
 
 def delays(text: str) -> list[float]:
