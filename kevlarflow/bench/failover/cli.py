@@ -170,22 +170,25 @@ def trace_holding(args, rate: float, duration_s: float, vocab: int, tokenizer, s
     return trace, duration_s
 
 
+def probe_requests(args, vocab: int, tokenizer):
+    """Requests of the trace's lengths without end, for the capacity
+    measurement (other seeds than the traces': none of them is served
+    twice, which the prefix cache would make cheaper)."""
+    seed = args.seed + 1_000_001
+    while True:
+        yield from make_trace(args, 100.0, 2.0, vocab, tokenizer, seed)
+        seed += 1
+
+
 def measure_capacity(args, deployment: Deployment, vocab: int, tokenizer) -> dict:
-    """The saturated closed-loop capacity (runner.capacity) on requests of
-    the trace's lengths (another seed)."""
-    n = len(CAPACITY_IN_FLIGHT) * (CAPACITY_WARMUP + 4 * args.capacity_requests) \
-        + CAPACITY_IN_FLIGHT[-1]
-    probe = make_trace(args, n, 2.0, vocab, tokenizer, args.seed + 1)
-    try:
-        measured = capacity(deployment, probe, CAPACITY_WARMUP, args.capacity_requests,
-                            CAPACITY_MIN_S, CAPACITY_IN_FLIGHT)
-    except ValueError as exc:
-        raise SystemExit(f"kevlarflow bench failover: error: {exc}; give --rate") from None
-    mean_output = sum(r.output_len for r in probe) / len(probe)
+    """The saturated closed-loop capacity (runner.capacity)."""
+    measured = capacity(deployment, probe_requests(args, vocab, tokenizer), CAPACITY_WARMUP,
+                        args.capacity_requests, CAPACITY_MIN_S, CAPACITY_IN_FLIGHT)
     levels = ", ".join(f"{level['tokens_per_s']:.0f} at {level['in_flight']}"
                        for level in measured["levels"])
     measured.update(how=f"closed loop on the plain system, output tokens/s by requests in "
-                        f"flight: {levels}; the best / {mean_output:.1f} tokens per request")
+                        f"flight: {levels}; the best / {measured['mean_output_tokens']:.1f} "
+                        "tokens per request")
     return measured
 
 

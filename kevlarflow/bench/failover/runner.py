@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import asdict, dataclass
+from typing import Iterator
 
 import psutil
 from tqdm import tqdm
@@ -169,7 +170,7 @@ def worker_cpu_s(engine) -> dict[int, float]:
     return out
 
 
-def capacity(deployment: Deployment, requests: list[Request], warmup: int, timed: int,
+def capacity(deployment: Deployment, requests: Iterator[Request], warmup: int, timed: int,
              min_seconds: float, in_flight: tuple[int, ...], gain: float = 1.1,
              label: str = "capacity") -> dict:
     """Output tokens per second, and from them requests per second, that the
@@ -180,13 +181,14 @@ def capacity(deployment: Deployment, requests: list[Request], warmup: int, timed
     max(warmup, k / 4) completions (to settle; the first level also pays
     start-up), output
     tokens are counted over at least `timed` completions and `min_seconds`.
-    The capacity is the best rate over the mean output length of `requests`
-    (counting completions instead would favour short requests, which finish
-    first). Returns {"rps", "tokens_per_s", "in_flight", "levels"}."""
+    The capacity is the best rate over the mean output length of the
+    requests submitted (counting completions instead would favour short
+    requests, which finish first). `requests` is drawn from as long as the
+    measurement needs. Returns {"rps", "tokens_per_s", "in_flight",
+    "levels", "mean_output_tokens"}."""
     if warmup < 1 or timed < 1 or not in_flight:
         raise ValueError("a capacity measurement needs warmup >= 1, timed >= 1 and levels")
-    mean_output = sum(r.output_len for r in requests) / len(requests)
-    queue, running, levels = list(requests), 0, []
+    running, levels, outputs_asked = 0, [], []
     with deployment.start("restart") as llm:
         engine = llm.engine
         for k in in_flight:
@@ -197,10 +199,12 @@ def capacity(deployment: Deployment, requests: list[Request], warmup: int, timed
             while started is None or done < settle + timed or \
                     time.perf_counter() - started < min_seconds:
                 while running < k:
-                    if not queue:
-                        raise ValueError(f"the capacity measurement ran out of its "
-                                         f"{len(requests)} requests")
-                    submit(engine, queue.pop(0))
+                    req = next(requests, None)
+                    if req is None:
+                        raise ValueError(f"the capacity measurement ran out of requests after "
+                                         f"{len(outputs_asked)}")
+                    submit(engine, req)
+                    outputs_asked.append(req.output_len)
                     running += 1
                 outputs = engine.step()
                 if started is not None:
@@ -217,5 +221,6 @@ def capacity(deployment: Deployment, requests: list[Request], warmup: int, timed
                 break
     # The requests still in hand are not waited for: shutdown drops them.
     best = max(levels, key=lambda level: level["tokens_per_s"])
+    mean_output = sum(outputs_asked) / len(outputs_asked)
     return dict(rps=best["tokens_per_s"] / mean_output, tokens_per_s=best["tokens_per_s"],
-                in_flight=best["in_flight"], levels=levels)
+                in_flight=best["in_flight"], levels=levels, mean_output_tokens=mean_output)
