@@ -70,15 +70,18 @@ class ControllerEndpoint:
     def recv(self, timeout_ms: int, wake_fds=()) -> tuple[bytes, dict] | None:
         """The next valid message and its sender, or None after timeout_ms,
         or as soon as one of wake_fds is readable (a worker process exited)."""
-        poller = zmq.Poller()
-        poller.register(self.sock, zmq.POLLIN)
-        for fd in wake_fds:
-            poller.register(fd, zmq.POLLIN)
+        poller = None
+        if wake_fds and timeout_ms:  # a wait that an exit must cut short
+            poller = zmq.Poller()
+            poller.register(self.sock, zmq.POLLIN)
+            for fd in wake_fds:
+                poller.register(fd, zmq.POLLIN)
         while True:
-            ready = dict(poller.poll(timeout_ms))
-            if self.sock not in ready:
+            ready = self.sock in dict(poller.poll(timeout_ms)) if poller \
+                else self.sock.poll(timeout_ms)
+            if not ready:
                 return None
-            timeout_ms = 0  # only what is already there from now on
+            timeout_ms, poller = 0, None  # only what is already there from now on
             frames = _frames(self.sock, 2)
             message = frames and _decode(protocol.TO_CONTROLLER, frames[1], repr(frames[0]))
             if message:

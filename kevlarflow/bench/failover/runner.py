@@ -115,30 +115,32 @@ def serve(engine, trace: list[Request], failures: list[Failure], label: str) -> 
     before = engine.status().stats
     cpu_before, own_before = worker_cpu_s(engine), time.process_time()
     bar = tqdm(total=len(trace), desc=label, unit="req", leave=False, dynamic_ncols=True)
-    start = time.time()
-    while pending or schedule or engine.has_unfinished():
-        now = time.time() - start
-        while pending and pending[0].arrival_s <= now:
-            req = pending.pop(0)
-            seq = submit(engine, req)
-            seqs.append(seq)
-            records[seq.request_id] = dict(
-                arrival_s=req.arrival_s, prompt_tokens=len(req.prompt),
-                output_tokens=req.output_len, token_times_s=[], finish_reason=None,
-                instance=engine.owner[seq].index)
-        while schedule and schedule[0].at_s <= now:
-            f = schedule.pop(0)
-            engine.inject_fault(f.instance, f.stage, f.kind)
-        for out in engine.step(timeout_s=STEP_TIMEOUT_S):
-            rec = records[out.request_id]
-            rec["token_times_s"] += [time.time() - start] * len(out.new_token_ids)
-            if out.finished:
-                rec["finish_reason"] = out.finish_reason
-                bar.update(1)
-        if time.monotonic() >= next_lag:
-            lags += engine.status().lag_tokens
-            next_lag = time.monotonic() + LAG_SAMPLE_S
-    bar.close()
+    try:
+        start = time.time()
+        while pending or schedule or engine.has_unfinished():
+            now = time.time() - start
+            while pending and pending[0].arrival_s <= now:
+                req = pending.pop(0)
+                seq = submit(engine, req)
+                seqs.append(seq)
+                records[seq.request_id] = dict(
+                    arrival_s=req.arrival_s, prompt_tokens=len(req.prompt),
+                    output_tokens=req.output_len, token_times_s=[], finish_reason=None,
+                    instance=engine.owner[seq].index)
+            while schedule and schedule[0].at_s <= now:
+                f = schedule.pop(0)
+                engine.inject_fault(f.instance, f.stage, f.kind)
+            for out in engine.step(timeout_s=STEP_TIMEOUT_S):
+                rec = records[out.request_id]
+                rec["token_times_s"] += [time.time() - start] * len(out.new_token_ids)
+                if out.finished:
+                    rec["finish_reason"] = out.finish_reason
+                    bar.update(1)
+            if time.monotonic() >= next_lag:
+                lags += engine.status().lag_tokens
+                next_lag = time.monotonic() + LAG_SAMPLE_S
+    finally:
+        bar.close()
     for seq in seqs:  # requests failed by the engine may end without an output
         records[seq.request_id]["finish_reason"] = seq.finish_reason
     stats = engine.status().stats
