@@ -296,6 +296,22 @@ def test_the_lender_holds_its_steps_back_until_the_first_step_after_a_failure(d)
     assert d.kinds()[-1] == "first_step_after_failure" and not d.recovery.yields(lender)
 
 
+def test_a_fault_while_the_lender_holds_back_releases_it(d):
+    """A fault during the hold: the borrowed worker dies before the
+    recovering instance's first step is back. That instance builds again,
+    and its lender, rerouted in turn, is not held back by it."""
+    recovering, lender = d.instances
+    for i in (0, 1):
+        d.add(i)
+    d.lose("w0.1")
+    d.connect(recovering)
+    d.dispatch(0)  # the first step, lost with the borrowed worker
+    assert d.recovery.yields(lender)
+    d.lose("w1.1")
+    assert d.phase(0) is not Phase.SERVING
+    assert not d.recovery.yields(lender) and not d.recovery.yields(recovering)
+
+
 def test_micro_batches_in_flight_share_the_running_sequences():
     """With two micro-batches in flight, each takes half of the running
     sequences, even when all are free at once (after a failure): the stages
