@@ -20,20 +20,21 @@ def _seq(rid: str, prompt_len: int) -> Sequence:
     return Sequence(rid, None, list(range(1, prompt_len + 1)), SamplingParams(max_tokens=8))
 
 
-def test_a_step_copies_the_blocks_it_writes_and_the_history_the_first_time():
+def test_a_step_copies_the_rows_it_writes_and_the_history_the_first_time():
     link = ReplicaLink("w0.0", "w1.0", 0, ids=[40, 41, 42, 43, 44, 45], block_size=BS)
     seq = _seq("a", 10)
     seq.num_computed_tokens = 6  # computed before the link existed
     table = [7, 8, 9, 10]
-    assert link.plan(seq, 4, table, step=1) == [[7, 40], [8, 41], [9, 42]]  # tokens 0..9
+    # tokens 0..9: blocks 0 and 1 whole, then rows 0 and 1 of block 2
+    assert link.plan(seq, 4, table, step=1) == [[7, 40, 0, 4], [8, 41, 0, 4], [9, 42, 0, 2]]
     seq.num_computed_tokens = 10
-    assert link.plan(seq, 1, table, step=2) == [[9, 42]]  # token 10: the block it writes
+    assert link.plan(seq, 1, table, step=2) == [[9, 42, 2, 3]]  # token 10: the row it writes
     assert link.watermark(seq) == 0
     link.acknowledged([2])  # a later step first: durable up to its end
     assert link.watermark(seq) == 11
     link.acknowledged([1])  # an older one never lowers it
     assert link.watermark(seq) == 11
-    assert (link.blocks_sent, link.blocks_acked) == (4, 4)
+    assert (link.rows_sent, link.rows_acked) == (11, 11)  # each row once
 
 
 def test_a_full_replica_pool_drops_the_late_sequence_and_keeps_the_early_ones():
@@ -56,13 +57,13 @@ def test_an_early_sequence_that_grows_takes_the_replicas_of_the_newest_one():
                                 (("early", 4), ("mid", 4), ("late", 8), ("latest", 8)))
     for k, seq in enumerate((early, mid, late, latest)):
         seq.arrival_time = float(k)
-    assert link.plan(early, 4, [1], step=1) == [[1, 40]]
-    assert link.plan(mid, 4, [2], step=1) == [[2, 41]]
-    assert link.plan(late, 8, [3, 4], step=1) == [[3, 42], [4, 43]]  # the pool is full now
+    assert link.plan(early, 4, [1], step=1) == [[1, 40, 0, 4]]
+    assert link.plan(mid, 4, [2], step=1) == [[2, 41, 0, 4]]
+    assert link.plan(late, 8, [3, 4], step=1) == [[3, 42, 0, 4], [4, 43, 0, 4]]  # pool full
     link.acknowledged([1])
     early.num_computed_tokens = 4
     # early needs a second block: late, the newest, gives its replicas up.
-    assert link.plan(early, 1, [1, 5], step=2) == [[5, 43]]
+    assert link.plan(early, 1, [1, 5], step=2) == [[5, 43, 0, 1]]
     assert link.records[late].dropped and link.dropped == 1 and link.watermark(late) == 0
     assert link.watermark(mid) == 4 and not link.records[mid].dropped
     # A newer one takes nothing from those before it.
@@ -76,16 +77,16 @@ def test_a_request_that_lost_its_replicas_takes_them_back_with_a_full_copy_once_
     link = ReplicaLink("w0.0", "w1.0", 0, ids=[40, 41, 42], block_size=BS)
     early, late = _seq("early", 8), _seq("late", 4)
     early.arrival_time, late.arrival_time = 1.0, 2.0
-    assert link.plan(early, 8, [1, 2], step=1) == [[1, 40], [2, 41]]
-    assert link.plan(late, 4, [3], step=1) == [[3, 42]]
+    assert link.plan(early, 8, [1, 2], step=1) == [[1, 40, 0, 4], [2, 41, 0, 4]]
+    assert link.plan(late, 4, [3], step=1) == [[3, 42, 0, 4]]
     early.num_computed_tokens, late.num_computed_tokens = 8, 4
     # early grows into late's block before step 1 is acknowledged.
-    assert link.plan(early, 1, [1, 2, 5], step=2) == [[5, 42]]
+    assert link.plan(early, 1, [1, 2, 5], step=2) == [[5, 42, 0, 1]]
     assert link.records[late].dropped
     link.forget(early)  # early ends: its blocks are free again
     # late takes replicas back: all its blocks are copied anew.
     pairs = link.plan(late, 1, [3, 6], step=3)
-    assert [p[0] for p in pairs] == [3, 6] and not link.records[late].dropped
+    assert pairs == [[3, 42, 0, 4], [6, 41, 0, 1]] and not link.records[late].dropped
     link.acknowledged([1, 2])  # of copies made before it lost them: they count for nothing
     assert link.watermark(late) == 0
     link.acknowledged([3])

@@ -31,19 +31,22 @@ std::unique_ptr<replication::BlockPacker> cpu_packer(std::vector<at::Tensor> cac
   const at::Tensor& first = caches.front();
   std::vector<void*> ptrs;
   for (const at::Tensor& c : caches) {
-    if (!c.defined() || c.device().type() != at::kCPU || !c.is_contiguous() || c.dim() < 1)
-      throw std::invalid_argument("KVReplicator: caches must be contiguous CPU tensors");
+    if (!c.defined() || c.device().type() != at::kCPU || !c.is_contiguous() || c.dim() < 2)
+      throw std::invalid_argument(
+          "KVReplicator: caches must be contiguous CPU tensors of [num_blocks, block_size, ...]");
     if (c.sizes() != first.sizes() || c.scalar_type() != first.scalar_type())
       throw std::invalid_argument(
           "KVReplicator: every cache must have the shape and dtype of the first");
     ptrs.push_back(c.data_ptr());
   }
-  const int64_t num_blocks = first.size(0);
+  const int64_t num_blocks = first.size(0), block_rows = first.size(1);
   if (num_blocks < 1) throw std::invalid_argument("KVReplicator: caches hold no block");
-  const int64_t cache_block_bytes =
-      first.numel() / num_blocks * static_cast<int64_t>(first.element_size());
+  if (block_rows < 1 || first.numel() == 0)
+    throw std::invalid_argument("KVReplicator: empty blocks");
+  const int64_t cache_row_bytes =
+      first.numel() / (num_blocks * block_rows) * static_cast<int64_t>(first.element_size());
   auto owner = std::make_shared<std::vector<at::Tensor>>(std::move(caches));
-  return replication::make_cpu_packer(std::move(ptrs), num_blocks, cache_block_bytes,
+  return replication::make_cpu_packer(std::move(ptrs), num_blocks, block_rows, cache_row_bytes,
                                       std::move(owner));
 }
 
@@ -241,6 +244,7 @@ PYBIND11_MODULE(_comm, m) {
       .def("start", &KVReplicator::start, py::arg("group"), py::arg("backup"), Release())
       .def("stop", &KVReplicator::stop, Release())
       .def("submit", &KVReplicator::submit, py::arg("src"), py::arg("dst"), py::arg("step"),
+           py::arg("begin") = std::vector<int64_t>{}, py::arg("end") = std::vector<int64_t>{},
            Release())
       .def(
           "receive",
@@ -262,12 +266,16 @@ PYBIND11_MODULE(_comm, m) {
              d["blocks_coalesced"] = s.blocks_coalesced;
              d["pending_blocks"] = s.pending_blocks;
              d["blocks_received"] = s.blocks_received;
+             d["bytes_received"] = s.bytes_received;
+             d["pack_seconds"] = s.pack_seconds;
              d["send_seconds"] = s.send_seconds;
+             d["unpack_seconds"] = s.unpack_seconds;
              d["error"] = s.error;
              return d;
            })
       .def_property_readonly("num_blocks", &KVReplicator::num_blocks)
-      .def_property_readonly("block_bytes", &KVReplicator::block_bytes);
+      .def_property_readonly("block_bytes", &KVReplicator::block_bytes)
+      .def_property_readonly("row_bytes", &KVReplicator::row_bytes);
 
   m.def("nccl_unique_id", [] { return py::bytes(nccl_unique_id()); },
         "A fresh ncclUniqueId (128 bytes).");

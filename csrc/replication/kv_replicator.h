@@ -1,7 +1,8 @@
 // Background replication of a worker's KV blocks to its backup.
 //
-// The forward pass only calls submit(): (source block, backup block) pairs
-// and the step that wrote them. A dedicated thread packs pending blocks into
+// The forward pass only calls submit(): (source block, backup block) pairs,
+// the rows of each block the step wrote, and the step. A dedicated thread
+// packs pending blocks' rows into
 // a staging buffer (a BlockPacker) and sends them on the link's channel (a
 // LinkChannel); the backup's receive() unpacks them into its replica blocks
 // and returns the steps that are now durable there. Neither knows tensors:
@@ -10,10 +11,11 @@
 //
 // Bounded memory by construction: pending work is keyed by backup block, so
 // a worker that falls behind coalesces (a block written by several steps is
-// sent once, with its latest contents) and never holds more entries than the
-// backup has blocks; one transfer holds at most max_transfer_bytes. Transfers
-// start at most every `interval`, so that the blocks a decode step touches
-// (the last one of each request) are sent once per interval, not once a step.
+// sent once, its rows the union of theirs, with its latest contents) and
+// never holds more entries than the backup has blocks; one transfer holds at
+// most max_transfer_bytes. Transfers start at most every `interval`, so that
+// the blocks a decode step touches (the last one of each request) go once per
+// interval, not once a step, and each time with only the rows written since.
 //
 // A step is acknowledged once every pair submitted up to it has been sent:
 // entries keep their place in line when resubmitted, and a transfer takes the
@@ -37,13 +39,16 @@ namespace kevlarflow::replication {
 
 struct ReplicatorStats {
   int64_t transfers = 0;         // sent, keepalives excluded
-  int64_t blocks_sent = 0;
-  int64_t bytes_sent = 0;
+  int64_t blocks_sent = 0;       // spans: a block counts once per transfer it is in
+  int64_t bytes_sent = 0;        // KV bytes (rows sent x row bytes)
   int64_t blocks_submitted = 0;
   int64_t blocks_coalesced = 0;  // submitted while the same block was still pending
   int64_t pending_blocks = 0;
   int64_t blocks_received = 0;
-  double send_seconds = 0;       // packing and sending, on the replication thread
+  int64_t bytes_received = 0;
+  double pack_seconds = 0;       // gathering rows into staging, on the replication thread
+  double send_seconds = 0;       // packing and sending (wall time, waits included)
+  double unpack_seconds = 0;     // scattering received rows, on the receiving thread
   std::string error;             // why the link stopped, if it did
 };
 
@@ -60,10 +65,11 @@ class KVReplicator {
   // Stops the link: aborts its group (a send blocked on a hung backup fails
   // at once), joins the thread, drops what is pending. Never blocks on a peer.
   void stop();
-  // Queue src[k] -> backup block dst[k]; `step` is acknowledged by the
-  // backup once they arrived. Returns false (and queues nothing) when no link
-  // is running.
-  bool submit(const std::vector<int64_t>& src, const std::vector<int64_t>& dst, int64_t step);
+  // Queue rows [begin[k], end[k]) of src[k] -> backup block dst[k] (empty
+  // begin and end: whole blocks); `step` is acknowledged by the backup once
+  // they arrived. Returns false (and queues nothing) when no link is running.
+  bool submit(const std::vector<int64_t>& src, const std::vector<int64_t>& dst, int64_t step,
+              const std::vector<int64_t>& begin = {}, const std::vector<int64_t>& end = {});
 
   // One transfer from `source` on `group`, unpacked into this worker's
   // caches; returns the steps it completes (empty for a keepalive). Block ids
@@ -74,20 +80,23 @@ class KVReplicator {
   ReplicatorStats stats() const;
   int64_t num_blocks() const { return packer_->num_blocks(); }
   int64_t block_bytes() const { return packer_->block_bytes(); }
+  int64_t row_bytes() const { return packer_->row_bytes(); }
 
  private:
   struct Entry {
     int64_t src;
-    uint64_t order;  // place in line: kept when the block is submitted again
+    int64_t begin, end;  // rows to send
+    uint64_t order;      // place in line: kept when the block is submitted again
   };
   void loop(std::shared_ptr<LinkChannel> channel);
   void drop_pending();  // with mu_ held
-  void send_transfer(LinkChannel& channel, const std::vector<std::pair<int64_t, int64_t>>& pairs,
-                     const std::vector<int64_t>& steps);
+  // spans: at the source; dst: the backup's block of each.
+  void send_transfer(LinkChannel& channel, const std::vector<BlockSpan>& spans,
+                     const std::vector<int64_t>& dst, const std::vector<int64_t>& steps);
 
   std::unique_ptr<BlockPacker> packer_;
   ChannelFactory channels_;
-  int64_t max_blocks_per_transfer_ = 1;
+  int64_t max_transfer_bytes_;
   Millis keepalive_;
   Millis interval_;
 

@@ -68,11 +68,12 @@ TO_WORKER = {
     # One micro-batch for one stage. seqs: (tokens this step, first position,
     # this stage's block table). token_ids on the first stage only; sample on
     # the last only: one entry per sequence whose last token is computed now.
-    # replicate: (block, backup's block) pairs to copy to the backup afterwards.
+    # replicate: (block, backup's block, first row, end row): the rows of each
+    # block to copy to the backup afterwards.
     "step": {"step": int, "group": str, "generation": int, "seqs": [(int, int, [int])],
              "token_ids": Opt([int]),
              "sample": Opt([Opt(_SAMPLING)]),
-             "replicate": Opt([(int, int)])},
+             "replicate": Opt([(int, int, int, int)])},
     "shutdown": {},
     # This worker may not serve (it loaded another checkpoint): it exits.
     "refused": {"reason": str},

@@ -133,10 +133,11 @@ class Replication:
     def acknowledged(self, m: dict) -> None:
         link = self._link_of(m["group"], m["generation"])
         if link is not None and link.backup == m["worker"]:
-            before = link.blocks_acked
+            before = link.rows_acked
             link.acknowledged(m["steps"])
             stage = self.workers[link.source].stage
-            self.bytes_replicated += (link.blocks_acked - before) * self.block_bytes[stage]
+            self.bytes_replicated += ((link.rows_acked - before) * self.block_bytes[stage]
+                                      // self.block_size)
 
     def forget(self, seq: Sequence) -> None:
         for link in self.links.values():

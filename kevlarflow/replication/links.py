@@ -28,9 +28,9 @@ class ReplicaLink:
     acks: set[str] = field(default_factory=set)
     records: dict[Sequence, Record] = field(default_factory=dict)
     by_step: dict[int, list[tuple[Record, int]]] = field(default_factory=dict)
-    step_blocks: dict[int, int] = field(default_factory=dict)  # blocks each step copies
-    blocks_sent: int = 0           # handed to the source
-    blocks_acked: int = 0
+    step_rows: dict[int, int] = field(default_factory=dict)  # token rows each step copies
+    rows_sent: int = 0             # handed to the source
+    rows_acked: int = 0
     dropped: int = 0               # sequences that lost their replicas to a full pool
 
     def __post_init__(self):
@@ -43,10 +43,10 @@ class ReplicaLink:
         return self.acks >= {self.source, self.backup}
 
     def plan(self, seq: Sequence, n: int, table: list[int], step: int) -> list[list[int]]:
-        """(source block, backup block) pairs that seq's chunk of n tokens in
-        this step makes to copy; blocks written before seq had replicas here
-        (before the link existed, or while it had none) go along the first
-        time."""
+        """(source block, backup block, first row, end row) of each block
+        that seq's chunk of n tokens in this step writes: the rows to copy.
+        Rows written before seq had replicas here (before the link existed,
+        or while it had none) go along the first time."""
         start = seq.num_computed_tokens
         end = start + n
         record = self.records.get(seq)
@@ -70,12 +70,14 @@ class ReplicaLink:
             return []
         replicas = self.alloc.table(seq)
         bs = self.block_size
-        pairs = [[table[k], self.ids[replicas[k]]]
-                 for k in range(min(start, record.sent) // bs, -(-end // bs))]
+        first = min(start, record.sent)
+        pairs = [[table[k], self.ids[replicas[k]], max(first - k * bs, 0), min(end - k * bs, bs)]
+                 for k in range(first // bs, -(-end // bs))]
         record.sent = max(record.sent, end)
         self.by_step.setdefault(step, []).append((record, end))
-        self.step_blocks[step] = self.step_blocks.get(step, 0) + len(pairs)
-        self.blocks_sent += len(pairs)
+        rows = sum(p[3] - p[2] for p in pairs)
+        self.step_rows[step] = self.step_rows.get(step, 0) + rows
+        self.rows_sent += rows
         return pairs
 
     def _make_room(self, seq: Sequence, tokens: int) -> bool:
@@ -112,7 +114,7 @@ class ReplicaLink:
 
     def acknowledged(self, steps: list[int]) -> None:
         for step in steps:
-            self.blocks_acked += self.step_blocks.pop(step, 0)
+            self.rows_acked += self.step_rows.pop(step, 0)
             for record, end in self.by_step.pop(step, []):
                 if not record.dropped:
                     record.durable = max(record.durable, end)

@@ -77,9 +77,11 @@ class WorkerReplication:
             self.comm.abort(group)  # wakes a receive blocked on the source
             receiver.join()
 
-    def submit(self, pairs: list[list[int]], step: int) -> None:
-        if self.sending is not None and pairs:
-            self.native.submit([p[0] for p in pairs], [p[1] for p in pairs], step)
+    def submit(self, spans: list[list[int]], step: int) -> None:
+        """spans: (block, backup's block, first row, end row) each."""
+        if self.sending is not None and spans:
+            src, dst, begin, end = zip(*spans)
+            self.native.submit(src, dst, step, begin, end)
 
     def close(self) -> None:
         for group in list(self.receivers) + ([self.sending] if self.sending else []):

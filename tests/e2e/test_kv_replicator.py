@@ -50,6 +50,32 @@ def test_blocks_arrive_bit_identical(dtype):
     assert dst["stats"]["blocks_received"] == 9
 
 
+def test_only_the_rows_written_travel_and_resubmitted_rows_coalesce():
+    # A prefill writes rows 0 and 1 of source block 3 (backup block 5); decode
+    # steps then write rows 2 and 3 of it, and rows 0 and 1 of block 9 (backup
+    # block 2). The backup receives once all are queued: block 5's entry is
+    # the union of its rows, sent once.
+    steps = [(1, [3], [5], [0], [2]),
+             (2, [3], [5], [2], [3]),
+             (3, [3, 9], [5, 2], [3, 0], [4, 1]),
+             (4, [9], [2], [1], [2])]
+    with Workers(2, sc.copies_rows, steps=steps) as w:
+        out = w.collect(w.members)
+    src, dst = out[SOURCE], out[BACKUP]
+    assert src["accepted"] == [True] * 4 and dst["acked"] == [1, 2, 3, 4]
+    sent = {(5, r): (3, r) for r in range(4)} | {(2, r): (9, r) for r in range(2)}
+    for b, rows in enumerate(dst["rows"]):
+        for r, raw in enumerate(rows):
+            if (b, r) in sent:
+                sb, sr = sent[b, r]
+                assert raw == src["rows"][sb][sr], f"backup block {b} row {r}"
+            else:
+                assert _zero(raw), f"backup block {b} row {r} was never sent but changed"
+    stats = src["stats"]
+    assert (stats["blocks_submitted"], stats["blocks_coalesced"], stats["blocks_sent"]) == (5, 3, 2)
+    assert stats["bytes_sent"] == dst["stats"]["bytes_received"] == 6 * src["row_bytes"]
+
+
 def test_resubmitted_blocks_coalesce():
     num_steps = 50
     with Workers(2, sc.coalesces, num_steps=num_steps) as w:
@@ -144,6 +170,19 @@ def test_backup_refuses_block_ids_it_does_not_have():
     assert src["stop_s"] < 1.0
 
 
+def test_backup_refuses_rows_outside_its_blocks():
+    # Blocks of 4 rows at the source, of 2 at the backup (a link out of step):
+    # whole blocks of the source are rows it does not have.
+    with Workers(2, sc.refuses_out_of_range, src=[2], dst=[3], backup_blocks=16,
+                 backup_rows=2) as w:
+        out = w.collect(w.members)
+    dst = out[BACKUP]
+    assert dst["error"] is not None and "rows [0, 4) of block 3 are not a range within a " \
+        "block of 2" in dst["error"], dst
+    assert all(_zero(raw) for raw in dst["blocks"])
+    assert dst["stats"]["blocks_received"] == 0
+
+
 # ---- one process ------------------------------------------------------------
 
 @pytest.fixture
@@ -190,7 +229,7 @@ def test_constructor_checks(solo):
         with pytest.raises(error, match=pattern):
             call()
     rep = _comm.KVReplicator(m, _caches(), one_block, 1.0)  # exactly one block is enough
-    assert (rep.num_blocks, rep.block_bytes) == (8, one_block)
+    assert (rep.num_blocks, rep.block_bytes, rep.row_bytes) == (8, one_block, one_block // 2)
 
 
 def test_submit_and_lifecycle_checks(solo):
@@ -203,6 +242,14 @@ def test_submit_and_lifecycle_checks(solo):
             rep.submit(src, dst, 1)
     with pytest.raises(TypeError):
         rep.submit(["x"], [0], 1)
+    # Rows: a range within a block of 2, one per pair, or none at all.
+    for begin, end in (([0], [3]), ([1], [1]), ([-1], [1]), ([2], [1])):
+        with pytest.raises(ValueError, match=r"are not a range within a block of 2"):
+            rep.submit([0], [1], 1, begin, end)
+    for begin, end in (([0], []), ([0, 0], [1, 1]), ([], [1])):
+        with pytest.raises(ValueError, match="one row range per block"):
+            rep.submit([0], [1], 1, begin, end)
+    assert rep.submit([0], [1], 1, [0], [1]) is False
     assert rep.submit([0], [1], 1) is False  # no link yet: nothing queued
     rep.stop()
     rep.stop()  # stopping what is not running is fine

@@ -237,20 +237,20 @@ def test_a_hung_backup_does_not_stall_its_source():
         link = engine.replication.links["w0.0"]
         backup = engine.workers[link.backup].pid
         unhung_s = _serve(streams, prompts, params, 0)
-        streams.until(lambda: link.blocks_acked == link.blocks_sent, "the copies")
+        streams.until(lambda: link.rows_acked == link.rows_sent, "the copies")
         os.kill(backup, signal.SIGSTOP)
         try:
-            sent = link.blocks_sent
+            sent = link.rows_sent
             hung_s = _serve(streams, prompts, params, 0)
-            assert link.blocks_sent > sent, "no copy asked for during the hang"
-            acked = link.blocks_acked
+            assert link.rows_sent > sent, "no copy asked for during the hang"
+            acked = link.rows_acked
         finally:
             os.kill(backup, signal.SIGCONT)
         # Half its speed or worse would be a stall: instance 0 is alone on
         # the cores now, so it is usually faster than before.
         assert hung_s < 2 * unhung_s, (hung_s, unhung_s)
-        streams.until(lambda: link.blocks_acked == link.blocks_sent, "the copies held back")
-        assert link.blocks_acked > acked
+        streams.until(lambda: link.rows_acked == link.rows_sent, "the copies held back")
+        assert link.rows_acked > acked
         streams.finish()
         assert not engine.events.of("detected")
         assert all(o.finish_reason == "length" for o in streams.outputs.values())

@@ -42,6 +42,12 @@ def block_bytes(caches) -> list[bytes]:
             for b in range(caches[0].shape[0])]
 
 
+def rows_bytes(caches) -> list[list[bytes]]:
+    """Row r of block b's bytes in every cache, concatenated, at [b][r]."""
+    return [[b"".join(c[b, r].view(torch.uint8).numpy().tobytes() for c in caches)
+             for r in range(caches[0].shape[1])] for b in range(caches[0].shape[0])]
+
+
 def _link(mgr, members, caches, max_transfer_bytes=1 << 20, keepalive_s=QUIET_KEEPALIVE_S):
     mgr.build(GROUP, members, deadline_s=BUILD_DEADLINE_S)
     return _comm.KVReplicator(mgr._core, caches, max_transfer_bytes, keepalive_s)
@@ -93,6 +99,28 @@ def copies_blocks(mgr, store, me, members, dtype, steps):
     acked = _receive_until(rep, source, len(steps))
     _finish_backup(rep, store)
     return dict(blocks=block_bytes(caches), acked=acked, stats=rep.stats())
+
+
+def copies_rows(mgr, store, me, members, steps):
+    """steps: [(step, src ids, dst ids, first rows, end rows)], all submitted
+    before the backup starts receiving, so that they coalesce."""
+    source, backup = members
+    if me == source:
+        caches = make_caches(seed=4321)
+        rep = _link(mgr, members, caches)
+        rep.start(GROUP, backup)
+        accepted = [rep.submit(src, dst, step, begin, end)
+                    for step, src, dst, begin, end in steps]
+        store.set("submitted", "1")
+        stats = _finish_source(rep, store)
+        return dict(rows=rows_bytes(caches), accepted=accepted, stats=stats,
+                    row_bytes=rep.row_bytes)
+    caches = make_caches()
+    rep = _link(mgr, members, caches)
+    store.wait(["submitted"])
+    acked = _receive_until(rep, source, len(steps))
+    _finish_backup(rep, store)
+    return dict(rows=rows_bytes(caches), acked=acked, stats=rep.stats())
 
 
 def coalesces(mgr, store, me, members, num_steps):
@@ -201,7 +229,8 @@ def keepalive(mgr, store, me, members, keepalive_s, receive_deadline_s, idle_s):
     return dict(blocks=block_bytes(caches), idle=idle, acked=acked, stats=rep.stats())
 
 
-def refuses_out_of_range(mgr, store, me, members, src, dst, backup_blocks):
+def refuses_out_of_range(mgr, store, me, members, src, dst, backup_blocks,
+                         backup_rows=SHAPE[1]):
     source, backup = members
     if me == source:
         caches = make_caches(seed=11)
@@ -213,7 +242,7 @@ def refuses_out_of_range(mgr, store, me, members, src, dst, backup_blocks):
         t0 = time.monotonic()
         rep.stop()
         return dict(accepted=accepted, stop_s=time.monotonic() - t0)
-    caches = make_caches(shape=(backup_blocks,) + SHAPE[1:])
+    caches = make_caches(shape=(backup_blocks, backup_rows) + SHAPE[2:])
     rep = _link(mgr, members, caches)
     error = None
     try:
