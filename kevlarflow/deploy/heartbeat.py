@@ -55,7 +55,9 @@ class Heartbeat(threading.Thread):
             while not self.stopping.is_set():
                 name = self.worker.name
                 if name is not None:
-                    self.endpoint.send("heartbeat", worker=name)
+                    replication = self.worker.replication
+                    self.endpoint.send("heartbeat", worker=name, replication=None
+                                       if replication is None else replication.totals())
                 due = time.monotonic() + self.interval_ms / 1000
                 while not self.stopping.is_set() and time.monotonic() < due:
                     ready = dict(poller.poll(max(1, int((due - time.monotonic()) * 1000))))

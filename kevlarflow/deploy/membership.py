@@ -112,6 +112,8 @@ class Membership:
             if record is not None and record.live:
                 record.heartbeat_peer = peer
                 c.health.beat(record.name)
+                if m["replication"] is not None:
+                    c.replication.count(record.name, record.pid, m["replication"])
             return []
         if kind == "replicated":  # from a backup's receiver thread
             record = c.workers.records.get(m["worker"])

@@ -61,6 +61,8 @@ class DeploymentStatus:
     replication_enabled: bool
     # tokens_restored, tokens_recomputed, requests_restored, bytes_replicated
     stats: dict[str, int]
+    # bytes_sent, bytes_received, pack_s, send_s, unpack_s: Replication.totals()
+    replication_totals: dict[str, float]
     lag_tokens: list[int]     # per running request and link
     replica_blocks_used: int  # over every replication link
     events: list[Event] = field(default_factory=list)
@@ -103,6 +105,7 @@ def _read(c) -> DeploymentStatus:
                    tokens_recomputed=stats.tokens_recomputed,
                    requests_restored=stats.requests_restored,
                    bytes_replicated=c.replication.bytes_replicated),
+        replication_totals=c.replication.totals(),
         lag_tokens=c.replication.lag(list(c.instances)),
         replica_blocks_used=sum(_used(link.alloc) for link in list(c.replication.links.values())),
         events=list(c.events.events))

@@ -50,6 +50,9 @@ class Replication:
         self.links: dict[str, ReplicaLink] = {}  # by source
         self.reserve: dict[str, list[int]] = {}  # worker -> its blocks kept for replicas
         self.bytes_replicated = 0
+        # The latest running totals of each worker process's replication, as
+        # its heartbeats report them; a process that is gone keeps its last.
+        self._totals: dict[tuple[str, int | None], dict] = {}
 
     # Membership ---------------------------------------------------------------------
 
@@ -138,6 +141,18 @@ class Replication:
             stage = self.workers[link.source].stage
             self.bytes_replicated += ((link.rows_acked - before) * self.block_bytes[stage]
                                       // self.block_size)
+
+    def count(self, worker: str, pid: int | None, totals: dict) -> None:
+        self._totals[worker, pid] = totals
+
+    def totals(self) -> dict[str, float]:
+        """Replication's work over every worker process so far (see
+        WorkerReplication.totals), as of their last heartbeats."""
+        out = dict.fromkeys(("bytes_sent", "bytes_received", "pack_s", "send_s", "unpack_s"), 0)
+        for totals in list(self._totals.values()):
+            for k in out:
+                out[k] += totals[k]
+        return out
 
     def forget(self, seq: Sequence) -> None:
         for link in self.links.values():

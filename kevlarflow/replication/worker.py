@@ -83,6 +83,15 @@ class WorkerReplication:
             src, dst, begin, end = zip(*spans)
             self.native.submit(src, dst, step, begin, end)
 
+    def totals(self) -> dict:
+        """Running totals of this worker's replication (thread-safe): KV bytes
+        sent and received, and seconds packing, sending (packing included,
+        waits too) and unpacking."""
+        s = self.native.stats()
+        return dict(bytes_sent=s["bytes_sent"], bytes_received=s["bytes_received"],
+                    pack_s=s["pack_seconds"], send_s=s["send_seconds"],
+                    unpack_s=s["unpack_seconds"])
+
     def close(self) -> None:
         for group in list(self.receivers) + ([self.sending] if self.sending else []):
             self.leave(group)

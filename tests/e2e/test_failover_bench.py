@@ -293,6 +293,11 @@ def test_benchmark_end_to_end(tmp_path):
     assert len(pairs["ratios"]) == 2 and pairs["ci95"][0] <= pairs["mean"] <= pairs["ci95"][1]
     assert doc["ratios"]["kevlarflow"]["fault_free_overhead"]["avg_latency_s"] == pairs["mean"]
     assert "interleaved pairs" in proc.stdout
+    # Where replication's share of the fault-free cost goes: only KevlarFlow replicates.
+    kf_ff, restart_ff = metrics["kevlarflow"]["fault_free"], metrics["restart"]["fault_free"]
+    assert kf_ff["replication_bytes_sent"]["min"] > 0 and kf_ff["replication_pack_s"]["min"] > 0
+    assert restart_ff["replication_bytes_sent"]["max"] == 0
+    assert "kevlarflow replication per fault-free round" in proc.stdout
     assert len(doc["timelines"]) == 5
     for name in doc["timelines"]:
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -124,6 +124,31 @@ def _watermarks(engine, instance, stage):
             for seq in engine.instances[instance].running()}
 
 
+def test_without_a_failure_each_token_s_kv_travels_once(expected):
+    """A decode step writes one row of a block that earlier transfers already
+    carried: only that row goes. Over a fault-free run the bytes sent are
+    exactly the KV of the tokens computed, at every stage, and the backups
+    receive all of them (the workers' heartbeats report both)."""
+    prompts, params = workload()
+    with LLM(tiny_model(), num_instances=2, pp_size=2, **ARGS) as llm:
+        engine = llm.engine
+        outs = llm.generate(prompts, params)
+        assert [o.token_ids for o in outs] == expected
+        assert not any(link.dropped for link in engine.replication.links.values())
+        tokens = sum(o.metrics.tokens_run for o in outs)
+        row_bytes = sum(engine.replication.block_bytes) // engine.replication.block_size
+        streams = Streams(engine)
+        streams.until(lambda: min(engine.status().replication_totals[k] for k in
+                                  ("bytes_sent", "bytes_received")) >= tokens * row_bytes,
+                      "the last transfers", timeout_s=30)
+        totals = engine.status().replication_totals
+        assert totals["bytes_sent"] == totals["bytes_received"] == tokens * row_bytes, \
+            (totals, tokens * row_bytes)
+        assert totals["pack_s"] > 0 and totals["unpack_s"] > 0
+        assert totals["send_s"] >= totals["pack_s"]
+        assert engine.status().stats["bytes_replicated"] == tokens * row_bytes
+
+
 def test_without_a_replica_pool_a_failure_recomputes_all_kv(expected):
     """replica_memory=0 turns replication off: no link, no copy, and after
     the kill each moved request runs again every token it had computed."""

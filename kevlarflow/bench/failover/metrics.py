@@ -101,7 +101,12 @@ def run_metrics(run: dict, slo: dict) -> dict:
         throughput_tok_s=tokens / run["elapsed_s"], goodput_rps=len(good) / run["elapsed_s"],
         tokens_recomputed=run["tokens_recomputed"], tokens_restored=run["tokens_restored"],
         bytes_replicated=run["bytes_replicated"],
+        **{f"replication_{k}": (run.get("replication") or {}).get(k) for k in REPLICATION_WORK},
         worker_cpu_s=run.get("worker_cpu_s"), controller_cpu_s=run.get("controller_cpu_s"))
+
+
+# Replication's work in a run (Replication.totals), from the workers' heartbeats.
+REPLICATION_WORK = ("bytes_sent", "pack_s", "send_s", "unpack_s")
 
 
 def summarize(per_run: list[dict]) -> dict:

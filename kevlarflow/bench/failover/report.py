@@ -100,6 +100,24 @@ def paired_text(paired: dict, rounds: int) -> str:
     return "\n".join(lines)
 
 
+def replication_text(metrics: dict) -> str:
+    """What replication did in the fault-free rounds, per mode that replicates:
+    where its share of the workers' CPU time goes."""
+    lines = []
+    for mode, by_condition in metrics.items():
+        ff = by_condition.get("fault_free") or {}
+        work = {k: ff.get(f"replication_{k}") for k in ("bytes_sent", "pack_s", "send_s",
+                                                         "unpack_s")}
+        if not work["bytes_sent"] or not work["bytes_sent"]["median"]:
+            continue
+        med = {k: v["median"] if v else 0 for k, v in work.items()}
+        lines.append(f"{mode} replication per fault-free round (median): "
+                     f"{med['bytes_sent'] / 1e6:.1f} MB sent; {med['pack_s'] * 1000:.0f} ms packing, "
+                     f"{med['send_s'] * 1000:.0f} ms packing and sending (wall, waits included), "
+                     f"{med['unpack_s'] * 1000:.0f} ms unpacking")
+    return "\n".join(lines)
+
+
 def write_json(path: Path, config: dict, trace: list[dict], runs: dict, metrics: dict,
                ratios: dict, targets: dict, slo: dict, timelines: list[str],
                fault_free_pairs: dict) -> None:

@@ -7,8 +7,8 @@ from pathlib import Path
 
 from kevlarflow.bench.failover import metrics as m
 from kevlarflow.bench.failover.paired import paired_overhead
-from kevlarflow.bench.failover.report import (paired_text, ratios_text, table, targets_text,
-                                              write_json)
+from kevlarflow.bench.failover.report import (paired_text, ratios_text, replication_text,
+                                              table, targets_text, write_json)
 from kevlarflow.bench.failover.runner import Deployment
 from kevlarflow.bench.trace import summary
 
@@ -94,6 +94,7 @@ def finish(ctx: dict, name: str, delay: float | None, deployment: Deployment, tr
     print(ratios_text(ratios, overhead=not pairs))
     if pairs:
         print(paired_text(pairs, args.rounds))
+        print(replication_text(metrics))
     print("targets (kevlarflow mode):")
     print(targets_text(targets))
     print(f"wrote {out / 'failover.json'} and {len(timelines)} timeline(s) in {out}/", flush=True)

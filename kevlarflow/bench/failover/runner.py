@@ -112,7 +112,8 @@ def serve(engine, trace: list[Request], failures: list[Failure], label: str) -> 
     pending, schedule = list(trace), sorted(failures, key=lambda f: f.at_s)
     seqs, records, lags, next_lag = [], {}, [], 0.0
     counters = ("tokens_recomputed", "tokens_restored", "requests_restored", "bytes_replicated")
-    before = engine.status().stats
+    status = engine.status()
+    before, replication_before = status.stats, status.replication_totals
     cpu_before, own_before = worker_cpu_s(engine), time.process_time()
     bar = tqdm(total=len(trace), desc=label, unit="req", leave=False, dynamic_ncols=True)
     try:
@@ -143,7 +144,8 @@ def serve(engine, trace: list[Request], failures: list[Failure], label: str) -> 
         bar.close()
     for seq in seqs:  # requests failed by the engine may end without an output
         records[seq.request_id]["finish_reason"] = seq.finish_reason
-    stats = engine.status().stats
+    status = engine.status()
+    stats = status.stats
     cpu_after = worker_cpu_s(engine)
     return dict(
         elapsed_s=time.time() - start,
@@ -156,6 +158,8 @@ def serve(engine, trace: list[Request], failures: list[Failure], label: str) -> 
         events=[dict(kind=e.kind, t_s=e.time - start, worker=e.worker, instance=e.instance,
                      detail=e.detail) for e in engine.events.events if e.time >= start],
         **{k: stats[k] - before[k] for k in counters},
+        # Replication's work, as the workers' heartbeats report it.
+        replication={k: v - replication_before[k] for k, v in status.replication_totals.items()},
         lag_tokens=lags)
 
 
