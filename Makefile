@@ -25,9 +25,11 @@ $(STAMP): $(VENV)/.deps $(SOURCES)
 
 install: $(STAMP)
 
-# The failover benchmark's preset: 2 instances x 2 stages of the medium model
-# (its checkpoint is written once, then cached), one worker killed halfway,
-# every recovery mode; the table on stdout, JSON and plots in demo-results/.
+# The failover benchmark's preset: 2 instances x 2 stages of the small model
+# (its checkpoint is written once, then cached), each instance on cores of its
+# own, KevlarFlow against a restart, one worker killed mid-trace with a
+# same-machine and a new-node (30 s) replacement, and fault-free rounds; the
+# table on stdout, JSON and plots in demo-results/.
 demo: $(STAMP)
 	cd /tmp && $(abspath $(PY)) -m kevlarflow demo --out $(CURDIR)/demo-results
 
