@@ -295,16 +295,16 @@ def test_validate_compares_every_mode_with_the_measured_figures():
 
 def test_the_simulator_predicts_a_recorded_run_within_its_documented_error():
     """The figures docs/simulator.md states for this recorded run: a mean
-    error of 18% over the predicted figures (the fitted one left out), the
-    worst MTTR 36% off. A change to the model that predicts worse fails."""
+    error of 13% over the predicted figures (the fitted one left out), the
+    worst MTTR 26% off. A change to the model that predicts worse fails."""
     result = compare(read_run(DEMO_RUN), load_file(DEMO_COSTS))
     errors = prediction_errors(result["modes"])
     fitted = [(m, c, k) for m, by_c in result["modes"].items() for c, rows in by_c.items()
               for k, r in rows.items() if r["fitted"]]
     assert fitted == [("restart", "fault_free", "mean_tpot_s")] and len(errors) == 32
-    assert sum(abs(e) for *_, e in errors) / len(errors) <= 0.185
+    assert sum(abs(e) for *_, e in errors) / len(errors) <= 0.14
     mttr = [abs(e) for _, _, key, e in errors if key == "mttr_s"]
-    assert len(mttr) == 3 and max(mttr) <= 0.365
+    assert len(mttr) == 3 and max(mttr) <= 0.28
 
 
 # The `make demo` of the pinned small deployment at its two settings, and the
@@ -313,15 +313,18 @@ def test_the_simulator_predicts_a_recorded_run_within_its_documented_error():
 SMALL_COSTS = Path(__file__).parent / "data" / "demo_costs_small.json"
 
 
-@pytest.mark.parametrize("setting,mean_error", [("same_machine", 0.19), ("new_node", 0.265)])
+@pytest.mark.parametrize("setting,mean_error", [("same_machine", 0.13), ("new_node", 0.105)])
 def test_the_simulator_predicts_both_demo_settings_within_their_documented_error(setting,
                                                                                   mean_error):
-    """docs/simulator.md: a mean error of 19% at the same-machine point and
-    26% at the new-node one (where the survivor of a restart queues in the
-    real run and keeps up in the model). A model that predicts worse fails."""
+    """docs/simulator.md: a mean error of 12% at the same-machine point and
+    10% at the new-node one (where the survivor of a restart queues, in the
+    real run and in the model). A model that predicts worse fails."""
     run = read_run(Path(__file__).parent / "data" / f"demo_run_small_{setting}.json")
     assert run["config"]["instance_cpus"] and run["config"]["replacement_delay_s"] == \
         (0 if setting == "same_machine" else 30)
+    # The fault-free figures are medians over the run's own fault-free rounds,
+    # whose traces are drawn again from the recorded seeds.
+    assert len(run["fault_free_traces"]) == 8
     errors = prediction_errors(compare(run, load_file(SMALL_COSTS))["modes"])
     assert len(errors) == 21
     assert sum(abs(e) for *_, e in errors) / len(errors) <= mean_error
@@ -422,3 +425,17 @@ def test_the_paper_projection_runs_end_to_end(tmp_path, capsys):
     assert data["results"]["restart"]["failure"]["mttr_s"] > 60
     assert data["ratios"]["kevlarflow"]["mttr_s"] > 10
     assert 0.65 < data["trace"]["rate"] / data["trace"]["capacity_requests_per_s"] < 0.75
+
+
+def test_a_lender_holds_its_rounds_for_the_first_step_after_a_reroute():
+    """ft/recovery.py `yields`: the first step of the instance that resumed
+    runs alone at the lent worker, so MTTR is detection + communicator + one
+    trip of its own micro-batch, not a merged round of both instances."""
+    trace = [TraceRequest(0.05 * i, 64, 64) for i in range(60)]
+    costs = COSTS.with_overrides(cpu_cores=2, pinned_instances=1)
+    sim = simulate(costs, trace, "kevlarflow", [Failure(1.0, 0, 1)])
+    own = costs.detect_kill_s + costs.comm_build_s
+    # at most one trip of the whole budget through the stages
+    assert own < sim.mttr_s[0] <= own + costs.stages * costs.stage_step_s(
+        costs.max_num_batched_tokens, 0)
+

@@ -24,7 +24,7 @@ import math
 from collections import deque
 
 from kevlarflow.bench.sim.costs import Costs
-from kevlarflow.bench.sim.recovery import RecoveryMixin
+from kevlarflow.bench.sim.recovery import FIRST_STEP_PRIORITY_S, RecoveryMixin
 from kevlarflow.bench.sim.state import (DECODE, DONE, FAULTS, INF, MODES, PREFILL,
                                         Failure, InstanceState, Round, Seq, TraceRequest)
 
@@ -118,7 +118,7 @@ class Simulation(RecoveryMixin):
     # Rounds -----------------------------------------------------------------------------
 
     def _start_round(self, inst: InstanceState, t: float) -> None:
-        if not inst.up or inst.round is not None:
+        if not inst.up or inst.round is not None or self._yields(inst, t):
             return
         c = self.c
         budget_per_mb = c.max_num_batched_tokens
@@ -147,17 +147,45 @@ class Simulation(RecoveryMixin):
             return
         prefill = sum(n for _, n in chunks)
         m = min(c.stages, sequences)
-        length = c.stages * c.stage_step_s(prefill / m, decode / m)
-        if inst.partner is not None:
-            pm, pp, pd = self.instances[inst.partner].load
+        step = c.stage_step_s(prefill / m, decode / m)
+        length = c.stages * step
+        partner = self.instances[inst.partner] if inst.partner is not None else None
+        # The first step after a reroute runs alone at the lent worker: the
+        # lender starts no step of its own until it is back (`_yields`).
+        first = partner is not None and inst.failed_at is not None
+        lent = 0.0
+        if partner is not None:
+            pm, pp, pd = (0, 0.0, 0.0) if first else partner.load
             merged = max(m, pm)
-            length = max(length, merged * c.stage_step_s((prefill + pp) / merged,
-                                                          (decode + pd) / merged))
+            lent = merged * c.stage_step_s((prefill + pp) / merged, (decode + pd) / merged)
+            if not (c.cpu_cores and c.pinned_instances):
+                length = max(length, lent)
+        first_s = None  # when the round's first micro-batch is back, if before its end
         if c.cpu_cores and c.pinned_instances:
-            # The instance's workers share its own cores, whatever the others
-            # do; a worker it borrows shares its lender's, who keep as many
-            # busy (the merged work is in the length above).
-            length *= max(1.0, m / (c.cpu_cores / c.instances))
+            cores = c.cpu_cores / c.instances
+            if partner is None:
+                # The instance's workers share its own cores, whatever the
+                # others do: m micro-batches a round, P stage steps each.
+                length *= max(1.0, m / cores)
+                # The first micro-batch is back before the others: its trip
+                # shares the cores with their first m - 1 steps at most.
+                first_s = c.stages * step * min(max(1.0, m / cores), (c.stages + m - 1) / c.stages)
+            else:
+                # A lent worker runs on its lender's cores, beside the
+                # lender's other P - 1 stages: per round those cores do the
+                # lender's own steps there plus the lent stage's merged ones,
+                # and both instances' rounds wait for that work; the
+                # borrower's other stages are on its own cores.
+                lender_m, lender_p, lender_d = (m, prefill, decode) if partner.recovering \
+                    else (0, 0.0, 0.0) if first else partner.load
+                lender_own = (c.stages - 1) * lender_m * c.stage_step_s(
+                    lender_p / lender_m, lender_d / lender_m) if lender_m else 0.0
+                trip = (c.stages - 1) * step + lent / max(m, 0 if first else partner.load[0])
+                length = max(trip, (c.stages - 1) * m * step / cores,
+                             (lender_own + lent) / cores)
+                # Its first micro-batch is back after one trip through the
+                # stages (what the engine's MTTR waits for), the others after it.
+                first_s = trip
         elif c.cpu_cores:
             # Each micro-batch in flight keeps one worker busy; beyond the
             # cores, the workers share them.
@@ -173,8 +201,22 @@ class Simulation(RecoveryMixin):
             until_event = math.floor(gap / length) if gap < INF else until_finish
             count = max(1, min(until_finish, until_event))
         inst.round_ids += 1
-        inst.round = Round(t, length, count, chunks, inst.round_ids)
+        inst.round = Round(t, length, count, chunks, inst.round_ids,
+                           first_s if first_s is not None else length)
         self._push(t + count * length, "round", (inst.index, inst.round_ids))
+
+    def _yields(self, inst: InstanceState, t: float) -> bool:
+        """inst lends a worker to an instance that resumed and has not yet
+        completed a step: as the real controller (ft/recovery.py `yields`),
+        it starts no round of its own meanwhile, for at most
+        FIRST_STEP_PRIORITY_S."""
+        if inst.partner is None:
+            return False
+        other = self.instances[inst.partner]
+        return other.recovering and other.failed_at is not None and other.up \
+            and t - other.resumed_at < FIRST_STEP_PRIORITY_S \
+            and (other.round is not None or bool(other.waiting) or bool(other.prefilling)
+                 or bool(other.decoding))
 
     def _next_finish(self, inst: InstanceState) -> int:
         heap = inst.finish_heap
@@ -189,12 +231,14 @@ class Simulation(RecoveryMixin):
         self._commit(inst, inst.round, inst.round.count)
         inst.round = None
         self._start_round(inst, t)
+        if inst.partner is not None:  # a lender held back for this round starts again
+            self._start_round(self.instances[inst.partner], t)
 
     def _commit(self, inst: InstanceState, rnd: Round, count: int) -> None:
         """Apply `count` rounds of rnd (the chunks belong to its only round)."""
         if count <= 0:
             return
-        first_end = rnd.start + rnd.length
+        first_end = rnd.start + rnd.first_s
         if inst.failed_at is not None:
             self.mttr_s.append(first_end - inst.failed_at)
             self._record("first_step_after_failure", first_end, inst.index)

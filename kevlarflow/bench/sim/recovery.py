@@ -8,6 +8,8 @@ import math
 
 from kevlarflow.bench.sim.state import DECODE, INF, PREFILL, WAITING, Failure, InstanceState
 
+FIRST_STEP_PRIORITY_S = 0.5  # ft/recovery.py: the longest a lender holds its steps back for a first step
+
 
 class RecoveryMixin:
     def _record(self, kind: str, t: float, instance: int, stage: int | None = None,
@@ -37,7 +39,12 @@ class RecoveryMixin:
         if self.mode == "restart":
             # The whole instance is replaced: every worker loads in parallel.
             self._preempt_all(inst, t)
-            self._push(t + self.c.replacement_delay_s + self.c.stage_load_s(), "restart_loaded", f)
+            load = self.c.stage_load_s()
+            if self.c.cpu_cores and self.c.pinned_instances:
+                # The P new processes start, import and load on the instance's
+                # own cores, all at once: CPU-bound, they share them.
+                load *= max(1.0, self.c.stages / (self.c.cpu_cores / self.c.instances))
+            self._push(t + self.c.replacement_delay_s + load, "restart_loaded", f)
             return
         # The next healthy instance in the ring, not already lending a worker.
         ring = [self.instances[(f.instance + k) % self.c.instances]
@@ -54,9 +61,15 @@ class RecoveryMixin:
         inst = self.instances[f.instance]
         inst.partner, self.instances[donor].partner = donor, f.instance
         inst.up = True
+        inst.resumed_at = t
+        # The lender holds its rounds for the first step (model.py `_yields`), at most this long.
+        self._push(t + FIRST_STEP_PRIORITY_S, "priority_end", donor)
         self._record("resumed", t, f.instance, f.stage, f"borrows w{donor}.{f.stage}")
         self._set_routable(inst, t)
         self._start_round(inst, t)
+
+    def _on_priority_end(self, t: float, donor: int) -> None:
+        self._start_round(self.instances[donor], t)
 
     def _on_replacement_loaded(self, t: float, f: Failure) -> None:
         inst = self.instances[f.instance]

@@ -51,10 +51,12 @@ class Seq:
 
 
 class Round:
-    __slots__ = ("start", "length", "count", "chunks", "id")
+    __slots__ = ("start", "length", "count", "chunks", "id", "first_s")
 
-    def __init__(self, start, length, count, chunks, rid):
+    def __init__(self, start, length, count, chunks, rid, first_s=None):
         self.start, self.length, self.count, self.chunks, self.id = start, length, count, chunks, rid
+        # after start, when its first micro-batch is back (the first step after a failure)
+        self.first_s = length if first_s is None else first_s
 
 
 class InstanceState:
@@ -75,6 +77,7 @@ class InstanceState:
         self.load = (0, 0.0, 0.0)   # its last round: micro-batches, prefill, decode tokens
         self.last_round_s = 0.0
         self.failed_at: float | None = None
+        self.resumed_at = 0.0       # when it last resumed after a failure
         self.recovering = False
 
     def outstanding(self) -> int:

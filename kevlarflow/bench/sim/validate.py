@@ -4,11 +4,14 @@ and failures; compare simulated and measured figures, mode by mode."""
 from __future__ import annotations
 
 import json
+import statistics
 from pathlib import Path
 
 from kevlarflow.bench.sim.costs import Costs, read_json
-from kevlarflow.bench.sim.model import MODES, Failure, TraceRequest
+from kevlarflow.bench.sim.metrics import summarize
+from kevlarflow.bench.sim.model import MODES, Failure, TraceRequest, simulate
 from kevlarflow.bench.sim.report import CONDITIONS, run_modes
+from kevlarflow.bench.sim.workload import sharegpt_like
 
 SCHEMA = "kevlarflow.failover/1"
 COMPARED = ("mttr_s", "avg_latency_s", "p99_latency_s", "avg_ttft_s", "p99_ttft_s", "mean_tpot_s")
@@ -37,7 +40,48 @@ def read_run(path: str | Path) -> dict:
     unknown = sorted(set(metrics) - set(MODES))
     if unknown:
         raise ValueError(f"{path}: metrics of unknown mode(s) {unknown}")
-    return dict(config=config, trace=trace, failures=failures, metrics=metrics)
+    return dict(config=config, trace=trace, failures=failures, metrics=metrics,
+                fault_free_traces=fault_free_traces(config, metrics))
+
+
+def fault_free_traces(config: dict, metrics: dict) -> list[list[TraceRequest]] | None:
+    """The traces of the run's fault-free rounds, or None where they cannot
+    be had. The benchmark draws them (bench/failover/cli.py) from the same
+    generator as the failure trace, one seed per round, for `duration_s`
+    seconds each; its fault-free figures are medians over those rounds.
+    Regenerated here, checked against the recorded request counts."""
+    rounds, trace = config.get("fault_free"), config.get("trace")
+    if not (isinstance(rounds, dict) and isinstance(trace, dict)
+            and trace.get("source") == "sharegpt-like" and rounds.get("seeds")):
+        return None
+    try:
+        traces = [sharegpt_like(float(trace["rate"]), float(rounds["duration_s"]),
+                                int(trace["mean_prompt_tokens_asked"]),
+                                int(trace["mean_output_tokens_asked"]), seed=int(seed))
+                  for seed in rounds["seeds"]]
+    except (KeyError, TypeError, ValueError):
+        return None
+    counts = [len(t) for t in traces]
+    for by_condition in metrics.values():
+        n = (by_condition.get("fault_free") or {}).get("requests")
+        if isinstance(n, dict) and (n.get("min"), n.get("max"), n.get("median")) != (
+                min(counts), max(counts), statistics.median(counts)):
+            return None  # not the rounds that were run (another vocabulary, a longer round)
+    return traces
+
+
+def simulate_fault_free(costs: Costs, run: dict, mode: str) -> dict:
+    """The mode's fault-free figures as the benchmark takes them: over its
+    fault-free rounds' traces, the median of each figure; without them, the
+    failure trace served without the failure."""
+    traces = run.get("fault_free_traces")
+    if not traces:
+        return run_modes(costs, run["trace"], [], [mode])[mode]["fault_free"]
+    runs = [summarize(simulate(costs, trace, mode).requests(), None, 0) for trace in traces]
+    return {key: (statistics.median(vals) if len(vals := [r[key] for r in runs
+                                                          if r[key] is not None]) == len(runs)
+                  else None)
+            for key in runs[0]}
 
 
 def deployment_costs(costs: Costs, config: dict) -> Costs:
@@ -74,8 +118,7 @@ def fit_contention(run: dict, costs: Costs, baseline: str) -> float:
         return 1.0
     factor = 1.0
     for _ in range(FIT_ROUNDS):
-        sim = run_modes(costs.contended(factor), run["trace"], [], [baseline])
-        simulated = sim[baseline]["fault_free"]["mean_tpot_s"]
+        simulated = simulate_fault_free(costs.contended(factor), run, baseline)["mean_tpot_s"]
         if not simulated:
             return 1.0
         factor *= measured / simulated
@@ -91,6 +134,8 @@ def compare(run: dict, costs: Costs, fit: bool = True) -> dict:
     factor = fit_contention(run, costs, baseline) if fit else 1.0
     costs = costs.contended(factor)
     simulated = run_modes(costs, run["trace"], run["failures"], modes)
+    for mode in modes:
+        simulated[mode]["fault_free"] = simulate_fault_free(costs, run, mode)
     out = {}
     for mode in modes:
         out[mode] = {}
