@@ -124,6 +124,21 @@ def test_preset_parameter_counts():
         qkv_biases = spec.num_layers * (spec.num_heads + 2 * spec.num_kv_heads) * spec.head_dim
         assert parameter_count(preset, "llama") == tied - qkv_biases + spec.vocab_size * spec.hidden_size
     assert abs(parameter_count("medium", "llama") - 500e6) < 0.15 * 500e6
+    # The paper's model: Llama-3.1-8B's published parameter count, to the unit.
+    assert parameter_count("llama-8b", "llama") == 8_030_261_248
+
+
+def test_the_paper_scale_preset_is_written_in_shards_of_bounded_size():
+    """16 GB of weights, written tensor by tensor (never the whole model in
+    memory): here only planned, not written."""
+    shapes = tensor_shapes(PRESETS["llama-8b"], make_model_module.FLAVOURS["llama"], 128256)
+    shards = safetensors_stream.plan_shards(shapes, torch.bfloat16, make_model_module.MAX_SHARD_BYTES)
+    sizes = [sum(safetensors_stream.tensor_bytes(s, torch.bfloat16) for s in shard.values())
+             for shard in shards]
+    assert sum(sizes) == 2 * 8_030_261_248
+    # A shard goes over the bound only to hold a tensor larger than it (the embedding).
+    largest = max(safetensors_stream.tensor_bytes(s, torch.bfloat16) for s in shapes.values())
+    assert max(sizes) <= max(make_model_module.MAX_SHARD_BYTES, largest)
 
 
 def test_medium_preset_is_sharded_small_is_not():

@@ -54,6 +54,11 @@ PRESETS = {
         Preset("medium", hidden_size=1280, num_layers=24, num_heads=20, num_kv_heads=4,
                intermediate_size=3584, max_position_embeddings=4096,
                tokenizer_vocab_size=8000, vocab_size=32000, default_dtype="bfloat16"),
+        # Llama-3.1-8B's shapes (8.03B parameters, 16 GB in bfloat16), for GPU
+        # runs at the paper's scale; its small tokenizer pads the 128256 rows.
+        Preset("llama-8b", hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=8,
+               intermediate_size=14336, max_position_embeddings=8192,
+               tokenizer_vocab_size=8000, vocab_size=128256, default_dtype="bfloat16"),
     )
 }
 
