@@ -24,14 +24,14 @@ def _check_one_device(op: str, *tensors) -> None:
 
 @torch.library.register_fake("kevlarflow::paged_attention")
 def _paged_attention_fake(query, key_cache, value_cache, block_tables, seq_lens,
-                          query_start_loc, scale, sliding_window=0):
+                          query_start_loc, scale, sliding_window=0, max_query_len=-1):
     _check_one_device("paged_attention", query, key_cache, value_cache, block_tables, seq_lens,
                       query_start_loc)
     return torch.empty_like(query, memory_format=torch.contiguous_format)
 
 
 @torch.library.register_fake("kevlarflow::reshape_and_cache")
-def _reshape_and_cache_fake(key, value, key_cache, value_cache, slot_mapping):
+def _reshape_and_cache_fake(key, value, key_cache, value_cache, slot_mapping, trusted=False):
     _check_one_device("reshape_and_cache", key, value, key_cache, value_cache, slot_mapping)
 
 
@@ -58,26 +58,37 @@ def _unpack_blocks_fake(staging, block_ids, caches):
 
 
 def paged_attention(query, key_cache, value_cache, block_tables, seq_lens, query_start_loc,
-                    scale: float, sliding_window: int = 0, backend: str = "native"):
+                    scale: float, sliding_window: int = 0, backend: str = "native",
+                    max_query_len: int | None = None):
     """Attention of a mixed batch of decode and prefill-with-context chunks.
 
     See csrc/kernels/paged_attention.h for the layout. backend "triton" runs
     the Triton kernel (GPU, or CPU under TRITON_INTERPRET=1).
+
+    max_query_len: the longest chunk, from a caller that built the batch and
+    vouches for the index tensors' contents (the engine). Then nothing is
+    read back from them: no device synchronisation on a GPU. None: their
+    contents are checked on a host copy, and a bad one raises.
     """
     if backend == "native":
         return torch.ops.kevlarflow.paged_attention(
             query, key_cache, value_cache, block_tables, seq_lens, query_start_loc,
-            float(scale), int(sliding_window))
+            float(scale), int(sliding_window), -1 if max_query_len is None else int(max_query_len))
     if backend == "triton":
         from kevlarflow.triton import paged_attention_triton
         return paged_attention_triton(query, key_cache, value_cache, block_tables, seq_lens,
-                                      query_start_loc, float(scale), int(sliding_window))
+                                      query_start_loc, float(scale), int(sliding_window),
+                                      max_query_len=max_query_len)
     raise ValueError(f"unknown attention backend {backend!r}; choose one of {ATTENTION_BACKENDS}")
 
 
-def reshape_and_cache(key, value, key_cache, value_cache, slot_mapping) -> None:
-    """Write each token's K/V row into its cache slot; slots < 0 are skipped."""
-    torch.ops.kevlarflow.reshape_and_cache(key, value, key_cache, value_cache, slot_mapping)
+def reshape_and_cache(key, value, key_cache, value_cache, slot_mapping,
+                      trusted: bool = False) -> None:
+    """Write each token's K/V row into its cache slot; slots < 0 are skipped.
+    trusted: the caller vouches for slot_mapping (inside the cache, no slot
+    twice), which is then not read back (no device synchronisation)."""
+    torch.ops.kevlarflow.reshape_and_cache(key, value, key_cache, value_cache, slot_mapping,
+                                           bool(trusted))
 
 
 def copy_blocks(caches: list[torch.Tensor], block_mapping: torch.Tensor) -> None:

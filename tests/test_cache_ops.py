@@ -24,8 +24,9 @@ def same_bits(a, b):
     return a.shape == b.shape and torch.equal(a.view(torch.uint8), b.view(torch.uint8))
 
 
+@pytest.mark.parametrize("trusted", [False, True])  # True: the engine's path, slots unread
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_reshape_and_cache_writes_slots_and_skips_negative(dtype):
+def test_reshape_and_cache_writes_slots_and_skips_negative(dtype, trusted):
     shape = (20, 8, 2, 64)
     key_cache, value_cache = random_bits(shape, dtype, 1), random_bits(shape, dtype, 2)
     key, value = random_bits((13, 2, 64), dtype, 3), random_bits((13, 2, 64), dtype, 4)
@@ -33,7 +34,7 @@ def test_reshape_and_cache_writes_slots_and_skips_negative(dtype):
     slots[[2, 7]] = -1
     expected_k, expected_v = key_cache.clone(), value_cache.clone()
     reference.reshape_and_cache(key, value, expected_k, expected_v, slots)
-    ops.reshape_and_cache(key, value, key_cache, value_cache, slots)
+    ops.reshape_and_cache(key, value, key_cache, value_cache, slots, trusted=trusted)
     assert same_bits(key_cache, expected_k) and same_bits(value_cache, expected_v)
 
 

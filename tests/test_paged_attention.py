@@ -15,6 +15,11 @@ def check_against_reference(batch, sliding_window=0):
     assert torch.isfinite(out).all(), "a NaN from an unused cache slot reached the output"
     atol, rtol = TOLERANCES[batch.query.dtype]
     torch.testing.assert_close(out.float(), expected, atol=atol, rtol=rtol)
+    # The engine's path: the longest chunk from the caller, contents on trust.
+    chunks = batch.query_start_loc[1:] - batch.query_start_loc[:-1]
+    trusted = ops.paged_attention(*batch.args(), sliding_window=sliding_window,
+                                  max_query_len=int(chunks.max()) if chunks.numel() else 0)
+    assert torch.equal(trusted, out)
 
 
 # A mixed batch: decodes, a chunk that starts the sequence, chunks with context,
@@ -142,6 +147,13 @@ def test_token_result_independent_of_batch_and_chunking(monkeypatch, isa, dtype,
         assert torch.equal(mixed[1], in_chunk[j])
 
 
+def test_a_caller_s_max_query_len_is_held_to_the_batch():
+    batch = make_batch([5, 40], [1, 17], 4, 2, 64, 8)
+    with pytest.raises(RuntimeError, match=r"max_query_len \(19\) exceeds the number of query "
+                                           r"tokens \(18\)"):
+        ops.paged_attention(*batch.args(), max_query_len=19)
+
+
 def test_opcheck():
     batch = make_batch([5, 40], [1, 17], 4, 2, 64, 8)
     for b in (batch, make_batch([5, 40], [1, 17], 4, 2, 64, 8, dtype=torch.bfloat16)):
@@ -149,6 +161,8 @@ def test_opcheck():
                               b.args() + (0,))
         torch.library.opcheck(torch.ops.kevlarflow.paged_attention.default,
                               b.args() + (4,))
+        torch.library.opcheck(torch.ops.kevlarflow.paged_attention.default,
+                              b.args() + (0, 17))
 
 
 def test_under_torch_compile():

@@ -36,13 +36,55 @@ void check_index_tensor(const at::Tensor& t, at::ScalarType type, const char* na
   check_contiguous(t, name);
 }
 
+// The contents of a batch's index tensors, checked on a host copy (small
+// tensors): offsets consistent, chunks inside their contexts, every block a
+// sequence needs inside the pool. Returns the longest chunk.
+int64_t checked_max_query_len(const at::Tensor& query_start_loc, const at::Tensor& seq_lens,
+                              const at::Tensor& block_tables, int64_t num_tokens,
+                              int64_t num_blocks, int64_t block_size) {
+  const int64_t num_seqs = seq_lens.size(0);
+  const at::Tensor starts = query_start_loc.cpu(), lens = seq_lens.cpu();
+  const int32_t* qsl = starts.data_ptr<int32_t>();
+  const int32_t* ctx = lens.data_ptr<int32_t>();
+  TORCH_CHECK(qsl[0] == 0, "query_start_loc[0] must be 0, got ", qsl[0]);
+  TORCH_CHECK(qsl[num_seqs] == num_tokens, "query_start_loc[-1] (", qsl[num_seqs],
+              ") must equal the number of query tokens (", num_tokens, ")");
+  const int64_t max_blocks = block_tables.size(1);
+  int64_t max_query_len = 0;
+  at::Tensor needed = at::empty({num_seqs}, at::kLong);
+  int64_t* needed_ptr = needed.data_ptr<int64_t>();
+  for (int64_t i = 0; i < num_seqs; ++i) {
+    const int64_t chunk = int64_t(qsl[i + 1]) - qsl[i];
+    TORCH_CHECK(chunk >= 0, "query_start_loc must be non-decreasing (sequence ", i, ")");
+    TORCH_CHECK(ctx[i] >= 0, "seq_lens[", i, "] is negative: ", ctx[i]);
+    TORCH_CHECK(chunk <= ctx[i], "sequence ", i, " has ", chunk, " query tokens but seq_len ",
+                ctx[i], ": the chunk's K/V must already be in the cache");
+    needed_ptr[i] = (int64_t(ctx[i]) + block_size - 1) / block_size;
+    TORCH_CHECK(needed_ptr[i] <= max_blocks, "sequence ", i, " needs ", needed_ptr[i],
+                " blocks but block_tables has ", max_blocks, " columns");
+    max_query_len = std::max(max_query_len, chunk);
+  }
+  if (num_seqs > 0 && max_blocks > 0) {
+    const at::Tensor table = block_tables.cpu();
+    const at::Tensor used = at::arange(max_blocks, at::kLong).unsqueeze(0) < needed.unsqueeze(1);
+    const at::Tensor bad = used & ((table < 0) | (table >= num_blocks));
+    if (bad.any().item<bool>()) {
+      const at::Tensor where = bad.nonzero()[0];
+      const int64_t s = where[0].item<int64_t>(), b = where[1].item<int64_t>();
+      TORCH_CHECK(false, "block_tables[", s, "][", b, "] = ", table[s][b].item<int32_t>(),
+                  " is outside the pool of ", num_blocks, " blocks");
+    }
+  }
+  return max_query_len;
+}
+
 }  // namespace
 
 PagedAttentionArgs paged_attention_args(const at::Tensor& out, const at::Tensor& query,
                                         const at::Tensor& key_cache, const at::Tensor& value_cache,
                                         const at::Tensor& block_tables, const at::Tensor& seq_lens,
                                         const at::Tensor& query_start_loc, double scale,
-                                        int64_t sliding_window) {
+                                        int64_t sliding_window, int64_t max_query_len) {
   check_dims(query, 3, "query", "[num_tokens, num_heads, head_dim]");
   check_dims(key_cache, 4, "key_cache", "[num_blocks, block_size, num_kv_heads, head_dim]");
   TORCH_CHECK(value_cache.sizes() == key_cache.sizes(), "value_cache shape ", value_cache.sizes(),
@@ -84,40 +126,10 @@ PagedAttentionArgs paged_attention_args(const at::Tensor& out, const at::Tensor&
                   out.is_contiguous(),
               "out must be a contiguous tensor shaped and typed like query");
 
-  // Contents: offsets consistent, chunks inside their contexts, every block a
-  // sequence needs inside the pool. Checked on a host copy (small tensors).
-  const at::Tensor starts = query_start_loc.cpu(), lens = seq_lens.cpu();
-  const int32_t* qsl = starts.data_ptr<int32_t>();
-  const int32_t* ctx = lens.data_ptr<int32_t>();
-  TORCH_CHECK(qsl[0] == 0, "query_start_loc[0] must be 0, got ", qsl[0]);
-  TORCH_CHECK(qsl[num_seqs] == num_tokens, "query_start_loc[-1] (", qsl[num_seqs],
-              ") must equal the number of query tokens (", num_tokens, ")");
-  const int64_t max_blocks = block_tables.size(1);
-  int64_t max_query_len = 0;
-  at::Tensor needed = at::empty({num_seqs}, at::kLong);
-  int64_t* needed_ptr = needed.data_ptr<int64_t>();
-  for (int64_t i = 0; i < num_seqs; ++i) {
-    const int64_t chunk = int64_t(qsl[i + 1]) - qsl[i];
-    TORCH_CHECK(chunk >= 0, "query_start_loc must be non-decreasing (sequence ", i, ")");
-    TORCH_CHECK(ctx[i] >= 0, "seq_lens[", i, "] is negative: ", ctx[i]);
-    TORCH_CHECK(chunk <= ctx[i], "sequence ", i, " has ", chunk, " query tokens but seq_len ",
-                ctx[i], ": the chunk's K/V must already be in the cache");
-    needed_ptr[i] = (int64_t(ctx[i]) + block_size - 1) / block_size;
-    TORCH_CHECK(needed_ptr[i] <= max_blocks, "sequence ", i, " needs ", needed_ptr[i],
-                " blocks but block_tables has ", max_blocks, " columns");
-    max_query_len = std::max(max_query_len, chunk);
-  }
-  if (num_seqs > 0 && max_blocks > 0) {
-    const at::Tensor table = block_tables.cpu();
-    const at::Tensor used = at::arange(max_blocks, at::kLong).unsqueeze(0) < needed.unsqueeze(1);
-    const at::Tensor bad = used & ((table < 0) | (table >= num_blocks));
-    if (bad.any().item<bool>()) {
-      const at::Tensor where = bad.nonzero()[0];
-      const int64_t s = where[0].item<int64_t>(), b = where[1].item<int64_t>();
-      TORCH_CHECK(false, "block_tables[", s, "][", b, "] = ", table[s][b].item<int32_t>(),
-                  " is outside the pool of ", num_blocks, " blocks");
-    }
-  }
+  TORCH_CHECK(max_query_len <= num_tokens, "max_query_len (", max_query_len,
+              ") exceeds the number of query tokens (", num_tokens, ")");
+  if (max_query_len < 0) max_query_len = checked_max_query_len(
+      query_start_loc, seq_lens, block_tables, num_tokens, num_blocks, block_size);
 
   PagedAttentionArgs a;
   a.out = out.data_ptr();
@@ -134,7 +146,7 @@ PagedAttentionArgs paged_attention_args(const at::Tensor& out, const at::Tensor&
   a.head_dim = head_dim;
   a.block_size = block_size;
   a.num_blocks = num_blocks;
-  a.max_blocks_per_seq = max_blocks;
+  a.max_blocks_per_seq = block_tables.size(1);
   a.max_query_len = max_query_len;
   a.sliding_window = sliding_window > 0 ? sliding_window : 0;
   a.scale = float(scale);
@@ -145,7 +157,7 @@ PagedAttentionArgs paged_attention_args(const at::Tensor& out, const at::Tensor&
 ReshapeAndCacheArgs reshape_and_cache_args(const at::Tensor& key, const at::Tensor& value,
                                            const at::Tensor& key_cache,
                                            const at::Tensor& value_cache,
-                                           const at::Tensor& slot_mapping) {
+                                           const at::Tensor& slot_mapping, bool trusted) {
   check_dims(key, 3, "key", "[num_tokens, num_kv_heads, head_dim]");
   check_dims(key_cache, 4, "key_cache", "[num_blocks, block_size, num_kv_heads, head_dim]");
   TORCH_CHECK(value.sizes() == key.sizes(), "value shape ", value.sizes(), " differs from key shape ",
@@ -173,8 +185,9 @@ ReshapeAndCacheArgs reshape_and_cache_args(const at::Tensor& key, const at::Tens
                 "key and value must be dense within a token (strides [*, head_dim, 1])");
 
   const int64_t num_slots = key_cache.size(0) * key_cache.size(1);
-  const at::Tensor used = slot_mapping.masked_select(slot_mapping >= 0);
-  if (used.numel() > 0) {
+  const at::Tensor used =
+      trusted ? at::Tensor() : slot_mapping.masked_select(slot_mapping >= 0);
+  if (!trusted && used.numel() > 0) {
     const int64_t hi = used.max().item<int64_t>();
     TORCH_CHECK(hi < num_slots, "slot_mapping holds slot ", hi, " but the cache has ", num_slots,
                 " slots");

@@ -21,19 +21,19 @@ void check_cpu(const at::Tensor& t, const char* op) {
 at::Tensor paged_attention(const at::Tensor& query, const at::Tensor& key_cache,
                            const at::Tensor& value_cache, const at::Tensor& block_tables,
                            const at::Tensor& seq_lens, const at::Tensor& query_start_loc,
-                           double scale, int64_t sliding_window) {
+                           double scale, int64_t sliding_window, int64_t max_query_len) {
   at::Tensor out = at::empty_like(query, at::MemoryFormat::Contiguous);
   const PagedAttentionArgs args = paged_attention_args(
       out, query, key_cache, value_cache, block_tables, seq_lens, query_start_loc, scale,
-      sliding_window);
+      sliding_window, max_query_len);
   paged_attention_cpu(args, torch_parallel_for);
   return out;
 }
 
 void reshape_and_cache(const at::Tensor& key, const at::Tensor& value, at::Tensor& key_cache,
-                       at::Tensor& value_cache, const at::Tensor& slot_mapping) {
+                       at::Tensor& value_cache, const at::Tensor& slot_mapping, bool trusted) {
   const ReshapeAndCacheArgs args =
-      reshape_and_cache_args(key, value, key_cache, value_cache, slot_mapping);
+      reshape_and_cache_args(key, value, key_cache, value_cache, slot_mapping, trusted);
   reshape_and_cache_cpu(args, torch_parallel_for);
 }
 
@@ -80,10 +80,11 @@ void unpack_blocks(const at::Tensor& staging, const at::Tensor& block_ids,
 TORCH_LIBRARY(kevlarflow, m) {
   m.def(
       "paged_attention(Tensor query, Tensor key_cache, Tensor value_cache, Tensor block_tables, "
-      "Tensor seq_lens, Tensor query_start_loc, float scale, int sliding_window=0) -> Tensor");
+      "Tensor seq_lens, Tensor query_start_loc, float scale, int sliding_window=0, "
+      "int max_query_len=-1) -> Tensor");
   m.def(
       "reshape_and_cache(Tensor key, Tensor value, Tensor(a!) key_cache, Tensor(b!) value_cache, "
-      "Tensor slot_mapping) -> ()");
+      "Tensor slot_mapping, bool trusted=False) -> ()");
   m.def("copy_blocks(Tensor(a!)[] caches, Tensor block_mapping) -> ()");
   m.def("pack_blocks(Tensor[] caches, Tensor block_ids, Tensor(a!) staging) -> ()");
   m.def("unpack_blocks(Tensor staging, Tensor block_ids, Tensor(a!)[] caches) -> ()");

@@ -67,23 +67,23 @@ struct CudaCaches {
 at::Tensor paged_attention(const at::Tensor& query, const at::Tensor& key_cache,
                            const at::Tensor& value_cache, const at::Tensor& block_tables,
                            const at::Tensor& seq_lens, const at::Tensor& query_start_loc,
-                           double scale, int64_t sliding_window) {
+                           double scale, int64_t sliding_window, int64_t max_query_len) {
   check_cuda(query, "paged_attention");
   const c10::cuda::CUDAGuard guard(query.device());
   at::Tensor out = at::empty_like(query, at::MemoryFormat::Contiguous);
   const PagedAttentionArgs args = paged_attention_args(
       out, query, key_cache, value_cache, block_tables, seq_lens, query_start_loc, scale,
-      sliding_window);
+      sliding_window, max_query_len);
   launch("paged_attention", [&] { paged_attention_cuda(args, current_stream(query)); });
   return out;
 }
 
 void reshape_and_cache(const at::Tensor& key, const at::Tensor& value, at::Tensor& key_cache,
-                       at::Tensor& value_cache, const at::Tensor& slot_mapping) {
+                       at::Tensor& value_cache, const at::Tensor& slot_mapping, bool trusted) {
   check_cuda(key, "reshape_and_cache");
   const c10::cuda::CUDAGuard guard(key.device());
   const ReshapeAndCacheArgs args =
-      reshape_and_cache_args(key, value, key_cache, value_cache, slot_mapping);
+      reshape_and_cache_args(key, value, key_cache, value_cache, slot_mapping, trusted);
   launch("reshape_and_cache", [&] { reshape_and_cache_cuda(args, current_stream(key)); });
 }
 

@@ -36,7 +36,8 @@ def attention_metadata(chunks: list[tuple[int, int, list[int]]], block_size: int
         slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
         block_tables=torch.tensor(tables, dtype=torch.int32, device=device),
         seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
-        query_start_loc=torch.tensor(starts, dtype=torch.int32, device=device))
+        query_start_loc=torch.tensor(starts, dtype=torch.int32, device=device),
+        max_query_len=max(n for n, _, _ in chunks))
 
 
 def sample_rows(chunk_tokens: list[int], samples: list[bool],

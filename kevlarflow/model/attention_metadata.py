@@ -13,3 +13,6 @@ class AttentionMetadata:
     block_tables: torch.Tensor     # int32 [num_seqs, max_blocks]
     seq_lens: torch.Tensor         # int32 [num_seqs]: context length including this chunk
     query_start_loc: torch.Tensor  # int32 [num_seqs + 1]: chunk offsets into the token batch
+    # The longest chunk, known on the host: the engine built these tensors, so
+    # the kernels take their contents on trust and read nothing back.
+    max_query_len: int

@@ -52,10 +52,11 @@ class Attention(nn.Module):
         k = self.rope.apply(k.view(tokens, self.num_kv_heads, self.head_dim), meta.positions)
         v = v.view(tokens, self.num_kv_heads, self.head_dim)
         key_cache, value_cache = kv_cache
-        ops.reshape_and_cache(k, v, key_cache, value_cache, meta.slot_mapping)
+        ops.reshape_and_cache(k, v, key_cache, value_cache, meta.slot_mapping, trusted=True)
         out = ops.paged_attention(q.contiguous(), key_cache, value_cache, meta.block_tables,
                                   meta.seq_lens, meta.query_start_loc, self.scale,
-                                  self.sliding_window, backend=attention_backend)
+                                  self.sliding_window, backend=attention_backend,
+                                  max_query_len=meta.max_query_len)
         return F.linear(out.view(tokens, q_size), self.o_proj)
 
 
