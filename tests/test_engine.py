@@ -2,12 +2,17 @@
 and the asyncio streaming interface."""
 import asyncio
 import json
+import re
 import shutil
 
 import pytest
+import torch
 
 from kevlarflow import LLM, AsyncEngine, EngineConfig, SamplingParams
 from helpers.models import tiny_model
+from kevlarflow.model.config import ModelConfig
+from kevlarflow.model.loader import load_stage, stage_bytes
+from kevlarflow.model.stage import StageSpec
 
 
 @pytest.fixture(scope="module")
@@ -114,6 +119,30 @@ def test_bad_engine_arguments():
         LLM(tiny_model("llama"), block_size=0)
     with pytest.raises(ValueError, match="holds no block"):
         LLM(tiny_model("llama"), kv_cache_memory=100, load_progress=False)
+    for device in ("gpu", "cuda:", "cuda:x", "cpu:0", 0):
+        with pytest.raises(ValueError, match=r"device must be 'cpu', 'cuda' or 'cuda:K'"):
+            LLM(tiny_model("llama"), device=device)
+
+
+@pytest.mark.skipif(torch.version.cuda is not None, reason="this torch has CUDA")
+def test_a_cuda_device_without_a_cuda_torch_says_so():
+    for device in ("cuda", "cuda:1"):
+        message = f"device='{device}' needs a CUDA build of torch; this one ({torch.__version__}) " \
+            "has no CUDA"
+        with pytest.raises(ValueError, match=re.escape(message)):
+            LLM(tiny_model("llama"), device=device)
+
+
+def test_a_stage_is_sized_before_it_is_loaded():
+    """What the GPU must hold, from a stage built on the meta device: the
+    loaded stage's weights and RoPE tables, to the byte."""
+    cfg = ModelConfig.from_pretrained(tiny_model("llama"))
+    for spec in (None, StageSpec.split(cfg.num_layers, 2, 0), StageSpec.split(cfg.num_layers, 2, 1)):
+        stage = load_stage(tiny_model("llama"), spec, cfg, progress=False, max_positions=100)
+        rope = stage.layers[0].self_attn.rope
+        loaded = sum(p.numel() * p.element_size() for p in stage.parameters()) + \
+            rope.cos.nbytes + rope.sin.nbytes
+        assert stage_bytes(cfg, 100, spec) == loaded
 
 
 def test_async_streaming_deltas_add_up_and_cancel_aborts():

@@ -17,7 +17,8 @@ from kevlarflow.engine.sampler import Sampler
 from kevlarflow.engine.scheduler import Scheduler
 from kevlarflow.engine.sequence import Sequence
 from kevlarflow.model.config import DTYPES, ModelConfig
-from kevlarflow.model.loader import load_stage
+from kevlarflow.model.device import check_fits, resolve_device
+from kevlarflow.model.loader import load_stage, stage_bytes
 
 
 @dataclass
@@ -41,6 +42,7 @@ class EngineConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
+        resolve_device(self.device)
 
 
 class LLMEngine(RequestFrontend):
@@ -51,11 +53,14 @@ class LLMEngine(RequestFrontend):
         config.validate()
         self.model_config = cfg = ModelConfig.from_pretrained(model)
         tokenizer = tokenizer or AutoTokenizer.from_pretrained(model)
-        dtype = DTYPES[config.dtype] if config.dtype else None
+        if config.dtype:
+            cfg.dtype = DTYPES[config.dtype]
         max_model_len = min(config.max_model_len or cfg.max_position_embeddings,
                             cfg.max_position_embeddings)
-        self.stage = load_stage(model, cfg=cfg, dtype=dtype, progress=config.load_progress,
-                                max_positions=max_model_len)
+        device = resolve_device(config.device)
+        check_fits(device, stage_bytes(cfg, max_model_len), config.kv_cache_memory, model)
+        self.stage = load_stage(model, cfg=cfg, progress=config.load_progress,
+                                max_positions=max_model_len, device=device)
         num_blocks = config.kv_cache_memory // (config.block_size * cfg.kv_bytes_per_token)
         if num_blocks < 1:
             raise ValueError(f"kv_cache_memory={config.kv_cache_memory} bytes holds no block of "
@@ -65,8 +70,8 @@ class LLMEngine(RequestFrontend):
         self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, config.max_num_batched_tokens, config.max_num_seqs)
         self.runner = ModelRunner(self.stage, num_blocks, config.block_size,
-                                  config.attention_backend, config.device)
-        self.sampler = Sampler(torch.Generator(device=config.device).manual_seed(config.seed))
+                                  config.attention_backend, device)
+        self.sampler = Sampler(torch.Generator(device=device).manual_seed(config.seed))
 
     def _submit(self, seq: Sequence) -> None:
         self.scheduler.add(seq)

@@ -54,17 +54,30 @@ def _copy(param: torch.nn.Parameter, tensor: torch.Tensor, name: str) -> None:
     param.data.copy_(tensor)
 
 
+def stage_bytes(cfg: ModelConfig, max_positions: int | None = None,
+                spec: StageSpec | None = None) -> int:
+    """Device memory of a stage's weights and RoPE tables, sized on the meta
+    device (nothing is allocated)."""
+    spec = spec or StageSpec(0, cfg.num_layers, cfg.num_layers)
+    stage = DecoderStage(cfg, spec, max_positions, "meta")
+    rope = stage.layers[0].self_attn.rope if len(stage.layers) else None
+    tables = 0 if rope is None else 2 * rope.cos.numel() * rope.cos.element_size()
+    return sum(p.numel() * p.element_size() for p in stage.parameters()) + tables
+
+
 def load_stage(path: str | Path, spec: StageSpec | None = None, cfg: ModelConfig | None = None,
                dtype: torch.dtype | None = None, progress: bool = True,
-               max_positions: int | None = None) -> DecoderStage:
-    """Build the stage `spec` (default: the whole model) and fill its weights.
-    max_positions bounds the RoPE tables (default: the model's maximum)."""
+               max_positions: int | None = None,
+               device: torch.device | str = "cpu") -> DecoderStage:
+    """Build the stage `spec` (default: the whole model) on `device` and fill
+    its weights, tensor by tensor from the checkpoint. max_positions bounds
+    the RoPE tables (default: the model's maximum)."""
     cfg = cfg or ModelConfig.from_pretrained(path)
     if dtype is not None:
         cfg.dtype = dtype
     spec = spec or StageSpec(0, cfg.num_layers, cfg.num_layers)
     ckpt = Checkpoint(path)
-    stage = DecoderStage(cfg, spec, max_positions)
+    stage = DecoderStage(cfg, spec, max_positions, device)
     try:
         if spec.is_first:
             _copy(stage.embed_tokens, ckpt.get("model.embed_tokens.weight", cfg.dtype),

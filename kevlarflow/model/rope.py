@@ -30,11 +30,15 @@ def _llama3_rescale(inv_freq: torch.Tensor, s: dict) -> torch.Tensor:
 class RotaryEmbedding:
     """cos/sin tables for every position, built once in fp32."""
 
-    def __init__(self, head_dim: int, max_positions: int, theta: float, scaling: dict | None):
-        inv_freq = inverse_frequencies(head_dim, theta, scaling)
-        angles = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)
-        table = torch.cat([angles, angles], dim=-1)
-        self.cos, self.sin = table.cos(), table.sin()
+    def __init__(self, head_dim: int, max_positions: int, theta: float, scaling: dict | None,
+                 device: torch.device | str = "cpu"):
+        # Computed on the CPU whatever the device, so that every device rotates
+        # by the same bits.
+        with torch.device("cpu"):
+            inv_freq = inverse_frequencies(head_dim, theta, scaling)
+            angles = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)
+            table = torch.cat([angles, angles], dim=-1)
+        self.cos, self.sin = table.cos().to(device), table.sin().to(device)
         self.max_positions = max_positions
 
     def apply(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

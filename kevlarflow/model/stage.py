@@ -41,22 +41,28 @@ class StageSpec:
 
 
 class DecoderStage(nn.Module):
-    def __init__(self, cfg: ModelConfig, spec: StageSpec, max_positions: int | None = None):
+    def __init__(self, cfg: ModelConfig, spec: StageSpec, max_positions: int | None = None,
+                 device: torch.device | str = "cpu"):
+        """Parameters (uninitialised) and RoPE tables made on `device`; "meta"
+        sizes a stage without allocating it."""
         super().__init__()
         self.cfg, self.spec = cfg, spec
         # Tables for every position the engine will serve, not the model's
         # maximum: 128k positions of Llama 3 would cost ~130 MB at start-up.
         rope = RotaryEmbedding(cfg.head_dim, max_positions or cfg.max_position_embeddings,
-                               cfg.rope_theta, cfg.rope_scaling)
-        self.layers = nn.ModuleList(
-            DecoderLayer(cfg, rope, cfg.sliding_windows[i])
-            for i in range(spec.first_layer, spec.end_layer))
-        p = lambda *shape: nn.Parameter(torch.empty(*shape, dtype=cfg.dtype), requires_grad=False)
-        self.embed_tokens = p(cfg.vocab_size, cfg.hidden_size) if spec.is_first else None
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.dtype) if spec.is_last else None
-        # With tied embeddings the last stage holds its own copy of the embedding
-        # matrix as its head: stages live in different processes.
-        self.lm_head = p(cfg.vocab_size, cfg.hidden_size) if spec.is_last else None
+                               cfg.rope_theta, cfg.rope_scaling, device)
+        with torch.device(device):
+            self.layers = nn.ModuleList(
+                DecoderLayer(cfg, rope, cfg.sliding_windows[i])
+                for i in range(spec.first_layer, spec.end_layer))
+            p = lambda *shape: nn.Parameter(torch.empty(*shape, dtype=cfg.dtype),
+                                            requires_grad=False)
+            self.embed_tokens = p(cfg.vocab_size, cfg.hidden_size) if spec.is_first else None
+            self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.dtype) \
+                if spec.is_last else None
+            # With tied embeddings the last stage holds its own copy of the
+            # embedding matrix as its head: stages live in different processes.
+            self.lm_head = p(cfg.vocab_size, cfg.hidden_size) if spec.is_last else None
 
     @torch.inference_mode()
     def forward(self, inputs: torch.Tensor, meta: AttentionMetadata,
