@@ -10,7 +10,7 @@ from kevlarflow.deploy.protocol import TO_CONTROLLER, TO_WORKER, ProtocolError, 
 STEP = dict(step=3, group="pipe0", generation=0, seqs=[[2, 0, [5]], [1, 7, [1, 2]]], token_ids=[4, 5, 6],
             sample=[None, dict(temperature=0.0, top_k=0, top_p=1.0, min_p=0.0, seed=None,
                                index=0, logprobs=2)],
-            replicate=[[5, 17], [1, 18]])
+            replicate=[[5, 17, 0, 16], [1, 18, 3, 4]], priority=False)
 
 
 def test_valid_messages_round_trip():
@@ -32,7 +32,8 @@ def test_valid_messages_round_trip():
     ({"type": "step", **dict(STEP, seqs=[[2, 0]])}, "list of 3"),
     ({"type": "step", **dict(STEP, seqs=[[2, 0, [1.5]]])}, "expected int"),
     ({"type": "step", **dict(STEP, sample=[{"temperature": 1.0}])}, "missing fields"),
-    ({"type": "step", **dict(STEP, replicate=[[5]])}, "list of 2"),
+    ({"type": "step", **dict(STEP, replicate=[[5, 17]])}, "list of 4"),
+    ({"type": "step", **dict(STEP, priority=None)}, "expected bool"),
     ({"type": "register", "pid": 1, "host": "h", "instance": "0", "stage": None}, "expected int"),
 ])
 def test_wrong_schema_is_rejected(message, error):

@@ -264,8 +264,9 @@ class Controller(RequestFrontend):
     def _dispatch(self, inst: PipelineInstance, batch) -> None:
         step = next(self._steps)
         messages, sampled = inst.stage_messages(step, batch)
+        priority = self.recovery.awaits_first_step(inst)
         for worker, message in zip(inst.workers, messages):
-            self.send(worker, "step", generation=inst.generation,
+            self.send(worker, "step", generation=inst.generation, priority=priority,
                       replicate=self.replication.pairs(worker, batch.items, step), **message)
         inst.in_flight[step] = MicroBatch(step, batch, sampled)
         inst.steps_dispatched += 1

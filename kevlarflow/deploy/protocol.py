@@ -73,11 +73,12 @@ TO_WORKER = {
     # this stage's block table). token_ids on the first stage only; sample on
     # the last only: one entry per sequence whose last token is computed now.
     # replicate: (block, backup's block, first row, end row): the rows of each
-    # block to copy to the backup afterwards.
+    # block to copy to the backup afterwards. priority: a step of an instance
+    # that has not completed one since a failure (worker.next_message).
     "step": {"step": int, "group": str, "generation": int, "seqs": [(int, int, [int])],
              "token_ids": Opt([int]),
              "sample": Opt([Opt(_SAMPLING)]),
-             "replicate": Opt([(int, int, int, int)])},
+             "replicate": Opt([(int, int, int, int)]), "priority": bool},
     "shutdown": {},
     # This worker may not serve (it loaded another checkpoint): it exits.
     "refused": {"reason": str},

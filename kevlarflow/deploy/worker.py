@@ -81,7 +81,7 @@ class Worker:
     def run(self) -> None:
         try:
             while self.stop_reason is None:
-                message = self.backlog.popleft() if self.backlog else self.endpoint.recv(POLL_MS)
+                message = self._next_message()
                 self._finish_builds()
                 if message is None:
                     continue
@@ -240,9 +240,22 @@ class Worker:
 
     # One micro-batch ----------------------------------------------------------
 
+    def _next_message(self) -> dict | None:
+        """The next message to handle: what is read ahead, in order, but for a
+        priority step (see next_message); else the next to arrive."""
+        self._take_in()
+        if not self.backlog:
+            return self.endpoint.recv(POLL_MS)
+        k = next_message(self.backlog)
+        message = self.backlog[k]
+        del self.backlog[k]
+        return message
+
     def _step(self, m: dict) -> None:
         steps = [m]
-        partner = self._merge_partner(m["group"])  # borrowed: it serves two pipelines
+        # Borrowed, it serves two pipelines: one forward pass for a step of
+        # each, but for a priority step, whose turn is now.
+        partner = None if m["priority"] else self._merge_partner(m["group"])
         if partner is not None:
             steps.append(partner)
             self.merged_steps += 1
@@ -287,6 +300,22 @@ class Worker:
                 del self.backlog[i]
                 return message
         return None
+
+
+def next_message(backlog) -> int:
+    """Index in the read-ahead queue of the message to handle next: the first,
+    unless a priority step (the first steps of an instance after a failure,
+    on the worker it borrowed) waits behind steps of other pipelines only.
+    It then goes first: those steps' inputs may still be on their way, while
+    the instance it belongs to has been waiting since the failure. It never
+    passes anything but steps (a rebuild, a leave, a shutdown keep their
+    order), nor a step of its own pipeline."""
+    for k, message in enumerate(backlog):
+        if message["type"] != "step":
+            return 0
+        if message["priority"]:
+            return k if all(m["group"] != message["group"] for m in list(backlog)[:k]) else 0
+    return 0
 
 
 def main(controller: str, keys: JoinKeys, instance: int | None, stage: int | None,

@@ -181,6 +181,12 @@ class Recovery:
             elif st.phase is Phase.DRAINING:
                 self._check_drained(inst, late)
 
+    def awaits_first_step(self, inst) -> bool:
+        """inst serves again after a failure and has not completed a step yet:
+        its steps go ahead of other pipelines' at a worker they share."""
+        st = self.states[inst.index]
+        return st.failed_at is not None and st.phase is Phase.SERVING
+
     def yields(self, inst) -> bool:
         """inst lends a worker to an instance that has resumed after a
         failure and not yet completed a step: inst starts no step of its own

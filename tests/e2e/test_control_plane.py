@@ -79,15 +79,15 @@ def test_worker_rejects_garbage_and_keeps_serving(lone_worker):
                       ([[2, 0, [0]]], [1]),           # token ids missing
                       ([[2, 0, [0]]], [1, 10**6])]:   # token id past the vocabulary
         endpoint.send(peer, "step", step=1, group="pipe0", generation=0, seqs=seqs, token_ids=ids,
-                      sample=[sample], replicate=None)
+                      sample=[sample], replicate=None, priority=False)
         _, reply = _expect(endpoint, "error")
         assert reply["kind"] == "bad_step" and reply["step"] == 1
     endpoint.send(peer, "step", step=2, group="nope", generation=0, seqs=[[2, 0, [0]]], token_ids=[1, 2],
-                  sample=[sample], replicate=None)
+                  sample=[sample], replicate=None, priority=False)
     assert _expect(endpoint, "error")[1]["kind"] == "bad_step"
     # And a good one is answered with a token.
     endpoint.send(peer, "step", step=3, group="pipe0", generation=0, seqs=[[2, 0, [0]]], token_ids=[1, 2],
-                  sample=[sample], replicate=None)
+                  sample=[sample], replicate=None, priority=False)
     _, result = _expect(endpoint, "result")
     assert result["step"] == 3 and len(result["tokens"]) == 1
     endpoint.send(peer, "shutdown")

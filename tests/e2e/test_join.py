@@ -280,7 +280,7 @@ def test_a_worker_survives_bad_frames_from_its_controller(lone_worker, frames):
     for data in frames:
         endpoint.sock.send_multipart([peer, data])
     endpoint.send(peer, "step", step=7, group="pipe0", generation=0, seqs=[[2, 0, [0]]],
-                  token_ids=[1, 2], sample=[SAMPLE], replicate=None)
+                  token_ids=[1, 2], sample=[SAMPLE], replicate=None, priority=False)
     _, result = _expect(endpoint, "result", proc)
     assert result["step"] == 7 and len(result["tokens"]) == 1
 
