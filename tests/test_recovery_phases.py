@@ -145,7 +145,7 @@ class Deployment:
 
     def dispatch(self, i):
         inst = self.instances[i]
-        batch = inst.schedule()
+        batch = inst.schedule(admit=not self.recovery.awaits_first_step(inst))  # as the controller
         step = next(self.requests)
         for w in inst.workers:
             self.replication.pairs(w, batch.items, step)
@@ -294,6 +294,33 @@ def test_the_lender_holds_its_steps_back_until_the_first_step_after_a_failure(d)
     assert d.recovery.yields(lender)
     d.complete(0, step)
     assert d.kinds()[-1] == "first_step_after_failure" and not d.recovery.yields(lender)
+
+
+def test_the_first_steps_after_a_failure_carry_the_interrupted_requests_only(d):
+    """They end the stall of the requests the failure interrupted; a request
+    that waits to be admitted would make them longer. It is admitted with
+    the first step after them; one that arrives to an instance with nothing
+    running is admitted at once."""
+    recovering = d.instances[0]
+    interrupted = [d.add(0), d.add(0)]
+    d.step(0)
+    d.lose("w0.1")
+    d.connect(recovering)
+    newcomer = d.add(0)
+    first = d.dispatch(0)
+    assert [s for s, _ in recovering.in_flight[first].batch.items] == interrupted
+    d.complete(0, first)
+    assert d.kinds()[-1] == "first_step_after_failure"
+    assert newcomer in [s for s, _ in recovering.in_flight[d.dispatch(0)].batch.items]
+
+
+def test_an_instance_with_nothing_running_admits_at_once_after_a_failure(d):
+    recovering = d.instances[0]
+    d.lose("w0.1")
+    d.connect(recovering)
+    newcomer = d.add(0)
+    assert d.recovery.awaits_first_step(recovering)
+    assert [s for s, _ in recovering.in_flight[d.dispatch(0)].batch.items] == [newcomer]
 
 
 def test_a_fault_while_the_lender_holds_back_releases_it(d):

@@ -17,8 +17,19 @@ def test_a_priority_step_goes_ahead_of_the_lender_s_steps():
     assert next_message([step("pipe0", True), step("pipe1")]) == 0
 
 
+def test_a_priority_step_follows_the_leaves_it_was_sent_after():
+    """The takeover of replica blocks (a leave of the link) comes before the
+    step that uses them; a lender's step is passed by both."""
+    leave = dict(type="leave_group", group="repl.w0.1")
+    queue = [step("pipe1"), leave, step("pipe1"), step("pipe0", True)]
+    assert next_message(queue) == 1
+    del queue[1]
+    assert next_message(queue) == 2
+
+
 def test_a_priority_step_passes_no_step_of_its_own_pipeline_and_no_other_message():
     assert next_message([step("pipe0", True), step("pipe0", True)]) == 0
     assert next_message([step("pipe0"), step("pipe1"), step("pipe0", True)]) == 0
-    for other in ("leave_group", "build_group", "shutdown"):
-        assert next_message([step("pipe1"), dict(type=other), step("pipe0", True)]) == 0
+    for other in (dict(type="build_group", group="pipe0"), dict(type="shutdown"),
+                  dict(type="leave_group", group="pipe1")):  # the lender's own pipeline
+        assert next_message([step("pipe1"), other, step("pipe0", True)]) == 0

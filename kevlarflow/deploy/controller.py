@@ -240,8 +240,11 @@ class Controller(RequestFrontend):
         for inst in self.instances:
             if self.recovery.yields(inst):
                 continue
+            # The first steps after a failure resume the interrupted requests
+            # alone: new ones would make those steps, and the stall, longer.
+            admit = not self.recovery.awaits_first_step(inst)
             while inst.can_dispatch():
-                batch = inst.schedule()
+                batch = inst.schedule(admit)
                 if not batch:
                     break
                 self._dispatch(inst, batch)

@@ -114,13 +114,15 @@ class PipelineInstance:
         return self.serving and len(self.in_flight) < self.max_in_flight \
             and self.scheduler.has_work()
 
-    def schedule(self) -> ScheduledBatch:
+    def schedule(self, admit: bool = True) -> ScheduledBatch:
+        """The next micro-batch; admit=False: of running requests only."""
         # Each micro-batch in flight takes its share of the running
         # sequences: else, when all are free at once (as after a failure),
         # one micro-batch takes them all, the next finds none, and the stages
         # take turns instead of overlapping.
         share = -(-len(self.scheduler.running) // self.max_in_flight)
-        batch = self.scheduler.schedule(self.busy, max(1, share))
+        batch = self.scheduler.schedule(self.busy, max(1, share),
+                                        admit=admit or not self.scheduler.running)
         if not batch and not self.in_flight and self.scheduler.waiting \
                 and not self.scheduler.running:
             # Idle, yet the next request does not fit: an error if it never

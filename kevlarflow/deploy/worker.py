@@ -305,17 +305,22 @@ class Worker:
 def next_message(backlog) -> int:
     """Index in the read-ahead queue of the message to handle next: the first,
     unless a priority step (the first steps of an instance after a failure,
-    on the worker it borrowed) waits behind steps of other pipelines only.
-    It then goes first: those steps' inputs may still be on their way, while
-    the instance it belongs to has been waiting since the failure. It never
-    passes anything but steps (a rebuild, a leave, a shutdown keep their
-    order), nor a step of its own pipeline."""
-    for k, message in enumerate(backlog):
-        if message["type"] != "step":
-            return 0
-        if message["priority"]:
-            return k if all(m["group"] != message["group"] for m in list(backlog)[:k]) else 0
-    return 0
+    on the worker it borrowed) waits behind steps of other pipelines. It then
+    goes ahead of them: their inputs may still be on their way, while its
+    instance has waited since the failure. What it must follow still goes
+    first, in order: the leaves of replication links (the takeover of their
+    blocks), if none concerns a pipeline it passes. It never passes a step of
+    its own pipeline nor any other message (a rebuild, a shutdown)."""
+    queue = list(backlog)
+    k = next((i for i, m in enumerate(queue) if m["type"] == "step" and m["priority"]), None)
+    if k is None:
+        return 0
+    passed = {m["group"] for m in queue[:k] if m["type"] == "step"}
+    if queue[k]["group"] in passed or any(
+            m["type"] != "step" and (m["type"] != "leave_group" or m["group"] in passed)
+            for m in queue[:k]):
+        return 0
+    return next((i for i, m in enumerate(queue[:k]) if m["type"] != "step"), k)
 
 
 def main(controller: str, keys: JoinKeys, instance: int | None, stage: int | None,

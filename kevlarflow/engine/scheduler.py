@@ -57,11 +57,12 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def schedule(self, busy: Container[Sequence] = (),
-                 max_running: int | None = None) -> ScheduledBatch:
+                 max_running: int | None = None, admit: bool = True) -> ScheduledBatch:
         """busy: running sequences of a batch still in flight (pipelines run
         several); they are neither scheduled nor preempted. max_running: the
         most running sequences this batch takes (a pipeline spreads them
-        over its micro-batches); the rest wait for the next one."""
+        over its micro-batches); the rest wait for the next one. admit: False
+        leaves the waiting sequences waiting (running ones only)."""
         batch = ScheduledBatch()
         budget = self.max_num_batched_tokens
         # Running sequences: those that decode first, then those with a
@@ -89,7 +90,7 @@ class Scheduler:
         still_running = [s for s in self.running if s.status == Status.RUNNING]
         # Waiting sequences, first come first served; a preempted one re-enters
         # at the front. Stop at the first that does not fit (no overtaking).
-        while self.waiting and budget > 0 and len(still_running) < self.max_num_seqs \
+        while admit and self.waiting and budget > 0 and len(still_running) < self.max_num_seqs \
                 and not batch.preempted:
             seq = self.waiting[0]
             seq.num_computed_tokens = self.blocks.reuse_cached_prefix(seq)

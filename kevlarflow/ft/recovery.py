@@ -183,7 +183,8 @@ class Recovery:
 
     def awaits_first_step(self, inst) -> bool:
         """inst serves again after a failure and has not completed a step yet:
-        its steps go ahead of other pipelines' at a worker they share."""
+        its steps carry the interrupted requests only, and go ahead of other
+        pipelines' at a worker they share."""
         st = self.states[inst.index]
         return st.failed_at is not None and st.phase is Phase.SERVING
 
