@@ -74,7 +74,7 @@ TO_WORKER = {
     # the last only: one entry per sequence whose last token is computed now.
     # replicate: (block, backup's block, first row, end row): the rows of each
     # block to copy to the backup afterwards. priority: a step of an instance
-    # that has not completed one since a failure (worker.next_message).
+    # that has not completed one since a failure (read_ahead.next_index).
     "step": {"step": int, "group": str, "generation": int, "seqs": [(int, int, [int])],
              "token_ids": Opt([int]),
              "sample": Opt([Opt(_SAMPLING)]),

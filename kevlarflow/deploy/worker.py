@@ -15,7 +15,6 @@ import os
 import socket
 import threading
 import time
-from collections import deque
 
 import torch
 
@@ -23,6 +22,7 @@ from kevlarflow.comm.groups import WorkerGroups
 from kevlarflow.deploy.control import Waker, WorkerEndpoint
 from kevlarflow.deploy.heartbeat import Heartbeat
 from kevlarflow.deploy.join import JoinKeys
+from kevlarflow.deploy.read_ahead import ReadAhead
 from kevlarflow.deploy.hidden_states import HiddenStates
 from kevlarflow.deploy.steps import BadStep, StageSteps
 from kevlarflow.deploy.store import client as store_client
@@ -65,7 +65,7 @@ class Worker:
         self.connect_timeout_s = connect_timeout_s
         self.stop_reason: str | None = None  # set from the heartbeat thread
         self.refused = False  # by the controller: it never let this worker in
-        self.backlog: deque = deque()  # messages read ahead while looking for a step to merge
+        self.read_ahead = ReadAhead(self.endpoint, POLL_MS, self._finish_builds)
         self.merged_steps = 0
         self.endpoint.send("register", pid=os.getpid(), host=socket.gethostname(),
                            instance=instance, stage=stage)
@@ -81,8 +81,7 @@ class Worker:
     def run(self) -> None:
         try:
             while self.stop_reason is None:
-                message = self._next_message()
-                self._finish_builds()
+                message = self.read_ahead.next()
                 if message is None:
                     continue
                 if message["type"] == "shutdown":
@@ -240,22 +239,11 @@ class Worker:
 
     # One micro-batch ----------------------------------------------------------
 
-    def _next_message(self) -> dict | None:
-        """The next message to handle: what is read ahead, in order, but for a
-        priority step (see next_message); else the next to arrive."""
-        self._take_in()
-        if not self.backlog:
-            return self.endpoint.recv(POLL_MS)
-        k = next_message(self.backlog)
-        message = self.backlog[k]
-        del self.backlog[k]
-        return message
-
     def _step(self, m: dict) -> None:
         steps = [m]
         # Borrowed, it serves two pipelines: one forward pass for a step of
         # each, but for a priority step, whose turn is now.
-        partner = None if m["priority"] else self._merge_partner(m["group"])
+        partner = None if m["priority"] else self.read_ahead.merge_partner(m["group"])
         if partner is not None:
             steps.append(partner)
             self.merged_steps += 1
@@ -277,50 +265,6 @@ class Worker:
         kind = "bad_step" if isinstance(error, BadStep) else "comm"
         log.warning("%s: step %d: %s: %s", self.name, step, kind, error)
         self.endpoint.send("error", step=step, kind=kind, message=str(error))
-
-    def _take_in(self) -> None:
-        """Queue what has arrived, without waiting. A build reported ready
-        before a step on it was sent is collected before that step runs (as
-        in the main loop): else the step would look stale here while the
-        previous stage runs it, and the pipeline's sends would pair wrongly."""
-        message = self.endpoint.recv(0)
-        while message is not None:
-            self.backlog.append(message)
-            message = self.endpoint.recv(0)
-        self._finish_builds()
-
-    def _merge_partner(self, group: str) -> dict | None:
-        """The next step of another pipeline, if it is already queued and
-        nothing that must run before it (a rebuild, a shutdown) is in the way."""
-        self._take_in()
-        for i, message in enumerate(self.backlog):
-            if message["type"] != "step":
-                return None
-            if message["group"] != group:
-                del self.backlog[i]
-                return message
-        return None
-
-
-def next_message(backlog) -> int:
-    """Index in the read-ahead queue of the message to handle next: the first,
-    unless a priority step (the first steps of an instance after a failure,
-    on the worker it borrowed) waits behind steps of other pipelines. It then
-    goes ahead of them: their inputs may still be on their way, while its
-    instance has waited since the failure. What it must follow still goes
-    first, in order: the leaves of replication links (the takeover of their
-    blocks), if none concerns a pipeline it passes. It never passes a step of
-    its own pipeline nor any other message (a rebuild, a shutdown)."""
-    queue = list(backlog)
-    k = next((i for i, m in enumerate(queue) if m["type"] == "step" and m["priority"]), None)
-    if k is None:
-        return 0
-    passed = {m["group"] for m in queue[:k] if m["type"] == "step"}
-    if queue[k]["group"] in passed or any(
-            m["type"] != "step" and (m["type"] != "leave_group" or m["group"] in passed)
-            for m in queue[:k]):
-        return 0
-    return next((i for i, m in enumerate(queue[:k]) if m["type"] != "step"), k)
 
 
 def main(controller: str, keys: JoinKeys, instance: int | None, stage: int | None,
