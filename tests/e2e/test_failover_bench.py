@@ -316,14 +316,13 @@ def test_benchmark_measures_capacity_and_loads_to_a_fraction_of_it(tmp_path):
     load = doc["config"]["load"]
     assert load["fraction"] == 0.5 and load["capacity_rps"] > 0
     assert doc["config"]["trace"]["rate"] == pytest.approx(0.5 * load["capacity_rps"])
-    # Levels of requests in flight, raised while the rate grew; the best one counts.
+    # Levels of requests in flight, up to one where requests queue (2 instances
+    # run 2 x 64 at once: 256), then on while the rate grows; the best counts.
     levels = load["capacity"]["levels"]
-    assert [level["in_flight"] for level in levels] == [32, 64, 128, 256][:len(levels)]
-    assert len(levels) >= 2 and all(level["tokens_per_s"] > 0 for level in levels)
+    assert [level["in_flight"] for level in levels] == [32, 64, 128, 256]
+    assert all(level["tokens_per_s"] > 0 for level in levels)
     best = max(levels, key=lambda level: level["tokens_per_s"])
     assert load["capacity"]["tokens_per_s"] == best["tokens_per_s"]
-    if len(levels) < 4:  # it stopped because the rate stopped growing
-        assert levels[-1]["tokens_per_s"] < 1.1 * levels[-2]["tokens_per_s"]
     assert doc["config"]["failures"] == [] and list(doc["runs"]["kevlarflow"]) == ["fault_free"]
     assert doc["metrics"]["kevlarflow"]["fault_free"]["requests_failed"]["max"] == 0
     assert doc["timelines"] == ["timeline-kevlarflow-fault-free-1.png"]

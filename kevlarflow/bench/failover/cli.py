@@ -182,8 +182,13 @@ def probe_requests(args, vocab: int, tokenizer):
 
 def measure_capacity(args, deployment: Deployment, vocab: int, tokenizer) -> dict:
     """The saturated closed-loop capacity (runner.capacity)."""
+    from kevlarflow.engine.llm_engine import EngineConfig
+
+    # Saturated only where requests queue: past what the instances run at once.
+    queued = 2 * args.instances * EngineConfig.max_num_seqs
     measured = capacity(deployment, probe_requests(args, vocab, tokenizer), CAPACITY_WARMUP,
-                        args.capacity_requests, CAPACITY_MIN_S, CAPACITY_IN_FLIGHT)
+                        args.capacity_requests, CAPACITY_MIN_S, CAPACITY_IN_FLIGHT,
+                        queued_from=queued)
     levels = ", ".join(f"{level['tokens_per_s']:.0f} at {level['in_flight']}"
                        for level in measured["levels"])
     measured.update(how=f"closed loop on the plain system, output tokens/s by requests in "

@@ -178,12 +178,14 @@ def worker_cpu_s(engine) -> dict[int, float]:
 
 def capacity(deployment: Deployment, requests: Iterator[Request], warmup: int, timed: int,
              min_seconds: float, in_flight: tuple[int, ...], gain: float = 1.1,
-             label: str = "capacity") -> dict:
+             label: str = "capacity", queued_from: int = 0) -> dict:
     """Output tokens per second, and from them requests per second, that the
     fault-free plain system (no replication) sustains at saturation. A closed
     loop keeps k requests of the trace's lengths in flight, for each k of
     `in_flight` in turn while the rate still grows by `gain` (a larger batch
-    costs little more per step until the hardware is busy). At each k, after
+    costs little more per step until the hardware is busy), and at least up
+    to queued_from: below it every request runs at once and none waits, so
+    the steps are not yet as full as a queue makes them. At each k, after
     max(warmup, k / 4) completions (to settle; the first level also pays
     start-up), output
     tokens are counted over at least `timed` completions and `min_seconds`.
@@ -223,7 +225,8 @@ def capacity(deployment: Deployment, requests: Iterator[Request], warmup: int, t
                     started = time.perf_counter()
             bar.close()
             levels.append(dict(in_flight=k, tokens_per_s=tokens / (time.perf_counter() - started)))
-            if len(levels) > 1 and levels[-1]["tokens_per_s"] < gain * levels[-2]["tokens_per_s"]:
+            if len(levels) > 1 and k >= queued_from and \
+                    levels[-1]["tokens_per_s"] < gain * levels[-2]["tokens_per_s"]:
                 break
     # The requests still in hand are not waited for: shutdown drops them.
     best = max(levels, key=lambda level: level["tokens_per_s"])
