@@ -22,8 +22,8 @@ from kevlarflow.comm.groups import WorkerGroups
 from kevlarflow.deploy.control import Waker, WorkerEndpoint
 from kevlarflow.deploy.heartbeat import Heartbeat
 from kevlarflow.deploy.join import JoinKeys
-from kevlarflow.deploy.read_ahead import ReadAhead
 from kevlarflow.deploy.hidden_states import HiddenStates
+from kevlarflow.deploy.read_ahead import ReadAhead
 from kevlarflow.deploy.steps import BadStep, StageSteps
 from kevlarflow.deploy.store import client as store_client
 from kevlarflow.engine.model_runner import ModelRunner
