@@ -59,4 +59,8 @@ class InstanceRecovery:
     retry_at: float | None = None    # BUILDING: when the next attempt starts
     failed_at: float | None = None   # wall time of the failure it recovers from, until it steps
     rejoining: str | None = None     # CATCHING_UP, DRAINING: the replacement it moves back to
+    # CATCHING_UP: the requests running when it began, whose KV it copies (the
+    # drain covers those admitted meanwhile: with requests arriving all the
+    # time, waiting for every one's first copy would never end).
+    catching: set = field(default_factory=set)
     reason: str = ""                 # why it entered the phase

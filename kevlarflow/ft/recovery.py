@@ -175,7 +175,7 @@ class Recovery:
                 self._reroute(inst, "communicator error without a failed worker")
             elif st.phase is Phase.CATCHING_UP:
                 links = self.d.replication.migration_links(inst)
-                if links is None or late or self.d.replication.caught_up(inst, links):
+                if links is None or late or self.d.replication.caught_up(inst, links, st.catching):
                     self._enter(inst, Phase.DRAINING, "catch-up deadline passed" if late else
                                 "replicas caught up", deadline=self._copy_time(inst))
             elif st.phase is Phase.DRAINING:
@@ -215,6 +215,7 @@ class Recovery:
             st.build_failures, st.retry_at = 0, None
         if phase not in (Phase.CATCHING_UP, Phase.DRAINING):
             st.rejoining = None
+        st.catching = set(inst.running()) if phase is Phase.CATCHING_UP else set()
         st.phase, st.since, st.reason = phase, self.clock(), reason
         st.deadline = None if deadline is None else st.since + deadline
         inst.serving, inst.accepting = phase.dispatches, phase.accepts

@@ -201,13 +201,13 @@ class Replication:
             return links
         return None
 
-    def caught_up(self, inst, links: list[ReplicaLink]) -> bool:
-        """Every running request of inst has KV at its own workers, and the
-        copy of all it computed is under way: the rest is what its last steps
-        wrote."""
+    def caught_up(self, inst, links: list[ReplicaLink], among=None) -> bool:
+        """Every running request of inst (of those `among`, if given) has KV at
+        its own workers, and the copy of all it computed is under way: the
+        rest is what its last steps wrote."""
         return all(link.ready for link in links) and not self.unplanned(inst, links) and all(
             link.watermark(seq) > 0 or link.records.get(seq, Record()).dropped
-            for link in links for seq in inst.running())
+            for link in links for seq in inst.running() if among is None or seq in among)
 
     def unplanned(self, inst, links: list[ReplicaLink]) -> bool:
         """Some running request of inst computed KV that no step asked to copy
