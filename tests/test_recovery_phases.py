@@ -424,6 +424,21 @@ def test_a_rejoin_catches_up_drains_and_moves_without_recompute(d):
     assert all(s.num_computed_tokens == 8 for s in seqs)
 
 
+def test_a_drain_has_the_last_replicas_sent_once_its_steps_are_back(d):
+    """What the drain waits for is the KV of the steps it let finish: the
+    borrowed worker sends it as soon as the last of them is back, not at
+    its next replication interval."""
+    inst, seqs = _borrowing(d)
+    flushes = lambda: [to for to, kind, _ in d.sent if kind == "flush_replication"]  # noqa: E731
+    step = d.dispatch(0)
+    d.complete(0, step)
+    d.hold_step(0)
+    d.recovery.tick()
+    assert d.phase(0) is Phase.DRAINING and flushes() == []  # a step still in flight
+    d.complete(0, next(iter(inst.in_flight)), ack=False)
+    assert flushes() == ["w1.1"]
+
+
 def test_requests_admitted_while_catching_up_are_left_to_the_drain(d):
     """The catch-up copies the KV of the requests running when it began; one
     admitted meanwhile, whose first copy is not back yet, does not hold it

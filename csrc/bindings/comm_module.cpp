@@ -243,6 +243,7 @@ PYBIND11_MODULE(_comm, m) {
            py::arg("keepalive_s"), py::arg("interval_s") = 0.0)
       .def("start", &KVReplicator::start, py::arg("group"), py::arg("backup"), Release())
       .def("stop", &KVReplicator::stop, Release())
+      .def("flush", &KVReplicator::flush, Release())
       .def("submit", &KVReplicator::submit, py::arg("src"), py::arg("dst"), py::arg("step"),
            py::arg("begin") = std::vector<int64_t>{}, py::arg("end") = std::vector<int64_t>{},
            Release())

@@ -118,6 +118,14 @@ bool KVReplicator::submit(const std::vector<int64_t>& src, const std::vector<int
   return true;
 }
 
+void KVReplicator::flush() {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    flush_ = true;
+  }
+  wake_.notify_all();
+}
+
 void KVReplicator::loop(std::shared_ptr<LinkChannel> channel) {
   auto last_transfer = std::chrono::steady_clock::now() - interval_;
   try {
@@ -129,8 +137,9 @@ void KVReplicator::loop(std::shared_ptr<LinkChannel> channel) {
         wake_.wait_for(lock, keepalive_, [&] { return !running_ || !line_.empty(); });
         if (!running_) return;
         if (!line_.empty()) {  // let the steps of one interval coalesce
-          wake_.wait_until(lock, last_transfer + interval_, [&] { return !running_; });
+          wake_.wait_until(lock, last_transfer + interval_, [&] { return !running_ || flush_; });
           if (!running_) return;
+          flush_ = false;
           last_transfer = std::chrono::steady_clock::now();
         }
         int64_t bytes = 0;

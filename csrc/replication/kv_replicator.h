@@ -70,6 +70,9 @@ class KVReplicator {
   // they arrived. Returns false (and queues nothing) when no link is running.
   bool submit(const std::vector<int64_t>& src, const std::vector<int64_t>& dst, int64_t step,
               const std::vector<int64_t>& begin = {}, const std::vector<int64_t>& end = {});
+  // Send what is pending now, without waiting for the rest of the interval
+  // (someone waits for it: an instance draining before it moves back).
+  void flush();
 
   // One transfer from `source` on `group`, unpacked into this worker's
   // caches; returns the steps it completes (empty for a keepalive). Block ids
@@ -107,6 +110,7 @@ class KVReplicator {
   std::deque<std::pair<uint64_t, int64_t>> steps_;   // (last order of the step, step)
   uint64_t next_order_ = 0;
   bool running_ = false;
+  bool flush_ = false;  // the next transfer need not wait for the interval
   std::shared_ptr<LinkChannel> sending_;  // the running link's channel
   std::thread thread_;
   ReplicatorStats stats_;

@@ -69,6 +69,9 @@ TO_WORKER = {
     "abort_group": {"group": str, "generation": int},
     # Leave a group for good; sent before its replica blocks become live.
     "leave_group": {"group": str},
+    # Send the replicas pending on this worker's link now: an instance it
+    # lends to drains, and waits for them to move back.
+    "flush_replication": {},
     # One micro-batch for one stage. seqs: (tokens this step, first position,
     # this stage's block table). token_ids on the first stage only; sample on
     # the last only: one entry per sequence whose last token is computed now.

@@ -106,6 +106,9 @@ class Worker:
             self._build_group(m)
         elif kind == "leave_group":
             self._leave_group(m["group"])
+        elif kind == "flush_replication":
+            if self.replication is not None:
+                self.replication.flush()
         elif kind == "step":
             self._step(m)
 

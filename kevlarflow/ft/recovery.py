@@ -152,6 +152,7 @@ class Recovery:
 
     def step_completed(self, inst) -> None:
         st = self.states[inst.index]
+        self._flush_drained(inst)
         if st.failed_at is not None:
             self.d.events.record("first_step_after_failure", instance=inst.index,
                                  detail=f"{time.time() - st.failed_at:.3f} s after its detection")
@@ -178,6 +179,7 @@ class Recovery:
                 if links is None or late or self.d.replication.caught_up(inst, links, st.catching):
                     self._enter(inst, Phase.DRAINING, "catch-up deadline passed" if late else
                                 "replicas caught up", deadline=self._copy_time(inst))
+                    self._flush_drained(inst)
             elif st.phase is Phase.DRAINING:
                 self._check_drained(inst, late)
 
@@ -313,6 +315,15 @@ class Recovery:
         bytes_ = self.d.replication.kv_bytes(inst)
         return 2 * self.config.replication_interval_s + self.config.hang_timeout_s + \
             bytes_ / MIN_COPY_RATE
+
+    def _flush_drained(self, inst) -> None:
+        """A draining instance's last step is back: the KV it wrote is all
+        the drain waits for, and goes now, not at the next interval."""
+        if self.states[inst.index].phase is not Phase.DRAINING or inst.in_flight:
+            return
+        links = self.d.replication.migration_links(inst)
+        if links:
+            self.d.replication.flush(links)
 
     def _check_drained(self, inst, late: bool) -> None:
         replication = self.d.replication

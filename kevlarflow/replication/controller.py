@@ -201,6 +201,12 @@ class Replication:
             return links
         return None
 
+    def flush(self, links: list[ReplicaLink]) -> None:
+        """Their sources send what is pending now (an instance drains and
+        waits for it)."""
+        for link in links:
+            self._send(link.source, "flush_replication")
+
     def caught_up(self, inst, links: list[ReplicaLink], among=None) -> bool:
         """Every running request of inst (of those `among`, if given) has KV at
         its own workers, and the copy of all it computed is under way: the

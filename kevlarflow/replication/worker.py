@@ -83,6 +83,11 @@ class WorkerReplication:
             src, dst, begin, end = zip(*spans)
             self.native.submit(src, dst, step, begin, end)
 
+    def flush(self) -> None:
+        """Send what is pending now, not at the end of the interval."""
+        if self.sending is not None:
+            self.native.flush()
+
     def totals(self) -> dict:
         """Running totals of this worker's replication (thread-safe): KV bytes
         sent and received, and seconds packing, sending (packing included,

@@ -96,6 +96,15 @@ def test_resubmitted_blocks_coalesce():
     assert dst["acked"] == list(range(num_steps))
 
 
+def test_a_flush_sends_what_is_pending_without_waiting_for_the_interval():
+    with Workers(2, sc.flushes, interval_s=30.0) as w:
+        out = w.collect(w.members)
+    src, dst = out[SOURCE], out[BACKUP]
+    assert dst["acked"] == [1, 2]
+    assert dst["waited_s"] < 5.0, dst["waited_s"]  # not the 30 s interval
+    assert dst["blocks"][1] == src["blocks"][1] and dst["blocks"][2] == src["blocks"][2]
+
+
 def test_transfers_are_bounded():
     src_ids, dst_ids = [0, 1, 2, 3, 4, 5, 6], [15, 3, 9, 1, 12, 6, 10]
     with Workers(2, sc.bounded_transfers, step=7, src=src_ids, dst=dst_ids,

@@ -123,6 +123,30 @@ def copies_rows(mgr, store, me, members, steps):
     return dict(rows=rows_bytes(caches), acked=acked, stats=rep.stats())
 
 
+def flushes(mgr, store, me, members, interval_s):
+    """Step 1 goes at once (the first transfer); step 2 would wait out the
+    interval, and a flush sends it now."""
+    source, backup = members
+    caches = make_caches(seed=21 if me == source else None)
+    mgr.build(GROUP, members, deadline_s=BUILD_DEADLINE_S)
+    rep = _comm.KVReplicator(mgr._core, caches, 1 << 20, QUIET_KEEPALIVE_S, interval_s)
+    if me == source:
+        rep.start(GROUP, backup)
+        assert rep.submit([1], [1], 1)
+        store.wait(["got1"])
+        assert rep.submit([2], [2], 2)
+        rep.flush()
+        stats = _finish_source(rep, store)
+        return dict(blocks=block_bytes(caches), stats=stats)
+    acked = _receive_until(rep, source, 1)
+    store.set("got1", "1")
+    t0 = time.monotonic()
+    acked += _receive_until(rep, source, 1)
+    waited_s = time.monotonic() - t0
+    _finish_backup(rep, store)
+    return dict(blocks=block_bytes(caches), acked=acked, waited_s=waited_s)
+
+
 def coalesces(mgr, store, me, members, num_steps):
     """Every step rewrites a source block and sends it to backup block 5, and
     another one to backup block 11, while the backup is not receiving yet."""
