@@ -227,6 +227,7 @@ std::vector<int64_t> KVReplicator::receive(const std::string& group, const std::
   std::vector<int64_t> meta(kSpanInts * n + num_steps);
   channel->recv(meta.data(), static_cast<int64_t>(meta.size() * sizeof(int64_t)), deadline);
   int64_t rows = 0;
+  double unpack_seconds = 0;
   if (n > 0) {
     const int64_t num_blocks = packer_->num_blocks(), block_rows = packer_->block_rows();
     std::vector<BlockSpan> spans(n);
@@ -252,11 +253,10 @@ std::vector<int64_t> KVReplicator::receive(const std::string& group, const std::
     channel->recv(staging.data(), static_cast<int64_t>(staging.size()), deadline);
     auto unpack_started = std::chrono::steady_clock::now();
     packer_->unpack(spans.data(), n, staging.data());
-    const double unpack_seconds = seconds_since(unpack_started);
-    std::lock_guard<std::mutex> lock(mu_);
-    stats_.unpack_seconds += unpack_seconds;
+    unpack_seconds = seconds_since(unpack_started);
   }
   std::lock_guard<std::mutex> lock(mu_);
+  stats_.unpack_seconds += unpack_seconds;
   stats_.blocks_received += n;
   stats_.bytes_received += rows * row_bytes();
   return std::vector<int64_t>(meta.begin() + kSpanInts * n, meta.end());

@@ -242,12 +242,12 @@ class Controller(RequestFrontend):
                 continue
             # The first steps after a failure resume the interrupted requests
             # alone: new ones would make those steps, and the stall, longer.
-            admit = not self.recovery.awaits_first_step(inst)
+            first = self.recovery.awaits_first_step(inst)
             while inst.can_dispatch():
-                batch = inst.schedule(admit)
+                batch = inst.schedule(admit=not first)
                 if not batch:
                     break
-                self._dispatch(inst, batch)
+                self._dispatch(inst, batch, priority=first)
         # Wait only while tokens are due; otherwise just take what is there.
         waiting = self.recovery.busy() or any(inst.in_flight for inst in self.instances)
         received = self.endpoint.recv(int(timeout_s * 1000) if waiting else 0,
@@ -264,10 +264,9 @@ class Controller(RequestFrontend):
             received = self.endpoint.recv(0)
         return outputs
 
-    def _dispatch(self, inst: PipelineInstance, batch) -> None:
+    def _dispatch(self, inst: PipelineInstance, batch, priority: bool) -> None:
         step = next(self._steps)
         messages, sampled = inst.stage_messages(step, batch)
-        priority = self.recovery.awaits_first_step(inst)
         for worker, message in zip(inst.workers, messages):
             self.send(worker, "step", generation=inst.generation, priority=priority,
                       replicate=self.replication.pairs(worker, batch.items, step), **message)

@@ -30,8 +30,9 @@ class Opt:
 _SAMPLING = {"temperature": float, "top_k": int, "top_p": float, "min_p": float,
              "seed": Opt(int), "index": int, "logprobs": Opt(int)}
 
-_REPLICATION_TOTALS = {"bytes_sent": int, "bytes_received": int, "pack_s": float,
-                       "send_s": float, "unpack_s": float}
+# A worker's replication work so far (replication.worker.WorkerReplication.totals).
+REPLICATION_TOTALS = {"bytes_sent": int, "bytes_received": int, "pack_s": float,
+                      "send_s": float, "unpack_s": float}
 
 # Worker -> controller.
 TO_CONTROLLER = {
@@ -48,7 +49,7 @@ TO_CONTROLLER = {
     "error": {"step": Opt(int), "kind": str, "message": str},
     # From a worker's heartbeat thread, on a socket of its own, every interval;
     # with its replicator's running totals once it has one (replication.worker).
-    "heartbeat": {"worker": str, "replication": Opt(_REPLICATION_TOTALS)},
+    "heartbeat": {"worker": str, "replication": Opt(REPLICATION_TOTALS)},
     # From a backup's receiver thread: the KV these steps wrote at the source
     # (the other member of the link group) is now in the backup's replica blocks.
     "replicated": {"worker": str, "group": str, "generation": int, "steps": [int]},

@@ -25,6 +25,7 @@ their blocks become live blocks of its pool, and the sequences recompute only
 the tokens past their watermark."""
 from __future__ import annotations
 
+from kevlarflow.deploy.protocol import REPLICATION_TOTALS
 from kevlarflow.engine.block_manager import BlockManager
 from kevlarflow.engine.sequence import Sequence
 from kevlarflow.replication import LINK_PREFIX
@@ -148,7 +149,7 @@ class Replication:
     def totals(self) -> dict[str, float]:
         """Replication's work over every worker process so far (see
         WorkerReplication.totals), as of their last heartbeats."""
-        out = dict.fromkeys(("bytes_sent", "bytes_received", "pack_s", "send_s", "unpack_s"), 0)
+        out = dict.fromkeys(REPLICATION_TOTALS, 0)
         for totals in list(self._totals.values()):
             for k in out:
                 out[k] += totals[k]

@@ -8,6 +8,7 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
+from kevlarflow.bench.failover.metrics import REPLICATION_WORK
 from kevlarflow.bench.timing import cpu_model
 
 SCHEMA = "kevlarflow.failover/1"
@@ -106,8 +107,7 @@ def replication_text(metrics: dict) -> str:
     lines = []
     for mode, by_condition in metrics.items():
         ff = by_condition.get("fault_free") or {}
-        work = {k: ff.get(f"replication_{k}") for k in ("bytes_sent", "pack_s", "send_s",
-                                                         "unpack_s")}
+        work = {k: ff.get(f"replication_{k}") for k in REPLICATION_WORK}
         if not work["bytes_sent"] or not work["bytes_sent"]["median"]:
             continue
         med = {k: v["median"] if v else 0 for k, v in work.items()}
