@@ -243,7 +243,12 @@ def test_benchmark_end_to_end(tmp_path):
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     proc = subprocess.run(
         [sys.executable, "-m", "kevlarflow", "bench", "failover", "--model", tiny_model(),
-         "--duration", "4", "--rate", "4", "--fail", "2:0:1:kill", "--chunk", "32",
+         # Long outputs keep several requests of the failed instance decoding
+         # for many replication intervals when the kill lands, whatever the
+         # machine's speed: what they computed before the last transfer is
+         # what KevlarFlow keeps.
+         "--duration", "4", "--rate", "4", "--output-len", "256",
+         "--fail", "2:0:1:kill", "--chunk", "32",
          "--kv-memory", str(1 << 20), "--modes", "kevlarflow,restart", "--out", str(out),
          # The tiny model decodes a token in milliseconds: transfers every 50 ms
          # keep the lag at a few tokens, as the default does on real models.
