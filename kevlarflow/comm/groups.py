@@ -33,10 +33,12 @@ class WorkerGroups:
         self._finished: deque[Build] = deque()
         self._known: set[str] = set()  # every group ever asked for
 
-    def build(self, group: str, members: list[str], generation: int) -> bool:
-        """Start connecting `generation` of `group`; whatever generation of it
-        was there or being built is given up. False (nothing done) if a newer
-        generation was asked for already: the request came the slow way."""
+    def build(self, group: str, members: list[str], generation: int,
+              backend: str | None = None) -> bool:
+        """Start connecting `generation` of `group` (over `backend`, default
+        the manager's); whatever generation of it was there or being built is
+        given up. False (nothing done) if a newer generation was asked for
+        already: the request came the slow way."""
         with self._building_one:
             with self._lock:
                 if self._latest.get(group, -1) >= generation:
@@ -47,7 +49,7 @@ class WorkerGroups:
                 build = _Alone(group, members, generation)
             else:
                 build = self.manager().start_build(group, members, generation,
-                                                   on_done=self._ended)
+                                                   on_done=self._ended, backend=backend)
             with self._lock:
                 self._known.add(group)
                 self._building[group] = build
@@ -144,6 +146,10 @@ class WorkerGroups:
         with self._lock:
             entry = self._built.get(group)
         return None if entry is None else entry[1]
+
+    def backend(self, group: str) -> str:
+        """The backend `group` runs over (a group of one: none, "gloo")."""
+        return self._manager.backend_of(group) if self._manager is not None else "gloo"
 
     def __len__(self) -> int:
         with self._lock:

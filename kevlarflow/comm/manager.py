@@ -56,6 +56,17 @@ def abandon_generation(store: dist.Store, group: str, generation: int, size: int
     rendezvous.abandon(dist.PrefixStore(store_prefix(group, generation), store), size, reason)
 
 
+def _check_backend(backend: str) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown communicator backend {backend!r}; choose one of {BACKENDS}")
+    if backend == "nccl":
+        from kevlarflow.comm import nccl
+        reason = nccl.unavailable_reason()
+        if reason:
+            raise RuntimeError(f"CommManager(backend='nccl'): {reason}")
+    return backend
+
+
 def _build_error(group: str, generation: int, members: list[str], cause: Exception) -> CommError:
     """A failed connect as the native errors look: a store wait that ran out is
     a timeout (a member never came), a generation called off is aborted,
@@ -81,8 +92,10 @@ class Build:
     then `error` is None (connected and installed) or the CommError."""
 
     def __init__(self, manager: "CommManager", group: str, members: list[str], generation: int,
-                 rank: int, deadline_s: float, on_done: Callable[["Build"], None] | None):
+                 rank: int, deadline_s: float, on_done: Callable[["Build"], None] | None,
+                 backend: str):
         self.group, self.members, self.generation = group, members, generation
+        self.backend = backend
         self.error: CommError | None = None
         self._manager, self._rank, self._deadline_s = manager, rank, deadline_s
         self._on_done = on_done
@@ -94,7 +107,7 @@ class Build:
     def _run(self) -> None:
         try:
             self._manager._connect(self.group, self.members, self.generation, self._rank,
-                                   self._deadline_s)
+                                   self._deadline_s, self.backend)
         except CommError as error:
             self.error = error
         finally:
@@ -131,19 +144,17 @@ class CommManager:
     connect_store, if given, makes a new client of the deployment's store; each
     build then waits on a client of its own (a client serialises its calls, so
     builds that share one would wait for each other, and so would a cancel).
-    Without it, builds use `store`, one at a time."""
+    Without it, builds use `store`, one at a time.
+
+    `backend` is each group's default; a build may name another (a worker's
+    pipeline over NCCL, its replication link over Gloo)."""
 
     def __init__(self, store: dist.Store, me: str, deadline_s: float = 5.0,
                  backend: str = "gloo", connect_store: Callable[[], dist.Store] | None = None):
-        if backend not in BACKENDS:
-            raise ValueError(f"unknown communicator backend {backend!r}; choose one of {BACKENDS}")
+        _check_backend(backend)
         if not isinstance(store, dist.Store):
             raise TypeError(f"store must be a torch.distributed.Store, got {type(store).__name__}")
-        if backend == "nccl":
-            from kevlarflow.comm import nccl
-            reason = nccl.unavailable_reason()
-            if reason:
-                raise RuntimeError(f"CommManager(backend='nccl'): {reason}")
+        self._backends: dict[str, str] = {}  # each group's, as last built
         self._store = store
         self._connect_store = connect_store
         self._signal_lock = threading.Lock()
@@ -158,25 +169,33 @@ class CommManager:
 
     @property
     def backend(self) -> str:
+        """The default backend of a group."""
         return self._backend
+
+    def backend_of(self, group: str) -> str:
+        """The backend `group` was last built with."""
+        return self._backends.get(group, self._backend)
 
     # ---- group lifecycle --------------------------------------------------
 
     def build(self, group: str, members: list[str], generation: int = 0,
-              deadline_s: float | None = None) -> None:
+              deadline_s: float | None = None, backend: str | None = None) -> None:
         """Connect `group` among `members` (collective: every member calls it)."""
-        self.start_build(group, members, generation, deadline_s).wait()
+        self.start_build(group, members, generation, deadline_s, backend=backend).wait()
 
     def start_build(self, group: str, members: list[str], generation: int,
                     deadline_s: float | None = None,
-                    on_done: Callable[[Build], None] | None = None) -> Build:
+                    on_done: Callable[[Build], None] | None = None,
+                    backend: str | None = None) -> Build:
         """Begin `generation` of `group` now (ops on the group fail as aborted
         until it is connected; its previous generation is retired) and
         connect it on a background thread."""
         members = [str(m) for m in members]
         deadline_s = self._deadline(deadline_s)
+        backend = _check_backend(backend or self._backend)
         rank = self._core.begin_generation(group, members, int(generation))
-        build = Build(self, group, members, int(generation), rank, deadline_s, on_done)
+        self._backends[group] = backend
+        build = Build(self, group, members, int(generation), rank, deadline_s, on_done, backend)
         build._thread.start()
         return build
 
@@ -195,14 +214,14 @@ class CommManager:
         NCCL 2.27+ shrinks a healthy communicator in place (ncclCommShrink); a
         broken one, and every other case, is connected anew."""
         excluded = [str(m) for m in excluded]
-        if self._backend == "nccl":
+        if self.backend_of(group) == "nccl":
             generation = self._core.shrink_by_backend(
                 group, excluded, self._deadline_s if deadline_s is None else float(deadline_s))
             if generation >= 0:
                 return generation
         members, generation = self._core.shrink_plan(group, excluded)
         rank = self._core.begin_generation(group, members, generation)
-        self._connect(group, members, generation, rank, deadline_s)
+        self._connect(group, members, generation, rank, deadline_s, self.backend_of(group))
         return generation
 
     def rebuild(self, group: str, members: list[str], deadline_s: float | None = None) -> int:
@@ -211,7 +230,7 @@ class CommManager:
         members = [str(m) for m in members]
         generation = self._core.rebuild_generation(group)
         rank = self._core.begin_generation(group, members, generation)
-        self._connect(group, members, generation, rank, deadline_s)
+        self._connect(group, members, generation, rank, deadline_s, self.backend_of(group))
         return generation
 
     def close(self) -> None:
@@ -237,13 +256,13 @@ class CommManager:
             log.info("could not call off %s generation %d in the store: %s", group, generation,
                      error)
 
-    def _connect(self, group, members, generation, rank, deadline_s) -> None:
+    def _connect(self, group, members, generation, rank, deadline_s, backend) -> None:
         deadline_s = self._deadline(deadline_s)
         try:
             client = self._connect_store() if self._connect_store is not None else self._store
             store = dist.PrefixStore(store_prefix(group, generation), client)
             rendezvous.meet(store, rank, len(members), deadline_s)
-            if self._backend == "gloo":
+            if backend == "gloo":
                 self._core.install_gloo(group, generation, self._new_gloo(store, rank, len(members),
                                                                          deadline_s))
             else:

@@ -4,6 +4,10 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
+import torch
+
+from kevlarflow.comm.backend_choice import TRANSPORTS
+from kevlarflow.deploy.devices import slot_devices
 from kevlarflow.engine.llm_engine import EngineConfig
 from kevlarflow.model.config import ModelConfig
 from kevlarflow.model.stage import StageSpec
@@ -47,6 +51,13 @@ class DeploymentConfig(EngineConfig):
     replica_memory: int | None = None
     replication_transfer_bytes: int = 16 << 20
     replication_interval_s: float = 0.5
+    # device ("cpu" or "cuda") applies to every worker: on "cuda" they go
+    # round-robin over the visible GPUs, unless devices names one per slot
+    # ("cuda:K", instance by instance). transport "auto" links workers on
+    # distinct GPUs with NCCL and the rest with Gloo through host memory;
+    # "gloo" always the latter (comm/backend_choice.py).
+    devices: tuple[str, ...] | None = None
+    transport: str = "auto"
 
     def validate(self) -> None:
         super().validate()
@@ -87,8 +98,30 @@ class DeploymentConfig(EngineConfig):
                 and 0 <= self.replication_interval_s <= 10):
             raise ValueError("replication_interval_s must be in [0, 10] seconds, got "
                              f"{self.replication_interval_s!r}")
-        if self.device != "cpu":
-            raise ValueError("distributed deployments run on the CPU for now (device='cpu')")
+        if self.transport not in TRANSPORTS:
+            raise ValueError(f"transport must be one of {TRANSPORTS}, got {self.transport!r}")
+
+    def check_device(self) -> None:
+        if self.device not in ("cpu", "cuda"):
+            raise ValueError(f"a deployment's device is 'cpu' or 'cuda' (per-slot GPUs go in "
+                             f"devices), got {self.device!r}")
+        if self.devices is not None and self.device != "cuda" and \
+                any(d != "cpu" for d in self.devices):
+            raise ValueError("devices names GPUs: set device='cuda' too")
+        if self.spawn_workers:  # else the workers' machines have the GPUs, not this one
+            super().check_device()
+            self.slot_devices()  # refuses what cannot be placed
+
+    def slot_devices(self) -> list[str]:
+        """Each worker slot's device, instance by instance. Workers started
+        elsewhere (spawn_workers=False) on "cuda" take their machine's
+        current GPU unless they name one (`kevlarflow worker --device`)."""
+        slots = self.num_instances * self.pp_size
+        if self.device == "cuda" and not self.spawn_workers:
+            # Their machines have the GPUs: each worker checks its own device.
+            return list(self.devices) if self.devices is not None else ["cuda"] * slots
+        visible = torch.cuda.device_count() if self.device == "cuda" else 0
+        return slot_devices(self.device, slots, visible, self.devices)
 
 
 @dataclass

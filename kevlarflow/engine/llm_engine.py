@@ -42,6 +42,9 @@ class EngineConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
+        self.check_device()
+
+    def check_device(self) -> None:
         resolve_device(self.device)
 
 
