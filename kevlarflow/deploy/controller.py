@@ -17,9 +17,11 @@ import logging
 import os
 import time
 
+from kevlarflow.comm.backend_choice import Placement, choose_backend
 from kevlarflow.comm.manager import abandon_generation
 from kevlarflow.deploy.config import DeploymentConfig, StagePools
 from kevlarflow.deploy.control import ControllerEndpoint
+from kevlarflow.deploy.devices import sharing_note
 from kevlarflow.deploy.join import TOKEN_ENV, JoinKeys, new_token
 from kevlarflow.deploy.instance import MicroBatch, PipelineInstance
 from kevlarflow.deploy.launcher import LocalLauncher
@@ -72,6 +74,10 @@ class Controller(RequestFrontend):
         super().__init__(tokenizer or AutoTokenizer.from_pretrained(model), cfg.vocab_size,
                          cfg.eos_token_ids, max_model_len, min(self.stage_blocks) * config.block_size)
 
+        self.slot_devices = config.slot_devices()
+        note = sharing_note(self.slot_devices)
+        if note:
+            log.warning(note)
         self.workers = WorkerTable(config.num_instances, config.pp_size)
         self.events = EventLog()
         self.health = HealthMonitor(config.hang_timeout_s)
@@ -164,12 +170,16 @@ class Controller(RequestFrontend):
         """To the heartbeat sockets: a worker in a forward pass (a borrowed
         one serves another pipeline) starts connecting at once."""
         inst.generation = next(self._generations)
+        backend, why = choose_backend(
+            [Placement(self.workers[w].host, self.workers[w].device, self.workers[w].nccl)
+             for w in route], self.config.transport)
+        log.info("%s generation %d over %s (%s)", inst.group, inst.generation, backend, why)
         for w in route:
             record = self.workers[w]
             peer = record.heartbeat_peer or record.peer
             if peer is not None:
                 self.endpoint.send(peer, "build_group", group=inst.group, members=route,
-                                   generation=inst.generation)
+                                   generation=inst.generation, backend=backend)
 
     def abort_generation(self, inst: PipelineInstance, reason: str) -> None:
         """Through the heartbeat sockets, so that a worker blocked in an op of

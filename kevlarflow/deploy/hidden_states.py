@@ -1,6 +1,7 @@
 """Hidden states between the stages of a worker's pipelines: received from
 the previous stage, sent on to the next without waiting for it, with a
-bounded number of sends on their way."""
+bounded number of sends on their way. On a GPU, a group over Gloo stages
+them through pinned host memory (comm/staging.py)."""
 from __future__ import annotations
 
 from collections import deque
@@ -10,33 +11,44 @@ import torch
 
 from kevlarflow.comm.groups import WorkerGroups
 from kevlarflow.comm.manager import CommError
+from kevlarflow.comm.staging import Direct, staging_for
 
 MAX_PENDING_SENDS = 4
 
 
 class HiddenStates:
     def __init__(self, groups: WorkerGroups, hidden_size: int, dtype: torch.dtype,
-                 report: Callable[[int, Exception], None]):
+                 device: torch.device, report: Callable[[int, Exception], None]):
         self.groups, self.hidden_size, self.dtype = groups, hidden_size, dtype
+        self.device = device
         self.report = report  # a failed send, as an error of the step it belonged to
-        self.pending: deque = deque()  # (step, group, generation, op)
+        # (step, group, generation, op, the bytes it sends: kept until it is done)
+        self.pending: deque = deque()
+        self._stagings: dict[str, Direct] = {}  # per backend
+
+    def _staging(self, group: str) -> Direct:
+        backend = self.groups.backend(group)
+        if backend not in self._stagings:
+            self._stagings[backend] = staging_for(self.device, backend)
+        return self._stagings[backend]
 
     # Both ops name the generation of their step: a group rebuilt on another
     # thread meanwhile refuses them (CommAborted) rather than pairing this
     # step's hidden states with another step's at the new generation's peer.
     def recv(self, group: str, generation: int, src: str, num_tokens: int) -> torch.Tensor:
         width = self.hidden_size * self.dtype.itemsize
-        buffer = torch.empty(num_tokens, width, dtype=torch.uint8)  # bytes: any dtype travels
+        staging = self._staging(group)
+        buffer = staging.incoming((num_tokens, width), torch.uint8)  # bytes: any dtype travels
         self.groups.manager().recv(group, buffer, src, generation=generation)
-        return buffer.view(self.dtype)
+        return staging.arrived(buffer).view(self.dtype)
 
     def send(self, step: int, group: str, generation: int, dst: str,
              hidden: torch.Tensor) -> None:
         while len(self.pending) >= MAX_PENDING_SENDS:
             self._wait_oldest()
-        op = self.groups.manager().isend(group, hidden.contiguous().view(torch.uint8), dst,
-                                         generation=generation)
-        self.pending.append((step, group, generation, op))
+        payload = self._staging(group).outgoing(hidden.contiguous().view(torch.uint8))
+        op = self.groups.manager().isend(group, payload, dst, generation=generation)
+        self.pending.append((step, group, generation, op, payload))
 
     def drop(self, group: str) -> None:
         """Sends still on their way on group: nobody waits for them."""
@@ -50,7 +62,7 @@ class HiddenStates:
         """A send that failed is reported as its own step's error: it may be
         of another pipeline than the step that waits for room (a borrowed
         worker sends for two)."""
-        step, group, generation, op = self.pending.popleft()
+        step, group, generation, op, _ = self.pending.popleft()
         try:
             op.wait()
         except CommError as error:

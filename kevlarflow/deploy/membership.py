@@ -140,7 +140,8 @@ class Membership:
                 c.send(name, "refused", reason=reason)
                 c.recovery.worker_lost(name, "refused: " + reason)
                 return []
-            log.info("%s: loaded in %.2f s", name, m["load_s"])
+            log.info("%s: loaded on %s in %.2f s", name, m["device"], m["load_s"])
+            record.device, record.nccl = m["device"], m["nccl"]
             record.enter(WorkerState.READY)
             c.health.loaded(name)
             c.worker_loaded(name)
@@ -182,7 +183,8 @@ class Membership:
                threads=cfg.worker_threads, heartbeat_s=float(cfg.heartbeat_s),
                replica_blocks=c.replication.replica_blocks[s],
                replication_transfer_bytes=cfg.replication_transfer_bytes,
-               replication_interval_s=float(cfg.replication_interval_s))
+               replication_interval_s=float(cfg.replication_interval_s),
+               device=c.slot_devices[record.instance * cfg.pp_size + s])
 
     def _group_message(self, name: str, m: dict) -> None:
         c = self.c

@@ -38,7 +38,9 @@ REPLICATION_TOTALS = {"bytes_sent": int, "bytes_received": int, "pack_s": float,
 TO_CONTROLLER = {
     "register": {"pid": int, "host": str, "instance": Opt(int), "stage": Opt(int)},
     # checkpoint: model/fingerprint.encode() of what it loaded.
-    "ready": {"worker": str, "load_s": float, "num_blocks": int, "checkpoint": str},
+    # device: where it loaded ("cpu", "cuda:K"); nccl: NCCL works in its process.
+    "ready": {"worker": str, "load_s": float, "num_blocks": int, "checkpoint": str,
+              "device": str, "nccl": bool},
     # A build that connected, or could not (a member missing, dead, or the
     # generation called off); a generation that was aborted is not reported.
     # Sent by the build's thread on a socket of its own, hence the name.
@@ -62,8 +64,9 @@ TO_WORKER = {
                "store_port": int, "store_prefix": str, "deadline_s": float,
                "attention_backend": str, "threads": int,
                "heartbeat_s": float, "replica_blocks": int, "replication_transfer_bytes": int,
-               "replication_interval_s": float},
-    "build_group": {"group": str, "members": [str], "generation": int},
+               "replication_interval_s": float, "device": str},
+    # backend: "gloo" or "nccl" (comm/backend_choice.py).
+    "build_group": {"group": str, "members": [str], "generation": int, "backend": str},
     # To the heartbeat socket, so that it acts even while the worker is blocked
     # in an op of that group: abort that generation (built or being built);
     # its queued steps are then skipped.

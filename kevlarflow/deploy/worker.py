@@ -18,6 +18,7 @@ import time
 
 import torch
 
+from kevlarflow.comm import nccl
 from kevlarflow.comm.groups import WorkerGroups
 from kevlarflow.deploy.control import Waker, WorkerEndpoint
 from kevlarflow.deploy.heartbeat import Heartbeat
@@ -29,7 +30,8 @@ from kevlarflow.deploy.store import client as store_client
 from kevlarflow.engine.model_runner import ModelRunner
 from kevlarflow.model import fingerprint
 from kevlarflow.model.config import DTYPES, ModelConfig
-from kevlarflow.model.loader import load_stage
+from kevlarflow.model.device import check_fits, resolve_device
+from kevlarflow.model.loader import load_stage, stage_bytes
 from kevlarflow.model.stage import StageSpec
 from kevlarflow.replication import is_link
 from kevlarflow.replication.worker import WorkerReplication
@@ -43,8 +45,11 @@ CONNECT_TIMEOUT_S = 120.0  # for a worker started before its controller listens
 class Worker:
     def __init__(self, controller: str, keys: JoinKeys, instance: int | None = None,
                  stage: int | None = None, threads: int = 1, parent_pid: int | None = None,
-                 connect_timeout_s: float = CONNECT_TIMEOUT_S):
+                 connect_timeout_s: float = CONNECT_TIMEOUT_S, device: str | None = None):
         torch.set_num_threads(threads)
+        # Its own device, if it was started with one (it knows its machine's
+        # GPUs); else the one the controller assigns to its slot.
+        self.device = resolve_device(device) if device is not None else None
         self.controller_host = controller.rsplit(":", 1)[0]
         # Every socket to the controller, on any thread, proves the join token.
         self.connect = functools.partial(WorkerEndpoint, controller, keys)
@@ -145,13 +150,23 @@ class Worker:
         cfg = ModelConfig.from_pretrained(m["model"])
         dtype = DTYPES[m["dtype"]] if m["dtype"] else None
         spec = StageSpec.split(cfg.num_layers, m["num_stages"], m["stage"])
-        stage = load_stage(m["model"], spec, cfg, dtype, progress=False,
-                           max_positions=m["max_model_len"])
+        device = self.device or resolve_device(m["device"])
+        if device.type == "cuda":
+            torch.cuda.set_device(device)  # NCCL and the default stream go there
+        if dtype is not None:
+            cfg.dtype = dtype
         # Replica blocks follow the live ones in the same caches: after a
         # failure the controller makes them live blocks without a copy.
-        self.runner = ModelRunner(stage, m["num_blocks"] + m["replica_blocks"], m["block_size"],
-                                  m["attention_backend"])
-        self.hidden = HiddenStates(self.groups, stage.cfg.hidden_size, stage.cfg.dtype,
+        num_blocks = m["num_blocks"] + m["replica_blocks"]
+        check_fits(device, stage_bytes(cfg, m["max_model_len"], spec),
+                   num_blocks * m["block_size"] * cfg.kv_bytes_per_token
+                   * (spec.end_layer - spec.first_layer) // cfg.num_layers,
+                   f"{self.name}'s stage")
+        stage = load_stage(m["model"], spec, cfg, dtype, progress=False,
+                           max_positions=m["max_model_len"], device=device)
+        self.runner = ModelRunner(stage, num_blocks, m["block_size"], m["attention_backend"],
+                                  device)
+        self.hidden = HiddenStates(self.groups, stage.cfg.hidden_size, stage.cfg.dtype, device,
                                    self._report_step)
         self.steps = StageSteps(self.name, spec, self.runner, self.groups, self.hidden,
                                 m["max_model_len"], self._reply, self._report_step)
@@ -164,7 +179,9 @@ class Worker:
         log.info("%s: stage %d layers [%d, %d) loaded in %.2f s, %d KV blocks", self.name,
                  m["stage"], spec.first_layer, spec.end_layer, load_s, m["num_blocks"])
         self.endpoint.send("ready", worker=self.name, load_s=load_s, num_blocks=m["num_blocks"],
-                           checkpoint=fingerprint.encode(fingerprint.fingerprint(m["model"])))
+                           checkpoint=fingerprint.encode(fingerprint.fingerprint(m["model"])),
+                           device=str(device), nccl=device.type == "cuda" and not
+                           nccl.unavailable_reason())
 
     def _build_group(self, m: dict) -> None:
         group, members = m["group"], m["members"]
@@ -173,7 +190,7 @@ class Worker:
             return
         if is_link(group) and self.replication is not None:
             self.replication.leave(group)  # a link's threads stop before it is rebuilt
-        if self.groups.build(group, members, m["generation"]):
+        if self.groups.build(group, members, m["generation"], m["backend"]):
             self.hidden.drop(group)
 
     def build_pipeline(self, m: dict) -> None:
@@ -183,7 +200,7 @@ class Worker:
         if is_link(m["group"]) or self.steps is None or self.name not in m["members"]:
             log.warning("%s: ignored a build of %s on the heartbeat socket", self.label, m["group"])
             return
-        self.groups.build(m["group"], m["members"], m["generation"])
+        self.groups.build(m["group"], m["members"], m["generation"], m["backend"])
 
     def _build_ended(self, build) -> None:
         """On the build's thread: a pipeline's build is reported at once. A
@@ -271,9 +288,9 @@ class Worker:
 
 
 def main(controller: str, keys: JoinKeys, instance: int | None, stage: int | None,
-         threads: int, parent_pid: int | None) -> int:
+         threads: int, parent_pid: int | None, device: str | None = None) -> int:
     logging.basicConfig(level=os.environ.get("KEVLARFLOW_LOG_LEVEL", "INFO"),
                         format=f"%(asctime)s worker[{os.getpid()}] %(levelname)s %(message)s")
-    worker = Worker(controller, keys, instance, stage, threads, parent_pid)
+    worker = Worker(controller, keys, instance, stage, threads, parent_pid, device=device)
     worker.run()
     return 1 if worker.refused else 0

@@ -28,6 +28,8 @@ class WorkerRecord:
     heartbeat_peer: bytes | None = None  # its heartbeat socket identity
     pid: int | None = None
     host: str | None = None
+    device: str | None = None            # where it loaded, once ready
+    nccl: bool = False                   # NCCL works in its process
 
     @property
     def ready(self) -> bool:

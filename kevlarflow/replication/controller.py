@@ -88,8 +88,10 @@ class Replication:
         link = ReplicaLink(source, backup, self._next_generation(), list(reserve), self.block_size)
         self.links[source] = link
         for w in (source, backup):
+            # Replicas travel through host memory (the replicator packs them
+            # there), so a link is a Gloo group on any device.
             self._send(w, "build_group", group=link.group, members=[source, backup],
-                       generation=link.generation)
+                       generation=link.generation, backend="gloo")
 
     def close(self, source: str) -> None:
         """Stop a link; live ends leave its group before anything else, and a

@@ -68,9 +68,10 @@ def test_worker_rejects_garbage_and_keeps_serving(lone_worker):
                   model=tiny_model(), dtype=None, block_size=4, num_blocks=8, max_model_len=64,
                   store_port=1, store_prefix="p", deadline_s=5.0, attention_backend="native", threads=1,
                   heartbeat_s=0.1, replica_blocks=0, replication_transfer_bytes=1 << 20,
-                  replication_interval_s=0.0)
+                  replication_interval_s=0.0, device="cpu")
     _expect(endpoint, "ready")
-    endpoint.send(peer, "build_group", group="pipe0", members=["w0.0"], generation=0)
+    endpoint.send(peer, "build_group", group="pipe0", members=["w0.0"], generation=0,
+                  backend="gloo")
     _expect(endpoint, "group_ready")
     sample = dict(temperature=0.0, top_k=0, top_p=1.0, min_p=0.0, seed=None, index=0, logprobs=None)
     # Well-formed steps it cannot execute: an error reply each, nothing written.
