@@ -106,6 +106,9 @@ def _add_worker(subparsers) -> None:
                              "prefer the variable: a command line is visible to every user)")
     parser.add_argument("--cpus", default=None, metavar="LIST",
                         help="run on these CPUs only, e.g. 0,1 (default: any)")
+    parser.add_argument("--device", default=None, metavar="cpu|cuda:K",
+                        help="run on this device (default: the one the controller assigns "
+                             "to its slot)")
     parser.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)
 
     def run(args):
@@ -125,8 +128,14 @@ def _add_worker(subparsers) -> None:
         from kevlarflow.deploy.worker import main as worker_main
         # Without one the worker is refused, which says clearly why.
         keys = JoinKeys(args.join_token or os.environ.get(TOKEN_ENV, ""))
+        if args.device is not None:
+            from kevlarflow.model.device import resolve_device
+            try:
+                resolve_device(args.device)
+            except ValueError as exc:
+                parser.error(f"--device: {exc}")
         return worker_main(args.controller, keys, args.instance, args.stage, args.threads,
-                           args.parent_pid)
+                           args.parent_pid, args.device)
 
     parser.set_defaults(run=run)
 
@@ -156,6 +165,12 @@ def _add_serve(subparsers) -> None:
     parser.add_argument("--max-num-seqs", type=int, default=64)
     parser.add_argument("--max-num-batched-tokens", type=int, default=512)
     parser.add_argument("--dtype", default=None)
+    parser.add_argument("--device", default="cpu",
+                        help="cpu, cuda or cuda:K in this process; a deployment takes cpu or "
+                             "cuda (its workers round-robin over the visible GPUs)")
+    parser.add_argument("--transport", choices=("auto", "gloo"), default="auto",
+                        help="links between a deployment's workers: auto (NCCL between "
+                             "workers on distinct GPUs, else Gloo) or gloo everywhere")
     parser.add_argument("--hang-timeout", type=float, default=1.0,
                         help="seconds of silence before a worker is declared hung")
     parser.add_argument("--recovery", choices=("kevlarflow", "restart"), default="kevlarflow")
@@ -184,7 +199,7 @@ def _add_serve(subparsers) -> None:
         common = dict(dtype=args.dtype, block_size=args.block_size,
                       kv_cache_memory=args.kv_cache_memory, max_num_seqs=args.max_num_seqs,
                       max_num_batched_tokens=args.max_num_batched_tokens,
-                      max_model_len=args.max_model_len)
+                      max_model_len=args.max_model_len, device=args.device)
         if args.instances * args.pp > 1:
             from kevlarflow.deploy.controller import DeploymentConfig
             from kevlarflow.deploy.join import TOKEN_ENV
@@ -192,7 +207,7 @@ def _add_serve(subparsers) -> None:
                                       hang_timeout_s=args.hang_timeout, recovery=args.recovery,
                                       replacement_delay_s=args.replacement_delay,
                                       join_token=args.join_token or os.environ.get(TOKEN_ENV),
-                                      **common)
+                                      transport=args.transport, **common)
         else:
             config = EngineConfig(**common)
         engine = AsyncEngine(args.model, config)

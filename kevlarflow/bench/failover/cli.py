@@ -84,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default 8)")
     p.add_argument("--chunk", type=int, default=256, help="max_num_batched_tokens")
     p.add_argument("--kv-memory", type=int, default=256 << 20, help="bytes per worker pool")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="where the workers run: on cuda, round-robin over the visible GPUs "
+                        "(several share one when there are fewer GPUs than workers)")
     p.add_argument("--replication-interval", type=float, default=0.5, metavar="S",
                    help="least seconds between two KV transfers of a worker (default 0.5, the "
                         "deployment's)")
@@ -215,7 +218,7 @@ def main(argv: list[str] | None = None) -> dict:
     deployment = Deployment(model, args.instances, args.stages, args.chunk, args.kv_memory,
                             args.replication_interval,
                             instance_cpus=split_cpus(args.instances) if args.pin_instances
-                            else None)
+                            else None, device=args.device)
 
     measured = None
     rate = args.rate

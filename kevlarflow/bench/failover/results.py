@@ -58,6 +58,7 @@ def finish(ctx: dict, name: str, delay: float | None, deployment: Deployment, tr
     config = dict(model=ctx["model"], preset=None if args.model else args.preset,
                   setting=name, num_instances=args.instances, pp_size=args.stages,
                   max_num_batched_tokens=args.chunk, kv_cache_memory=args.kv_memory,
+                  device=args.device,
                   replication_interval_s=args.replication_interval,
                   replacement_delay_s=deployment.replacement_delay_s,
                   instance_cpus=deployment.instance_cpus,

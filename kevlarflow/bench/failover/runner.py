@@ -60,6 +60,7 @@ class Deployment:
     replication_interval_s: float = 0.5
     replacement_delay_s: float = 0.0
     instance_cpus: tuple[tuple[int, ...], ...] | None = None
+    device: str = "cpu"                 # or "cuda": the workers round-robin over the GPUs
 
     def start(self, mode: str):
         from kevlarflow import LLM
@@ -69,7 +70,7 @@ class Deployment:
                    kv_cache_memory=self.kv_cache_memory,
                    replication_interval_s=self.replication_interval_s,
                    replacement_delay_s=self.replacement_delay_s,
-                   instance_cpus=self.instance_cpus, load_progress=False,
+                   instance_cpus=self.instance_cpus, device=self.device, load_progress=False,
                    **MODES[mode])
 
 

@@ -1,0 +1,90 @@
+"""Deployments on CUDA: workers load their stages on GPUs, pipelines link
+over NCCL between distinct GPUs and over Gloo through pinned host memory on
+a shared one, and a real SIGKILL or SIGSTOP under load still completes every
+request with the tokens of a failure-free run. Marked gpu: skipped without
+CUDA."""
+import psutil
+import pytest
+import torch
+
+from kevlarflow import LLM
+from helpers.failover import ARGS, Streams, all_home, workload
+from helpers.models import tiny_model
+
+pytestmark = pytest.mark.gpu
+
+GPU_ARGS = dict(ARGS, device="cuda", dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def expected():
+    """The failure-free run of the same deployment on the GPU."""
+    prompts, params = workload()
+    with LLM(tiny_model(), num_instances=2, pp_size=2, **GPU_ARGS) as llm:
+        return [o.token_ids for o in llm.generate(prompts, params)]
+
+
+def test_every_worker_loads_on_a_gpu(expected, caplog):
+    caplog.set_level("INFO", logger="kevlarflow.controller")
+    with LLM(tiny_model(), num_instances=2, pp_size=2, **GPU_ARGS) as llm:
+        devices = {r.name: r.device for r in llm.engine.workers}
+        prompts, params = workload(4)
+        outs = llm.generate(prompts, params)
+    visible = torch.cuda.device_count()
+    assert devices == {f"w{i}.{s}": f"cuda:{(2 * i + s) % visible}"
+                       for i in range(2) for s in range(2)}
+    assert [o.token_ids for o in outs] == expected[:4]
+    if visible == 1:  # four workers on one GPU: every pipeline over Gloo, staged on the host
+        builds = [r.getMessage() for r in caplog.records if r.getMessage().startswith("pipe")]
+        assert builds and all("over gloo (members share a GPU)" in b for b in builds), builds
+
+
+def test_cuda_deployment_matches_the_cpu_one(expected):
+    """fp32 on both: the GPU deployment samples the CPU deployment's tokens."""
+    prompts, params = workload()
+    cpu_args = {k: v for k, v in GPU_ARGS.items() if k != "device"}
+    with LLM(tiny_model(), num_instances=2, pp_size=2, **cpu_args) as llm:
+        cpu = [o.token_ids for o in llm.generate(prompts, params)]
+    assert cpu == expected
+
+
+@pytest.mark.parametrize("kind", ["kill", "hang"])
+@pytest.mark.parametrize("recovery", ["kevlarflow", "restart"])
+def test_a_failure_under_load_loses_no_request(expected, kind, recovery):
+    prompts, params = workload()
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    with LLM(tiny_model(), num_instances=2, pp_size=2, recovery=recovery, **GPU_ARGS) as llm:
+        engine = llm.engine
+        streams = Streams(engine)
+        seqs = streams.add(prompts, params)
+        victims = [s for s in seqs if engine.owner[s].index == 0]
+        streams.until(lambda: any(len(s.output_token_ids) >= 3 for s in victims), "tokens")
+        engine.inject_fault(0, 1, kind)
+        streams.finish()
+        stats = engine.status().stats
+        streams.until(lambda: engine.events.of("rejoined") and all_home(engine), "the rejoin")
+        again = llm.generate(prompts[:4], params[:4])
+    assert not [p for p in psutil.Process().children(recursive=True)
+                if p.pid not in before and p.status() != psutil.STATUS_ZOMBIE]
+    assert [streams.output(s).token_ids for s in seqs] == expected
+    assert [o.token_ids for o in again] == expected[:4]
+    if recovery == "kevlarflow":
+        # The replicas on the backup GPU's pool became the rerouted requests' KV.
+        assert stats["tokens_restored"] > 0
+    else:
+        assert stats["tokens_restored"] == 0 and stats["tokens_recomputed"] > 0
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL links need two GPUs")
+def test_pipelines_on_distinct_gpus_link_over_nccl(expected, caplog):
+    """One instance per GPU pair when there are two: each pipeline's stages
+    sit on distinct GPUs, so the controller builds them over NCCL."""
+    prompts, params = workload()
+    caplog.set_level("INFO", logger="kevlarflow.controller")
+    with LLM(tiny_model(), num_instances=2, pp_size=2, devices=("cuda:0", "cuda:1") * 2,
+             **GPU_ARGS) as llm:
+        outs = llm.generate(prompts, params)
+        assert {w.device for w in llm.engine.workers} == {"cuda:0", "cuda:1"}
+    assert [o.token_ids for o in outs] == expected
+    builds = [r.getMessage() for r in caplog.records if " over " in r.getMessage()]
+    assert builds and all("over nccl" in b for b in builds if b.startswith("pipe")), builds
