@@ -12,10 +12,10 @@ blocks, and each request recomputes only the tokens past its replication
 watermark, as a chunked prefill through the pipeline.
 
 A replacement starts at once, loads in the background and joins. The
-instance moves back once its requests' KV is at the replacement: it catches
-up while serving, then drains (no new steps until the last of its KV is
-durable there), so the move recomputes nothing; a deadline that scales with
-the KV to copy bounds the wait, and a move that recomputes says why.
+instance moves back once its requests' KV is at the replacement (move_back.py
+decides when): it catches up while serving, then drains, so the move
+recomputes nothing; a deadline that scales with the KV to copy bounds the
+wait, and a move that recomputes says why.
 
 Every wait is bounded and abandoned as soon as it cannot complete: a build
 is called off when a member fails and retried when it fails by itself; a
@@ -30,6 +30,7 @@ from __future__ import annotations
 import logging
 import time
 
+from kevlarflow.ft.move_back import CATCH_UP, MoveBack
 from kevlarflow.ft.phases import InstanceRecovery, Phase
 from kevlarflow.ft.replacements import Replacements
 from kevlarflow.ft.reroute import KVMove, move_kv, plan_route
@@ -37,7 +38,6 @@ from kevlarflow.ft.view import DeploymentView, RecoveryStats
 
 log = logging.getLogger("kevlarflow.ft")
 
-MIN_COPY_RATE = 20e6       # bytes/s a catch-up deadline allows for, at the least
 MAX_BUILD_BACKOFF_S = 2.0  # between retries of a build that keeps failing
 MOVING_BACK = "moving back"  # the reason of the build that ends a move back
 FIRST_STEP_PRIORITY_S = 0.5  # the longest a lender holds its steps back for a first step
@@ -54,6 +54,7 @@ class Recovery:
                                          deployment.events, clock,
                                          delay_s=self.config.replacement_delay_s)
         self.stats = RecoveryStats()
+        self.move_back = MoveBack(deployment.replication, self.config)
 
     def phase(self, inst) -> Phase:
         return self.states[inst.index].phase
@@ -152,7 +153,8 @@ class Recovery:
 
     def step_completed(self, inst) -> None:
         st = self.states[inst.index]
-        self._flush_drained(inst)
+        if st.phase is Phase.DRAINING:
+            self.move_back.flush(inst)
         if st.failed_at is not None:
             self.d.events.record("first_step_after_failure", instance=inst.index,
                                  detail=f"{time.time() - st.failed_at:.3f} s after its detection")
@@ -175,13 +177,12 @@ class Recovery:
             elif st.phase is Phase.PAUSED and late:
                 self._reroute(inst, "communicator error without a failed worker")
             elif st.phase is Phase.CATCHING_UP:
-                links = self.d.replication.migration_links(inst)
-                if links is None or late or self.d.replication.caught_up(inst, links, st.catching):
+                if self.move_back.caught_up(inst, st.catching, late):
                     self._enter(inst, Phase.DRAINING, "catch-up deadline passed" if late else
-                                "replicas caught up", deadline=self._copy_time(inst))
-                    self._flush_drained(inst)
+                                "replicas caught up", deadline=self.move_back.copy_time(inst))
+                    self.move_back.flush(inst)
             elif st.phase is Phase.DRAINING:
-                self._check_drained(inst, late)
+                self._after_drain(inst, late)
 
     def awaits_first_step(self, inst) -> bool:
         """inst serves again after a failure and has not completed a step yet:
@@ -300,47 +301,23 @@ class Recovery:
         """inst serves on a borrowed worker and its own are all ready again."""
         if inst.workers == inst.home or not all(self.d.workers.ready(w) for w in inst.home):
             return
-        st = self.states[inst.index]
-        replacement = next(own for own, now in zip(inst.home, inst.workers) if own != now)
-        if self.d.replication.migration_links(inst) is None:
+        if not self.move_back.can_catch_up(inst):
             self._rejoin(inst, "no replication link to its own worker")
             return
+        replacement = next(own for own, now in zip(inst.home, inst.workers) if own != now)
         self._enter(inst, Phase.CATCHING_UP, f"{replacement} is ready",
-                    deadline=self._copy_time(inst))
-        st.rejoining = replacement
+                    deadline=self.move_back.copy_time(inst))
+        self.states[inst.index].rejoining = replacement
 
-    def _copy_time(self, inst) -> float:
-        """A bound on copying inst's KV at its borrowed stages to its own
-        workers: its size at a conservative rate, plus replication's pace."""
-        bytes_ = self.d.replication.kv_bytes(inst)
-        return 2 * self.config.replication_interval_s + self.config.hang_timeout_s + \
-            bytes_ / MIN_COPY_RATE
-
-    def _flush_drained(self, inst) -> None:
-        """A draining instance's last step is back: the KV it wrote is all
-        the drain waits for, and goes now, not at the next interval."""
-        if self.states[inst.index].phase is not Phase.DRAINING or inst.in_flight:
+    def _after_drain(self, inst, late: bool) -> None:
+        decision = self.move_back.after_drain(inst, late)
+        if decision is None:
             return
-        links = self.d.replication.migration_links(inst)
-        if links:
-            self.d.replication.flush(links)
-
-    def _check_drained(self, inst, late: bool) -> None:
-        replication = self.d.replication
-        links = replication.migration_links(inst)
-        if links is None:
-            self._rejoin(inst, "its replication link closed while it drained")
-        elif not inst.in_flight and replication.durable(inst, links):
-            dropped = replication.without_replicas(inst, links)
-            self._rejoin(inst, f"{dropped} requests found the replica pool full" if dropped else "")
-        elif not inst.in_flight and replication.unplanned(inst, links):
-            # A step in flight when draining began was sent before the link was
-            # up: waiting cannot copy its KV, one more step of the request will.
-            self._enter(inst, Phase.CATCHING_UP, "KV computed before the link was up",
-                        deadline=self._copy_time(inst))
-        elif late:
-            self._rejoin(inst, f"the copy deadline passed with {replication.behind(inst, links)} "
-                         "tokens not yet at its own workers")
+        what, why = decision
+        if what == CATCH_UP:
+            self._enter(inst, Phase.CATCHING_UP, why, deadline=self.move_back.copy_time(inst))
+        else:
+            self._rejoin(inst, why)
 
     def _rejoin(self, inst, why: str) -> None:
         """Move inst back to its own workers; at each stage it borrowed, its
