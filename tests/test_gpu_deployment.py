@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from kevlarflow import LLM
-from helpers.failover import ARGS, Streams, all_home, workload
+from helpers.failover import ARGS, Streams, all_home, recomputed, workload
 from helpers.models import tiny_model
 
 pytestmark = pytest.mark.gpu
@@ -73,6 +73,28 @@ def test_a_failure_under_load_loses_no_request(expected, kind, recovery):
         assert stats["tokens_restored"] > 0
     else:
         assert stats["tokens_restored"] == 0 and stats["tokens_recomputed"] > 0
+
+
+def test_replicas_on_the_backup_gpu_keep_all_but_the_last_step(expected):
+    """A transfer after every step: after the kill, no request runs more
+    than a block of tokens again (the CPU deployment's promise, in
+    tests/e2e/test_replication.py), counted from the tokens the workers ran."""
+    prompts, params = workload()
+    with LLM(tiny_model(), num_instances=2, pp_size=2,
+             **dict(GPU_ARGS, replication_interval_s=0)) as llm:
+        engine = llm.engine
+        streams = Streams(engine)
+        seqs = streams.add(prompts, params)
+        victims = [s for s in seqs if engine.owner[s].index == 0]
+        streams.until(lambda: all(len(s.output_token_ids) >= 4 or s.is_finished for s in seqs)
+                      and all(link.ready for link in engine.replication.links.values()), "tokens")
+        engine.inject_fault(0, 1, "kill")
+        streams.finish()
+        restored = engine.status().stats["tokens_restored"]
+    assert [streams.output(s).token_ids for s in seqs] == expected
+    assert restored > 0
+    assert all(recomputed(s) <= ARGS["block_size"] for s in victims), \
+        [recomputed(s) for s in victims]
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL links need two GPUs")
