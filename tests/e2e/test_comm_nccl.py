@@ -91,3 +91,25 @@ def test_single_rank_nccl_communicator(store):
         print("NCCL", _comm.nccl_version())
     finally:
         mgr.close()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2,
+                    reason="NCCL takes one rank per GPU: a shrink needs two GPUs")
+def test_nccl_and_gloo_groups_side_by_side_then_a_shrink():
+    from helpers import comm_scenarios as sc
+    from helpers.comm_workers import Workers
+
+    n = min(torch.cuda.device_count(), 4)
+    with Workers(n, sc.nccl_on_own_gpus, leaver=f"w0.{n - 1}", deadline_s=10.0) as w:
+        out = w.collect(w.members, timeout_s=120)
+    total = float(sum(range(1, n + 1)))
+    for me in w.members:
+        assert out[me]["pipe"] == [total] * 8 and out[me]["ctl"] == [float(n)] * 2
+        assert out[me]["backends"] == ["nccl", "gloo"]
+    survivors = w.members[:-1]
+    for me in survivors:
+        r = out[me]
+        assert r["generation"] == 1 and r["members"] == survivors
+        assert r["after_shrink"] == [float(sum(range(1, n)))] * 4
+        assert r["backend_after"] == "nccl"

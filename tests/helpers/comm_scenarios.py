@@ -217,3 +217,28 @@ def _build_outcome(mgr: CommManager, group, members, generation) -> str:
         return "connected"
     except CommTimeout:
         return "CommTimeout"
+
+
+def nccl_on_own_gpus(mgr: CommManager, store, me, members, leaver):
+    """One GPU per member, a pipeline group over NCCL next to a Gloo one in
+    the same manager; then `leaver` leaves and the others shrink the NCCL
+    group without it (ncclCommShrink on a healthy communicator)."""
+    index = members.index(me)
+    torch.cuda.set_device(index)
+    mgr.build("pipe", members, deadline_s=BUILD_DEADLINE_S, backend="nccl")
+    mgr.build("ctl", members, deadline_s=BUILD_DEADLINE_S, backend="gloo")
+    x = torch.full((8,), float(index + 1), device="cuda")
+    mgr.allreduce("pipe", x)
+    c = torch.ones(2)
+    mgr.allreduce("ctl", c)
+    out = dict(pipe=x.cpu().tolist(), ctl=c.tolist(),
+               backends=[mgr.backend_of("pipe"), mgr.backend_of("ctl")])
+    if me == leaver:
+        return out
+    generation = mgr.shrink("pipe", [leaver], deadline_s=BUILD_DEADLINE_S)
+    y = torch.full((4,), float(mgr.rank("pipe") + 1), device="cuda")
+    mgr.allreduce("pipe", y)
+    torch.cuda.synchronize()
+    out.update(generation=generation, members=mgr.members("pipe"), after_shrink=y.cpu().tolist(),
+               backend_after=mgr.backend_of("pipe"))
+    return out
