@@ -71,9 +71,17 @@ at::Tensor paged_attention(const at::Tensor& query, const at::Tensor& key_cache,
   check_cuda(query, "paged_attention");
   const c10::cuda::CUDAGuard guard(query.device());
   at::Tensor out = at::empty_like(query, at::MemoryFormat::Contiguous);
-  const PagedAttentionArgs args = paged_attention_args(
+  PagedAttentionArgs args = paged_attention_args(
       out, query, key_cache, value_cache, block_tables, seq_lens, query_start_loc, scale,
       sliding_window, max_query_len);
+  // The kernel's per-partition partials: from torch's caching allocator, on
+  // query's device and current stream (the kernels' stream), so that it is
+  // reused call after call without a cudaMalloc or a synchronisation. Its size
+  // comes from shapes only (no index tensor is read).
+  const at::Tensor workspace = at::empty({paged_attention_cuda_workspace_floats(args)},
+                                         query.options().dtype(at::kFloat));
+  args.workspace = workspace.data_ptr<float>();
+  args.workspace_floats = workspace.numel();
   launch("paged_attention", [&] { paged_attention_cuda(args, current_stream(query)); });
   return out;
 }

@@ -31,6 +31,10 @@ struct PagedAttentionArgs {
   int64_t sliding_window = 0;       // <= 0: attend to the whole context
   float scale = 1.f;
   DType dtype = DType::kFloat32;    // of query, caches and out alike
+  // CUDA only (the CPU kernel ignores them): fp32 scratch for the per-partition
+  // partial results, sized by paged_attention_cuda_workspace_floats.
+  float* workspace = nullptr;
+  int64_t workspace_floats = 0;
 };
 
 // Arguments are assumed valid: the bindings check them first.
@@ -39,7 +43,10 @@ void paged_attention_cpu(const PagedAttentionArgs& args, const ParallelFor& para
 // The CPU variant paged_attention_cpu runs here: "avx2" or "generic".
 const char* paged_attention_cpu_isa();
 
-// Defined in paged_attention_cuda.cu; stream is a cudaStream_t.
+// Defined in paged_attention_cuda.cu; stream is a cudaStream_t. args.workspace
+// must hold paged_attention_cuda_workspace_floats(args) floats on the op's
+// device; the caller allocates it (so that it comes from torch's allocator).
 void paged_attention_cuda(const PagedAttentionArgs& args, void* stream);
+int64_t paged_attention_cuda_workspace_floats(const PagedAttentionArgs& args);
 
 }  // namespace kevlarflow
