@@ -5,11 +5,18 @@ over a dense GQA cache holding the same keys and values. Cache ops:
 pack_blocks into pinned host memory against one plain device-to-host copy_ of
 the same bytes (and unpack_blocks against the host-to-device copy).
 
+Decode rows also say how close the kernel is to the memory floor: the K/V
+bytes a step must read divided by its time, as a fraction of the bandwidth of
+a plain device-to-device copy_ of a large buffer measured in the same run
+(bytes read plus bytes written per second).
+
 Times come from CUDA events around `--inner` back-to-back calls; candidates
 take turns, `--repeats` times, so drift hits them alike, and every figure is a
 ratio to the baseline of the same turn: median (min-max) over the turns.
-Calls go through kevlarflow.ops as an engine would make them, so they include
-the bindings' host-side argument checks. Run by bench/gpu/check.sh.
+Calls go through kevlarflow.ops as the engine makes them: the shapes checked
+by the bindings, the longest chunk passed in (max_query_len), so nothing is
+read back from the index tensors and no call waits for the GPU. Run by
+bench/gpu/check.sh.
 """
 from __future__ import annotations
 
@@ -72,7 +79,17 @@ def paged_batch(chunk_lens: list[int], context: int, dtype: torch.dtype, seed: i
     return paged, dense(key_cache), dense(value_cache)
 
 
-def attention_case(label: str, chunk: int, batch: int, context: int, dtype, backends, args):
+def copy_bandwidth(args, mib: int = 512) -> float:
+    """Bytes per second a device-to-device copy_ moves (read plus written):
+    what this GPU's memory gives a kernel that streams it."""
+    src = torch.empty(mib << 20, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    samples = time_turns({"copy_": lambda: dst.copy_(src)}, args.repeats, args.inner)
+    return 2 * src.numel() / statistics.median(samples["copy_"])
+
+
+def attention_case(label: str, chunk: int, batch: int, context: int, dtype, backends, args,
+                   copy_bytes_per_s: float):
     from kevlarflow import ops
     from torch.nn.attention.bias import causal_lower_right
 
@@ -95,14 +112,22 @@ def attention_case(label: str, chunk: int, batch: int, context: int, dtype, back
 
     fns = {"sdpa": sdpa}
     for backend in backends:
-        fns[backend] = lambda b=backend: ops.paged_attention(*paged, scale, backend=b)
+        fns[backend] = lambda b=backend: ops.paged_attention(*paged, scale, backend=b,
+                                                             max_query_len=chunk)
     expected = sdpa().transpose(1, 2).reshape(query.shape).float()
     errors = {b: (fns[b]().float() - expected).abs().max().item() for b in backends}
     samples = time_turns(fns, args.repeats, args.inner)
     dtype_name = str(dtype).removeprefix("torch.")
-    return [(label, dtype_name, context, b, statistics.median(samples[b]) * 1e3,
-             statistics.median(samples["sdpa"]) * 1e3, *ratio_stats(samples["sdpa"], samples[b]),
-             errors[b]) for b in backends]
+    # Decode must read every sequence's K and V once: its memory floor.
+    kv_bytes = 2 * batch * NUM_KV_HEADS * context * HEAD_DIM * paged[1].element_size()
+    rows = []
+    for b in backends:
+        seconds = statistics.median(samples[b])
+        floor = kv_bytes / seconds / copy_bytes_per_s if chunk == 1 else None
+        rows.append((label, dtype_name, context, b, seconds * 1e3,
+                     statistics.median(samples["sdpa"]) * 1e3,
+                     *ratio_stats(samples["sdpa"], samples[b]), floor, errors[b]))
+    return rows
 
 
 def pack_case(num_ids: int, caches, args):
@@ -128,15 +153,19 @@ def pack_case(num_ids: int, caches, args):
     return rows
 
 
-def format_tables(attention_rows, pack_rows, device: str, args) -> str:
+def format_tables(attention_rows, pack_rows, device: str, copy_bytes_per_s: float,
+                  args) -> str:
     lines = [f"{device}; CUDA events, {args.inner} calls per sample, median (min-max) over "
              f"{args.repeats} turns; speed = baseline time / our time",
+             f"of copy_: decode's K/V bytes read / time, as a fraction of a device-to-device "
+             f"copy_ ({copy_bytes_per_s / 1e9:.0f} GB/s read + written)",
              "",
              f"{'case':14} {'dtype':9} {'context':>7} {'kernel':7} {'ms':>8} {'sdpa ms':>8} "
-             f"{'speed vs sdpa':>22} {'max |err|':>10}"]
-    for case, dtype, ctx, backend, ms, sdpa_ms, mid, lo, hi, err in attention_rows:
+             f"{'speed vs sdpa':>22} {'of copy_':>8} {'max |err|':>10}"]
+    for case, dtype, ctx, backend, ms, sdpa_ms, mid, lo, hi, floor, err in attention_rows:
+        floor_text = "-" if floor is None else f"{floor:.0%}"
         lines.append(f"{case:14} {dtype:9} {ctx:>7} {backend:7} {ms:>8.3f} {sdpa_ms:>8.3f} "
-                     f"{mid:>8.2f}x ({lo:.2f}-{hi:.2f}) {err:>10.2e}")
+                     f"{mid:>8.2f}x ({lo:.2f}-{hi:.2f}) {floor_text:>8} {err:>10.2e}")
     lines += ["",
               f"{'cache op':14} {'blocks':>6} {'MiB':>7} {'GB/s':>7} {'copy_ GB/s':>10} "
               f"{'speed vs copy_':>22}"]
@@ -171,20 +200,21 @@ def main(argv=None):
         sys.exit("kevlarflow was built without CUDA kernels: build it against a CUDA torch "
                  "(bash bench/gpu/check.sh)")
     device = torch.cuda.get_device_name()
+    copy_bytes_per_s = copy_bandwidth(args)
     attention_rows = []
     for dtype in (getattr(torch, d) for d in args.dtypes):
         for context in args.contexts:
             attention_rows += attention_case("decode b32", 1, 32, context, dtype, args.backends,
-                                             args)
+                                             args, copy_bytes_per_s)
         # Chunked prefill: 4 sequences each adding 512 tokens to 3584 cached ones.
         attention_rows += attention_case("prefill 4x512", 512, 4, 4096, dtype, args.backends,
-                                         args)
+                                         args, copy_bytes_per_s)
         print(f"attention {dtype} done", flush=True)
     # 64 caches (32 layers x K, V) of 2048 blocks [16, 8, 128] bf16: 4 GiB.
     caches = [torch.randn(2048, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM, device="cuda",
                           dtype=torch.bfloat16) for _ in range(64)]
     pack_rows = [row for n in args.pack_blocks for row in pack_case(n, caches, args)]
-    table = format_tables(attention_rows, pack_rows, device, args)
+    table = format_tables(attention_rows, pack_rows, device, copy_bytes_per_s, args)
     print(table)
     if args.table:
         with open(args.table, "w") as f:
