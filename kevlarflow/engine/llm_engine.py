@@ -32,6 +32,8 @@ class EngineConfig:
     enable_prefix_caching: bool = False
     attention_backend: str = "native"
     device: str = "cpu"
+    # On CUDA, run every step eagerly: no decode step from a CUDA graph.
+    enforce_eager: bool = False
     seed: int = 0                       # of the generator shared by unseeded requests
     load_progress: bool = True
 
@@ -42,6 +44,8 @@ class EngineConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if not isinstance(self.enforce_eager, bool):
+            raise ValueError(f"enforce_eager must be a bool, got {self.enforce_eager!r}")
         self.check_device()
 
     def check_device(self) -> None:
@@ -73,7 +77,8 @@ class LLMEngine(RequestFrontend):
         self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, config.max_num_batched_tokens, config.max_num_seqs)
         self.runner = ModelRunner(self.stage, num_blocks, config.block_size,
-                                  config.attention_backend, device)
+                                  config.attention_backend, device, config.max_num_seqs,
+                                  max_model_len, config.enforce_eager)
         self.sampler = Sampler(torch.Generator(device=device).manual_seed(config.seed))
 
     def _submit(self, seq: Sequence) -> None:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from kevlarflow.engine.cuda_graphs import GraphedDecode
 from kevlarflow.engine.scheduler import ScheduledBatch
 from kevlarflow.model.attention_metadata import AttentionMetadata
 from kevlarflow.model.stage import DecoderStage
@@ -51,30 +52,50 @@ def sample_rows(chunk_tokens: list[int], samples: list[bool],
 class ModelRunner:
     """One stage of a model (the whole model in the in-process engine) on a
     paged KV cache: the one path from a batch of chunks to the kernels, for
-    the in-process engine and for a deployment's workers alike."""
+    the in-process engine and for a deployment's workers alike.
+
+    On CUDA, unless enforce_eager, pure decode steps of up to max_num_seqs
+    sequences replay CUDA graphs (engine/cuda_graphs.py), all captured here,
+    at start: a capture later would stall the step that needs it, and in a
+    worker would run while other threads use the GPU. Every other step (and
+    every step on the CPU) runs eagerly."""
 
     def __init__(self, stage: DecoderStage, num_blocks: int, block_size: int,
-                 attention_backend: str = "native", device: str = "cpu"):
+                 attention_backend: str = "native", device: str = "cpu",
+                 max_num_seqs: int = 64, max_model_len: int | None = None,
+                 enforce_eager: bool = False):
         self.stage, self.block_size = stage, block_size
         self.num_blocks = num_blocks
         self.device = torch.device(device)
         self.attention_backend = attention_backend
         self.kv_caches = allocate_kv_cache(stage, num_blocks, block_size, self.device)
+        self.decode_graphs: GraphedDecode | None = None
+        if self.device.type == "cuda" and not enforce_eager:
+            self.decode_graphs = GraphedDecode(
+                stage, self.kv_caches, block_size, max_num_seqs,
+                max_model_len or stage.layers[0].self_attn.rope.max_positions, attention_backend)
+            self.decode_graphs.capture()
 
     def forward(self, inputs: torch.Tensor, chunks: list[tuple[int, int, list[int]]],
                 rows: torch.Tensor | None = None) -> torch.Tensor:
         """inputs: token ids (first stage) or hidden states, one row per token
-        of the chunks (tokens, first position, block table), in batch order.
-        The last stage returns fp32 logits of the given rows; the others their
-        hidden states."""
+        of the chunks (tokens, first position, block table), in batch order,
+        on the host or the runner's device. The last stage returns fp32 logits
+        of the given rows; the others their hidden states."""
+        if self.decode_graphs is not None:
+            out = self.decode_graphs(inputs, chunks, rows)
+            if out is not None:
+                return out
         meta = attention_metadata(chunks, self.block_size, self.device)
-        return self.stage(inputs, meta, self.kv_caches, logits_indices=rows,
+        if rows is not None:
+            rows = rows.to(self.device)
+        return self.stage(inputs.to(self.device), meta, self.kv_caches, logits_indices=rows,
                           attention_backend=self.attention_backend)
 
     def run(self, batch: ScheduledBatch) -> torch.Tensor:
         """fp32 logits [number of sequences to sample, vocab], in batch order."""
         ids = [t for seq, n in batch.items
                for t in seq.token_ids(seq.num_computed_tokens, seq.num_computed_tokens + n)]
-        rows = sample_rows([n for _, n in batch.items], batch.samples(), self.device)
-        return self.forward(torch.tensor(ids, dtype=torch.int64, device=self.device),
-                            batch.chunks(), rows)
+        # On the host: the decode graphs copy them without a synchronisation.
+        rows = sample_rows([n for _, n in batch.items], batch.samples())
+        return self.forward(torch.tensor(ids, dtype=torch.int64), batch.chunks(), rows)
