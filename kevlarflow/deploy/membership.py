@@ -184,7 +184,8 @@ class Membership:
                replica_blocks=c.replication.replica_blocks[s],
                replication_transfer_bytes=cfg.replication_transfer_bytes,
                replication_interval_s=float(cfg.replication_interval_s),
-               device=c.slot_devices[record.instance * cfg.pp_size + s])
+               device=c.slot_devices[record.instance * cfg.pp_size + s],
+               max_num_seqs=cfg.max_num_seqs, enforce_eager=cfg.enforce_eager)
 
     def _group_message(self, name: str, m: dict) -> None:
         c = self.c

@@ -64,7 +64,10 @@ TO_WORKER = {
                "store_port": int, "store_prefix": str, "deadline_s": float,
                "attention_backend": str, "threads": int,
                "heartbeat_s": float, "replica_blocks": int, "replication_transfer_bytes": int,
-               "replication_interval_s": float, "device": str},
+               "replication_interval_s": float, "device": str,
+               # Decode steps of up to max_num_seqs sequences replay CUDA
+               # graphs on a GPU, unless enforce_eager.
+               "max_num_seqs": int, "enforce_eager": bool},
     # backend: "gloo" or "nccl" (comm/backend_choice.py).
     "build_group": {"group": str, "members": [str], "generation": int, "backend": str},
     # To the heartbeat socket, so that it acts even while the worker is blocked

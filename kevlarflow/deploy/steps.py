@@ -72,9 +72,10 @@ class StageSteps:
         chunks = [c for p in prepared for c in p.chunks]
         rows = None
         if self.spec.is_last:
+            # On the host, like the token ids: the runner's decode graphs
+            # copy them without a synchronisation.
             rows = sample_rows([n for n, _, _ in chunks],
-                               [s is not None for p in prepared for s in p.message["sample"]],
-                               self.runner.device)
+                               [s is not None for p in prepared for s in p.message["sample"]])
         out = self.runner.forward(torch.cat([p.inputs for p in prepared]), chunks, rows)
         written([p.message for p in prepared])
         start = 0
@@ -111,7 +112,7 @@ class StageSteps:
             vocab = self.runner.stage.cfg.vocab_size
             if ids is None or len(ids) != num_tokens or not all(0 <= t < vocab for t in ids):
                 raise BadStep(f"the first stage needs {num_tokens} token ids in [0, vocab)")
-            inputs = torch.tensor(ids, dtype=torch.int64, device=self.runner.device)
+            inputs = torch.tensor(ids, dtype=torch.int64)
         else:
             inputs = self.hidden.recv(m["group"], m["generation"], members[me - 1], num_tokens)
         return _Prepared(m, members, me, chunks, num_tokens, inputs)

@@ -129,6 +129,9 @@ class Worker:
         self.waker.wake()
 
     def close(self) -> None:
+        if self.runner is not None and self.runner.decode_graphs is not None:
+            log.info("%s: %d decode steps replayed CUDA graphs", self.name,
+                     self.runner.decode_graphs.replays)
         self.heartbeat.stopping.set()
         self.heartbeat.join(timeout=5)
         if self.stop_reason is None and self.hidden is not None:
@@ -164,8 +167,16 @@ class Worker:
                    f"{self.name}'s stage")
         stage = load_stage(m["model"], spec, cfg, dtype, progress=False,
                            max_positions=m["max_model_len"], device=device)
+        # On a GPU the decode graphs are captured here, before any group or
+        # replication thread uses it.
         self.runner = ModelRunner(stage, num_blocks, m["block_size"], m["attention_backend"],
-                                  device)
+                                  device, m["max_num_seqs"], m["max_model_len"],
+                                  m["enforce_eager"])
+        graphs = self.runner.decode_graphs
+        if graphs is not None:
+            log.info("%s: decode steps of up to %d sequences replay CUDA graphs (sizes %s, "
+                     "captured in %.2f s)", self.name, graphs.sizes[-1], graphs.sizes,
+                     graphs.capture_s)
         self.hidden = HiddenStates(self.groups, stage.cfg.hidden_size, stage.cfg.dtype, device,
                                    self._report_step)
         self.steps = StageSteps(self.name, spec, self.runner, self.groups, self.hidden,

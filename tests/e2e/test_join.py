@@ -255,7 +255,8 @@ def lone_worker():
                       model=tiny_model(), dtype=None, block_size=4, num_blocks=8,
                       max_model_len=64, store_port=1, store_prefix="p", deadline_s=5.0,
                       attention_backend="native", threads=1, heartbeat_s=0.1, replica_blocks=0,
-                      replication_transfer_bytes=1 << 20, replication_interval_s=0.0, device="cpu")
+                      replication_transfer_bytes=1 << 20, replication_interval_s=0.0, device="cpu",
+                      max_num_seqs=8, enforce_eager=False)
         _expect(endpoint, "ready", proc)
         endpoint.send(peer, "build_group", group="pipe0", members=["w0.0"], generation=0,
                       backend="gloo")
