@@ -171,6 +171,9 @@ def _add_serve(subparsers) -> None:
     parser.add_argument("--transport", choices=("auto", "gloo"), default="auto",
                         help="links between a deployment's workers: auto (NCCL between "
                              "workers on distinct GPUs, else Gloo) or gloo everywhere")
+    parser.add_argument("--enforce-eager", action="store_true",
+                        help="on CUDA, run every step eagerly (default: decode steps replay "
+                             "CUDA graphs)")
     parser.add_argument("--hang-timeout", type=float, default=1.0,
                         help="seconds of silence before a worker is declared hung")
     parser.add_argument("--recovery", choices=("kevlarflow", "restart"), default="kevlarflow")
@@ -199,7 +202,8 @@ def _add_serve(subparsers) -> None:
         common = dict(dtype=args.dtype, block_size=args.block_size,
                       kv_cache_memory=args.kv_cache_memory, max_num_seqs=args.max_num_seqs,
                       max_num_batched_tokens=args.max_num_batched_tokens,
-                      max_model_len=args.max_model_len, device=args.device)
+                      max_model_len=args.max_model_len, device=args.device,
+                      enforce_eager=args.enforce_eager)
         if args.instances * args.pp > 1:
             from kevlarflow.deploy.controller import DeploymentConfig
             from kevlarflow.deploy.join import TOKEN_ENV

@@ -87,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                    help="where the workers run: on cuda, round-robin over the visible GPUs "
                         "(several share one when there are fewer GPUs than workers)")
+    p.add_argument("--enforce-eager", action="store_true",
+                   help="on cuda, the workers run every step eagerly (default: decode steps "
+                        "replay CUDA graphs)")
     p.add_argument("--replication-interval", type=float, default=0.5, metavar="S",
                    help="least seconds between two KV transfers of a worker (default 0.5, the "
                         "deployment's)")
@@ -218,7 +221,8 @@ def main(argv: list[str] | None = None) -> dict:
     deployment = Deployment(model, args.instances, args.stages, args.chunk, args.kv_memory,
                             args.replication_interval,
                             instance_cpus=split_cpus(args.instances) if args.pin_instances
-                            else None, device=args.device)
+                            else None, device=args.device,
+                            enforce_eager=args.enforce_eager)
 
     measured = None
     rate = args.rate

@@ -61,6 +61,7 @@ class Deployment:
     replacement_delay_s: float = 0.0
     instance_cpus: tuple[tuple[int, ...], ...] | None = None
     device: str = "cpu"                 # or "cuda": the workers round-robin over the GPUs
+    enforce_eager: bool = False         # on cuda: no decode step from a CUDA graph
 
     def start(self, mode: str):
         from kevlarflow import LLM
@@ -70,7 +71,8 @@ class Deployment:
                    kv_cache_memory=self.kv_cache_memory,
                    replication_interval_s=self.replication_interval_s,
                    replacement_delay_s=self.replacement_delay_s,
-                   instance_cpus=self.instance_cpus, device=self.device, load_progress=False,
+                   instance_cpus=self.instance_cpus, device=self.device,
+                   enforce_eager=self.enforce_eager, load_progress=False,
                    **MODES[mode])
 
 
