@@ -3,6 +3,8 @@ over NCCL between distinct GPUs and over Gloo through pinned host memory on
 a shared one, and a real SIGKILL or SIGSTOP under load still completes every
 request with the tokens of a failure-free run. Marked gpu: skipped without
 CUDA."""
+import re
+
 import psutil
 import pytest
 import torch
@@ -46,6 +48,28 @@ def test_cuda_deployment_matches_the_cpu_one(expected):
     with LLM(tiny_model(), num_instances=2, pp_size=2, **cpu_args) as llm:
         cpu = [o.token_ids for o in llm.generate(prompts, params)]
     assert cpu == expected
+
+
+def test_decode_graphs_give_the_eager_deployment_s_tokens(capfd, monkeypatch):
+    """Workers replaying their decode steps from CUDA graphs (the default)
+    sample the tokens of the same deployment run eagerly. The workers' logs
+    (their stderr is the test's) say that every one of them replayed graphs,
+    and that the eager ones captured none."""
+    monkeypatch.setenv("KEVLARFLOW_LOG_LEVEL", "INFO")
+    prompts, params = workload()
+    runs = {}
+    for eager in (False, True):
+        capfd.readouterr()
+        with LLM(tiny_model(), num_instances=2, pp_size=2, enforce_eager=eager,
+                 **GPU_ARGS) as llm:
+            tokens = [o.token_ids for o in llm.generate(prompts, params)]
+        runs[eager] = tokens, capfd.readouterr().err
+    (graphs, graph_log), (eager, eager_log) = runs[False], runs[True]
+    assert graphs == eager
+    replayed = dict(re.findall(r"(w\d\.\d): (\d+) decode steps replayed CUDA graphs", graph_log))
+    assert sorted(replayed) == ["w0.0", "w0.1", "w1.0", "w1.1"], graph_log[-3000:]
+    assert all(int(count) > 0 for count in replayed.values()), replayed
+    assert "CUDA graphs" not in eager_log
 
 
 @pytest.mark.parametrize("kind", ["kill", "hang"])
