@@ -4,6 +4,7 @@ Without CUDA the kernel runs under the Triton CPU interpreter, which is slow:
 sizes here are small on purpose. Cache slots that no sequence owns, and slots
 past each sequence's length, hold NaN, so any stray read shows up in the output.
 """
+import functools
 import math
 import os
 
@@ -17,6 +18,7 @@ if not torch.cuda.is_available():
 pytest.importorskip("triton")
 
 from kevlarflow.reference import paged_attention  # noqa: E402
+from kevlarflow.triton import paged_attention as triton_module  # noqa: E402
 from kevlarflow.triton import paged_attention_triton  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -201,6 +203,9 @@ def test_rejects_bad_inputs():
     for name, bad, message in bad_contents:
         with pytest.raises(ValueError, match=message):
             paged_attention_triton(**{**batch, name: bad}, scale=0.125)
+    for partition_size in (0, 32, 100):
+        with pytest.raises(ValueError, match="partition_size"):
+            paged_attention_triton(**batch, scale=0.125, partition_size=partition_size)
 
 
 @pytest.mark.gpu
@@ -232,3 +237,147 @@ def test_selectable_as_backend_and_agrees_with_the_native_kernel():
     native = ops.paged_attention(*[a.cpu() for a in args], 0.125, sliding_window=9)
     triton_out = ops.paged_attention(*args, 0.125, sliding_window=9, backend="triton")
     torch.testing.assert_close(triton_out.cpu(), native, atol=1e-4, rtol=1e-4)
+
+
+# Split over the context: partitions of SMALL_PARTITION keys (the smallest
+# allowed) so that short contexts, cheap under the interpreter, span several.
+SMALL_PARTITION = 64
+
+
+@pytest.fixture
+def nan_workspace(monkeypatch):
+    """The kernel's fp32 partials start as NaN instead of whatever memory held:
+    a slot read that no program wrote (a partition past the causal end or
+    before the window) then poisons the output."""
+    allocate = triton_module._allocate_workspace
+
+    def poisoned(*args, **kwargs):
+        buffers = allocate(*args, **kwargs)
+        for buffer in buffers:
+            buffer.fill_(float("nan"))
+        return buffers
+
+    monkeypatch.setattr(triton_module, "_allocate_workspace", poisoned)
+
+
+def chunk_rows(batch, seq):
+    starts = batch["query_start_loc"].tolist()
+    return slice(starts[seq], starts[seq + 1])
+
+
+def select(batch, seqs):
+    """The batch of sequences seqs (in that order) of batch, over the same cache."""
+    rows = [chunk_rows(batch, i) for i in seqs]
+    chunk_lens = [r.stop - r.start for r in rows]
+    index = torch.tensor(seqs, dtype=torch.long, device=batch["seq_lens"].device)
+    return {**batch,
+            "query": torch.cat([batch["query"][r] for r in rows]),
+            "block_tables": batch["block_tables"][index],
+            "seq_lens": batch["seq_lens"][index],
+            "query_start_loc": torch.tensor([0] + chunk_lens, dtype=torch.int32,
+                                            device=batch["seq_lens"].device).cumsum(0, dtype=torch.int32)}
+
+
+def as_decode_steps(batch, seq, tokens):
+    """A decode batch: token j of sequence seq's chunk as a decode step at the
+    same position, over the same cache (the block table row, seq_len cut
+    right after the token)."""
+    start = chunk_rows(batch, seq).start
+    chunk_len = chunk_rows(batch, seq).stop - start
+    seq_len = int(batch["seq_lens"][seq])
+    device = batch["seq_lens"].device
+    return {**batch,
+            "query": batch["query"][[start + j for j in tokens]],
+            "block_tables": batch["block_tables"][[seq] * len(tokens)],
+            "seq_lens": torch.tensor([seq_len - chunk_len + j + 1 for j in tokens], dtype=torch.int32,
+                                     device=device),
+            "query_start_loc": torch.arange(len(tokens) + 1, dtype=torch.int32, device=device)}
+
+
+# Contexts of up to five partitions; decode steps and prefill chunks of
+# several lengths, two longer than a query tile (16 tokens at group 4), one
+# a fresh prefill.
+INVARIANCE_BATCH = [(300, 1), (45, 1), (200, 17), (130, 1), (24, 24), (260, 20), (64, 1), (7, 3)]
+DTYPE_AND_WINDOW = [(dtype, window) for dtype in (torch.float32, torch.bfloat16) for window in (0, 100)]
+
+
+@pytest.mark.parametrize("dtype,sliding_window", DTYPE_AND_WINDOW)
+def test_output_bits_do_not_depend_on_the_batch(dtype, sliding_window, nan_workspace):
+    """A token's output has the same bits alone as in any mixed batch."""
+    batch = make_batch(INVARIANCE_BATCH, num_heads=8, num_kv_heads=2, head_dim=64, block_size=16,
+                       dtype=dtype, seed=21 + sliding_window)
+    run = functools.partial(paged_attention_triton, scale=0.125, sliding_window=sliding_window,
+                            partition_size=SMALL_PARTITION)
+    full = run(**batch)
+    assert not full.isnan().any()
+    expected = paged_attention(**batch, scale=0.125, sliding_window=sliding_window)
+    torch.testing.assert_close(full.float(), expected, atol=TOLERANCE[dtype][0], rtol=TOLERANCE[dtype][1])
+    for seq in range(len(INVARIANCE_BATCH)):
+        alone = run(**select(batch, [seq]))
+        assert torch.equal(alone, full[chunk_rows(batch, seq)]), f"sequence {seq} alone differs"
+    # Another mix, in another order: two chunks and two decodes.
+    others = [5, 0, 2, 6]
+    mixed = run(**select(batch, others))
+    assert torch.equal(mixed, torch.cat([full[chunk_rows(batch, i)] for i in others]))
+
+
+@pytest.mark.parametrize("dtype,sliding_window", DTYPE_AND_WINDOW)
+def test_prefill_tokens_equal_decode_steps(dtype, sliding_window, nan_workspace):
+    """Each token of a prefill chunk, the last one in particular, has the bits
+    of a decode step at its position over the same cache."""
+    seqs = [(45, 1), (280, 37), (12, 12)]
+    batch = make_batch(seqs, num_heads=4, num_kv_heads=1, head_dim=64, block_size=16,
+                       dtype=dtype, seed=5 + sliding_window)
+    run = functools.partial(paged_attention_triton, scale=0.125, sliding_window=sliding_window,
+                            partition_size=SMALL_PARTITION)
+    prefill = run(**batch)
+    # The chunk covers positions 243..279, across the partition boundary at
+    # 256 (tokens 0..12 before it, 13..36 after), in query tiles of 16
+    # tokens: the last token is row 4 of the third tile, a decode step row 0.
+    # Every token, last first.
+    tokens = list(range(36, -1, -1))
+    decode = run(**as_decode_steps(batch, 1, tokens))
+    start = chunk_rows(batch, 1).start
+    for i, j in enumerate(tokens):
+        assert torch.equal(decode[i], prefill[start + j]), f"token {j} differs as a decode step"
+    # And the fresh prefill of sequence 2 (a single tile) likewise.
+    decode = run(**as_decode_steps(batch, 2, [11, 4]))
+    start = chunk_rows(batch, 2).start
+    assert torch.equal(decode[0], prefill[start + 11]) and torch.equal(decode[1], prefill[start + 4])
+
+
+def test_context_split_into_partitions(nan_workspace):
+    """Contexts of many partitions agree with the reference, and the split
+    is really made: another partition size rounds differently."""
+    seqs = [(700, 1), (333, 1), (300, 40), (129, 1), (64, 64)]
+    batch = make_batch(seqs, num_heads=4, num_kv_heads=1, head_dim=64, block_size=32,
+                       dtype=torch.float32, seed=3)
+    split = check_against_reference(batch, partition_size=SMALL_PARTITION)
+    whole = check_against_reference(batch, partition_size=1024)
+    # The 700-token decode spans 11 partitions of 64 but one of 1024.
+    rows = chunk_rows(batch, 0)
+    assert not torch.equal(split[rows], whole[rows])
+
+
+@pytest.mark.parametrize("sliding_window", [100, 64, 1])
+def test_sliding_window_across_partitions(sliding_window, nan_workspace):
+    """Windows that start mid-partition (most tokens at 100 and 64 keys), on
+    a partition boundary (position 255 at 64: 192..255) and at the token
+    itself (1); partitions before the window are skipped, never read."""
+    seqs = [(300, 1), (250, 20), (97, 1), (256, 1), (40, 40)]
+    batch = make_batch(seqs, num_heads=8, num_kv_heads=2, head_dim=64, block_size=16,
+                       dtype=torch.float32, seed=sliding_window)
+    check_against_reference(batch, sliding_window=sliding_window, partition_size=SMALL_PARTITION)
+
+
+def test_more_sequences_than_one_lookup_load(nan_workspace):
+    """Over 128 sequences: finding a program's sequence takes two loads."""
+    gen = torch.Generator().manual_seed(0)
+    seqs = []
+    for i in range(130):
+        seq_len = int(torch.randint(1, 40, (1,), generator=gen))
+        seqs.append((seq_len, 1 if i % 3 else min(seq_len, 5)))
+    seqs[129] = (90, 20)  # a late chunk of two tiles
+    batch = make_batch(seqs, num_heads=4, num_kv_heads=1, head_dim=16, block_size=8,
+                       dtype=torch.float32, seed=1)
+    check_against_reference(batch, partition_size=SMALL_PARTITION)
