@@ -1,4 +1,6 @@
+#include <cstdlib>
 #include <cstring>
+#include <new>
 #include <stdexcept>
 #include <utility>
 
@@ -7,12 +9,21 @@
 namespace kevlarflow::replication {
 namespace {
 
+StagingAllocator ordinary_memory() {
+  return {[](int64_t bytes) {
+            void* p = std::malloc(static_cast<size_t>(bytes));
+            if (!p) throw std::bad_alloc();
+            return p;
+          },
+          [](void* p) { std::free(p); }};
+}
+
 class CpuPacker final : public BlockPacker {
  public:
   CpuPacker(std::vector<void*> caches, int64_t num_blocks, int64_t block_rows,
             int64_t cache_row_bytes, std::shared_ptr<const void> owner)
-      : ptrs_(std::move(caches)), num_blocks_(num_blocks), block_rows_(block_rows),
-        cache_row_bytes_(cache_row_bytes), owner_(std::move(owner)) {}
+      : BlockPacker(ordinary_memory()), ptrs_(std::move(caches)), num_blocks_(num_blocks),
+        block_rows_(block_rows), cache_row_bytes_(cache_row_bytes), owner_(std::move(owner)) {}
 
   int64_t num_blocks() const override { return num_blocks_; }
   int64_t block_rows() const override { return block_rows_; }

@@ -93,6 +93,9 @@ bool KVReplicator::submit(const std::vector<int64_t>& src, const std::vector<int
   std::lock_guard<std::mutex> lock(mu_);
   if (!running_) return false;
   if (src.empty()) return true;
+  // Before the entries are visible to the sending thread: a pack that takes
+  // them also finds their fence.
+  packer_->fence();
   uint64_t last = 0;
   for (size_t k = 0; k < src.size(); ++k) {
     const int64_t b = whole ? 0 : begin[k], e = whole ? rows : end[k];
@@ -195,11 +198,12 @@ void KVReplicator::send_transfer(LinkChannel& channel, const std::vector<BlockSp
   channel.send(meta.data(), static_cast<int64_t>(meta.size() * sizeof(int64_t)));
   double pack_seconds = 0;
   if (n > 0) {
-    std::vector<uint8_t> staging(static_cast<size_t>(rows * row_bytes()));
+    const int64_t bytes = rows * row_bytes();
+    void* staging = packer_->send_staging(bytes, staging_limit());
     auto pack_started = std::chrono::steady_clock::now();
-    packer_->pack(spans.data(), n, staging.data());
+    packer_->pack(spans.data(), n, staging);
     pack_seconds = seconds_since(pack_started);
-    channel.send(staging.data(), static_cast<int64_t>(staging.size()));
+    channel.send(staging, bytes);
   }
   const double took = seconds_since(started);
   std::lock_guard<std::mutex> lock(mu_);
@@ -218,7 +222,7 @@ std::vector<int64_t> KVReplicator::receive(const std::string& group, const std::
   const int64_t n = header[0], num_steps = header[1];
   // A transfer's spans hold a row each at least, and at most max_transfer_bytes
   // (or one block) in all.
-  const int64_t max_rows = std::max(max_transfer_bytes_, block_bytes()) / row_bytes();
+  const int64_t max_rows = staging_limit() / row_bytes();
   if (n < 0 || n > max_rows || num_steps < 0 || num_steps > kMaxStepsPerTransfer)
     throw std::invalid_argument("KVReplicator.receive: a transfer of " + std::to_string(n) +
                                 " blocks and " + std::to_string(num_steps) +
@@ -249,10 +253,12 @@ std::vector<int64_t> KVReplicator::receive(const std::string& group, const std::
     if (rows > max_rows)
       throw std::invalid_argument("KVReplicator.receive: a transfer of " + std::to_string(rows) +
                                   " rows is out of bounds (the link is out of step)");
-    std::vector<uint8_t> staging(static_cast<size_t>(rows * row_bytes()));
-    channel->recv(staging.data(), static_cast<int64_t>(staging.size()), deadline);
+    const int64_t bytes = rows * row_bytes();
+    BlockPacker::ReceiveStaging staging(*packer_);
+    void* data = staging.reserve(bytes, staging_limit());
+    channel->recv(data, bytes, deadline);
     auto unpack_started = std::chrono::steady_clock::now();
-    packer_->unpack(spans.data(), n, staging.data());
+    packer_->unpack(spans.data(), n, data);
     unpack_seconds = seconds_since(unpack_started);
   }
   std::lock_guard<std::mutex> lock(mu_);
@@ -260,6 +266,11 @@ std::vector<int64_t> KVReplicator::receive(const std::string& group, const std::
   stats_.blocks_received += n;
   stats_.bytes_received += rows * row_bytes();
   return std::vector<int64_t>(meta.begin() + kSpanInts * n, meta.end());
+}
+
+int64_t KVReplicator::staging_limit() const {
+  // A transfer's rows: at most max_transfer_bytes, or one block.
+  return std::max(max_transfer_bytes_, block_bytes()) / row_bytes() * row_bytes();
 }
 
 ReplicatorStats KVReplicator::stats() const {

@@ -2,12 +2,13 @@
 //
 // The forward pass only calls submit(): (source block, backup block) pairs,
 // the rows of each block the step wrote, and the step. A dedicated thread
-// packs pending blocks' rows into
-// a staging buffer (a BlockPacker) and sends them on the link's channel (a
-// LinkChannel); the backup's receive() unpacks them into its replica blocks
-// and returns the steps that are now durable there. Neither knows tensors:
-// the bindings give it a CPU packer and channels over the communicator
-// manager, a CUDA build can give it a packer of its own.
+// packs pending blocks' rows into the packer's staging buffer (a
+// BlockPacker) and sends them on the link's channel (a LinkChannel); the
+// backup's receive() unpacks them into its replica blocks and returns the
+// steps that are now durable there. Neither knows tensors: the bindings give
+// it a CPU or a CUDA packer and channels over the communicator manager. The
+// forward pass may return before its writes are done (CUDA): submit() fences
+// them (BlockPacker::fence), and packing waits for the fence, not the caller.
 //
 // Bounded memory by construction: pending work is keyed by backup block, so
 // a worker that falls behind coalesces (a block written by several steps is
@@ -47,6 +48,7 @@ struct ReplicatorStats {
   int64_t blocks_received = 0;
   int64_t bytes_received = 0;
   double pack_seconds = 0;       // gathering rows into staging, on the replication thread
+                                 // (CUDA caches: waiting for the fenced writes included)
   double send_seconds = 0;       // packing and sending (wall time, waits included)
   double unpack_seconds = 0;     // scattering received rows, on the receiving thread
   std::string error;             // why the link stopped, if it did
@@ -68,6 +70,8 @@ class KVReplicator {
   // Queue rows [begin[k], end[k]) of src[k] -> backup block dst[k] (empty
   // begin and end: whole blocks); `step` is acknowledged by the backup once
   // they arrived. Returns false (and queues nothing) when no link is running.
+  // CUDA caches: call it on the thread that queued the writes, with the
+  // stream they were queued on current (or one ordered after it).
   bool submit(const std::vector<int64_t>& src, const std::vector<int64_t>& dst, int64_t step,
               const std::vector<int64_t>& begin = {}, const std::vector<int64_t>& end = {});
   // Send what is pending now, without waiting for the rest of the interval
@@ -93,6 +97,7 @@ class KVReplicator {
   };
   void loop(std::shared_ptr<LinkChannel> channel);
   void drop_pending();  // with mu_ held
+  int64_t staging_limit() const;  // the most bytes of rows one transfer carries
   // spans: at the source; dst: the backup's block of each.
   void send_transfer(LinkChannel& channel, const std::vector<BlockSpan>& spans,
                      const std::vector<int64_t>& dst, const std::vector<int64_t>& steps);

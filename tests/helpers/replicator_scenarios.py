@@ -275,3 +275,86 @@ def refuses_out_of_range(mgr, store, me, members, src, dst, backup_blocks,
         error = str(e)
     store.set("backup_done", "1")
     return dict(error=error, blocks=block_bytes(caches), stats=rep.stats())
+
+
+def staging_reuse(mgr, store, me, members, steps):
+    """steps: [(src ids, dst ids, first rows, end rows)], one transfer each:
+    the source rewrites its source blocks before each step and waits for the
+    backup to have it, so staging is reused by transfers that grow and shrink.
+    Both snapshot their rows after each step."""
+    source, backup = members
+    snapshots = []
+    if me == source:
+        caches = make_caches(seed=31)
+        gen = torch.Generator().manual_seed(32)
+        rep = _link(mgr, members, caches)
+        rep.start(GROUP, backup)
+        for i, (src, dst, begin, end) in enumerate(steps):
+            for c in caches:
+                for b in src:
+                    fill_random(c[b], gen)
+            assert rep.submit(src, dst, i, begin, end)
+            snapshots.append(rows_bytes(caches))
+            store.wait([f"got{i}"])
+        stats = _finish_source(rep, store)
+        return dict(rows=snapshots, stats=stats)
+    caches = make_caches()
+    rep = _link(mgr, members, caches)
+    for i in range(len(steps)):
+        assert _receive_until(rep, source, 1) == [i]
+        snapshots.append(rows_bytes(caches))
+        store.set(f"got{i}", "1")
+    _finish_backup(rep, store)
+    return dict(rows=snapshots, stats=rep.stats())
+
+
+def two_links_in(mgr, store, me, members, shape, num_steps):
+    """members[0] and members[1] each send to members[2] on a link of their
+    own, a block a transfer; the backup receives on both at once, a thread
+    each, into disjoint halves of its blocks (source k's block b lands in
+    backup block k * half + b)."""
+    import threading
+
+    backup = members[2]
+    half = shape[0]
+    if me != backup:
+        k = members.index(me)
+        group = f"repl.{me}"
+        caches = make_caches(shape=shape, seed=40 + k)
+        mgr.build(group, [me, backup], deadline_s=BUILD_DEADLINE_S)
+        # One block a transfer: many transfers, interleaved with the other link's.
+        rep = _comm.KVReplicator(mgr._core, caches, caches[0][0].nbytes * 4, QUIET_KEEPALIVE_S)
+        rep.start(group, backup)
+        for step in range(num_steps):
+            b = step % half
+            assert rep.submit([b], [k * half + b], step)
+        store.wait(["backup_done"])
+        _wait_until(lambda: rep.stats()["blocks_sent"] == num_steps, "the sender counting its sends")
+        stats = rep.stats()
+        rep.stop()
+        store.set(f"source_done.{me}", "1")
+        return dict(blocks=block_bytes(caches), stats=stats)
+    caches = make_caches(shape=(2 * half,) + tuple(shape[1:]))
+    for source in members[:2]:
+        mgr.build(f"repl.{source}", [source, backup], deadline_s=BUILD_DEADLINE_S)
+    rep = _comm.KVReplicator(mgr._core, caches, caches[0][0].nbytes * 4, QUIET_KEEPALIVE_S)
+    acked, errors = {}, []
+
+    def receive(source):
+        try:
+            got = []
+            while len(got) < num_steps:
+                got += rep.receive(f"repl.{source}", source, 10.0)
+            acked[source] = got
+        except BaseException as e:  # reported to the test below
+            errors.append(f"{source}: {e!r}")
+
+    threads = [threading.Thread(target=receive, args=(s,)) for s in members[:2]]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    store.set("backup_done", "1")
+    store.wait([f"source_done.{s}" for s in members[:2]])
+    return dict(blocks=block_bytes(caches), acked=acked, errors=errors, stats=rep.stats())
+
