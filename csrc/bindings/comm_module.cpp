@@ -21,19 +21,35 @@ using namespace kevlarflow::comm;
 using kevlarflow::replication::KVReplicator;
 namespace replication = kevlarflow::replication;
 
+#ifndef KEVLARFLOW_WITH_CUDA
+// A CUDA build has the CUDA packer (csrc/replication/cuda_packer.cpp).
+std::unique_ptr<replication::BlockPacker> replication::make_cuda_packer(
+    std::vector<void*>, int, int64_t, int64_t, int64_t, std::shared_ptr<const void>) {
+  throw std::invalid_argument(
+      "KVReplicator: the caches are CUDA tensors, and this kevlarflow was built without CUDA "
+      "(against a CPU torch): rebuild it against a CUDA torch, or replicate CPU caches");
+}
+#endif
+
 namespace {
 
 // The packer of a worker's KV caches: every K and V cache, each
-// [num_blocks, ...], contiguous, CPU, one shape and dtype. The packer keeps
-// the tensors, so their memory outlives it.
-std::unique_ptr<replication::BlockPacker> cpu_packer(std::vector<at::Tensor> caches) {
+// [num_blocks, ...], contiguous, one shape and dtype, all on the CPU or all
+// on one CUDA device (the packer is chosen by it). The packer keeps the
+// tensors, so their memory outlives it.
+std::unique_ptr<replication::BlockPacker> packer_for(std::vector<at::Tensor> caches) {
   if (caches.empty()) throw std::invalid_argument("KVReplicator: no caches");
   const at::Tensor& first = caches.front();
   std::vector<void*> ptrs;
   for (const at::Tensor& c : caches) {
-    if (!c.defined() || c.device().type() != at::kCPU || !c.is_contiguous() || c.dim() < 2)
+    if (!c.defined() || !(c.device().is_cpu() || c.device().is_cuda()) || !c.is_contiguous() ||
+        c.dim() < 2)
       throw std::invalid_argument(
-          "KVReplicator: caches must be contiguous CPU tensors of [num_blocks, block_size, ...]");
+          "KVReplicator: caches must be contiguous CPU tensors (or CUDA tensors) of "
+          "[num_blocks, block_size, ...]");
+    if (c.device() != first.device())
+      throw std::invalid_argument("KVReplicator: every cache must be on the device of the first (" +
+                                  first.device().str() + "), got one on " + c.device().str());
     if (c.sizes() != first.sizes() || c.scalar_type() != first.scalar_type())
       throw std::invalid_argument(
           "KVReplicator: every cache must have the shape and dtype of the first");
@@ -45,7 +61,11 @@ std::unique_ptr<replication::BlockPacker> cpu_packer(std::vector<at::Tensor> cac
     throw std::invalid_argument("KVReplicator: empty blocks");
   const int64_t cache_row_bytes =
       first.numel() / (num_blocks * block_rows) * static_cast<int64_t>(first.element_size());
+  const at::Device device = first.device();
   auto owner = std::make_shared<std::vector<at::Tensor>>(std::move(caches));
+  if (device.is_cuda())
+    return replication::make_cuda_packer(std::move(ptrs), device.index(), num_blocks, block_rows,
+                                         cache_row_bytes, std::move(owner));
   return replication::make_cpu_packer(std::move(ptrs), num_blocks, block_rows, cache_row_bytes,
                                       std::move(owner));
 }
@@ -235,7 +255,7 @@ PYBIND11_MODULE(_comm, m) {
              auto interval = Millis(static_cast<int64_t>(std::ceil(interval_s * 1000.0)));
              auto keepalive = *to_millis(keepalive_s, "keepalive_s");
              auto channels = replication::comm_channels(manager);
-             return std::make_shared<KVReplicator>(cpu_packer(std::move(caches)),
+             return std::make_shared<KVReplicator>(packer_for(std::move(caches)),
                                                    std::move(channels), max_transfer_bytes,
                                                    keepalive, interval);
            }),

@@ -147,4 +147,11 @@ std::unique_ptr<BlockPacker> make_cpu_packer(std::vector<void*> caches, int64_t 
                                              int64_t block_rows, int64_t cache_row_bytes,
                                              std::shared_ptr<const void> owner);
 
+// The same for caches on CUDA device `device` (cuda_packer.cpp, built only
+// with a CUDA torch; without CUDA it throws std::invalid_argument).
+std::unique_ptr<BlockPacker> make_cuda_packer(std::vector<void*> caches, int device,
+                                              int64_t num_blocks, int64_t block_rows,
+                                              int64_t cache_row_bytes,
+                                              std::shared_ptr<const void> owner);
+
 }  // namespace kevlarflow::replication
