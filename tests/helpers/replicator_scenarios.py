@@ -358,3 +358,75 @@ def two_links_in(mgr, store, me, members, shape, num_steps):
     store.wait([f"source_done.{s}" for s in members[:2]])
     return dict(blocks=block_bytes(caches), acked=acked, errors=errors, stats=rep.stats())
 
+
+# ---- CUDA caches (tests/test_gpu_replication.py) -----------------------------
+
+def cuda_copies_spans(mgr, store, me, members, shape, dtype, steps, source_device,
+                      backup_device):
+    """copies_rows with each side's caches on its own device ("cuda" or
+    "cpu"): a CUDA packer's staging must be laid out as the CPU one's."""
+    source, backup = members
+    device = source_device if me == source else backup_device
+    seed = 4242 if me == source else None
+    caches = [c.to(device) for c in make_caches(shape=shape, dtype=dtype, seed=seed)]
+    rep = _link(mgr, members, caches)
+    if me == source:
+        rep.start(GROUP, backup)
+        accepted = [rep.submit(src, dst, step, begin, end)
+                    for step, src, dst, begin, end in steps]
+        stats = _finish_source(rep, store)
+        return dict(rows=rows_bytes([c.cpu() for c in caches]), accepted=accepted, stats=stats)
+    acked = _receive_until(rep, source, len(steps))
+    # What receive wrote is in the caches once it returns, whatever stream reads them.
+    rows = rows_bytes([c.cpu() for c in caches])
+    _finish_backup(rep, store)
+    return dict(rows=rows, acked=acked, stats=rep.stats())
+
+
+def cuda_pending_write(mgr, store, me, members, streams, sleep_cycles):
+    """The source writes a block's KV on the current stream behind about a
+    second of GPU work and submits it at once, as a forward pass does:
+    - "default": on the default stream;
+    - "side": on a stream made current for the write and the submit;
+    - "two": block 3 that way on one stream, block 4 at once on another
+      stream, both in one transfer (a warm-up transfer first, then a flush,
+      so that the interval holds them together).
+    The backup must get the written values. The source reports whether the
+    write was still pending when submit returned, and how long submit took."""
+    source, backup = members
+    shape = (8, 16, 4, 64)
+    mgr.build(GROUP, members, deadline_s=BUILD_DEADLINE_S)
+    caches = [torch.zeros(shape, device="cuda") for _ in range(4)]
+    rep = _comm.KVReplicator(mgr._core, caches, 1 << 22, QUIET_KEEPALIVE_S, 30.0)
+    if me == backup:
+        calls = [rep.receive(GROUP, source, 30.0) for _ in range(2)]
+        rows = block_bytes([c.cpu() for c in caches])
+        _finish_backup(rep, store)
+        return dict(calls=calls, blocks=rows)
+    gen = torch.Generator().manual_seed(5)
+    values = [[torch.randn(shape[1:], generator=gen).cuda() for _ in caches] for _ in range(2)]
+    torch.cuda.synchronize()
+    rep.start(GROUP, backup)
+    assert rep.submit([0], [0], 1)  # block 0 is zeros: the warm-up transfer
+    _wait_until(lambda: rep.stats()["transfers"] == 1, "the warm-up transfer")
+    slow = torch.cuda.Stream() if streams != "default" else torch.cuda.current_stream()
+    with torch.cuda.stream(slow):
+        torch.cuda._sleep(sleep_cycles)  # the rest of a long forward pass
+        for c, v in zip(caches, values[0]):
+            c[3].copy_(v)
+        written = torch.cuda.Event()
+        written.record()
+        t0 = time.monotonic()
+        assert rep.submit([3], [5], 2)
+        submit_s = time.monotonic() - t0
+    if streams == "two":
+        with torch.cuda.stream(torch.cuda.Stream()):
+            for c, v in zip(caches, values[1]):
+                c[4].copy_(v)
+            assert rep.submit([4], [6], 3)
+    pending = not written.query()
+    rep.flush()
+    stats = _finish_source(rep, store)
+    torch.cuda.synchronize()
+    return dict(blocks=block_bytes([c.cpu() for c in caches]), pending=pending,
+                submit_s=submit_s, stats=stats)
