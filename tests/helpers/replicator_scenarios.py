@@ -329,7 +329,8 @@ def two_links_in(mgr, store, me, members, shape, num_steps):
             b = step % half
             assert rep.submit([b], [k * half + b], step)
         store.wait(["backup_done"])
-        _wait_until(lambda: rep.stats()["blocks_sent"] == num_steps, "the sender counting its sends")
+        _wait_until(lambda: rep.stats()["blocks_sent"] == num_steps,
+                    "the sender counting its sends")
         stats = rep.stats()
         rep.stop()
         store.set(f"source_done.{me}", "1")
