@@ -1,12 +1,16 @@
 """Turns a scheduled batch into tensors, runs the model, returns logits."""
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from kevlarflow.engine.cuda_graphs import GraphedDecode
 from kevlarflow.engine.scheduler import ScheduledBatch
 from kevlarflow.model.attention_metadata import AttentionMetadata
 from kevlarflow.model.stage import DecoderStage
+
+log = logging.getLogger("kevlarflow.engine")
 
 
 def allocate_kv_cache(stage: DecoderStage, num_blocks: int, block_size: int,
@@ -74,7 +78,14 @@ class ModelRunner:
             self.decode_graphs = GraphedDecode(
                 stage, self.kv_caches, block_size, max_num_seqs,
                 max_model_len or stage.layers[0].self_attn.rope.max_positions, attention_backend)
-            self.decode_graphs.capture()
+            try:
+                self.decode_graphs.capture()
+            except RuntimeError as error:
+                # A step that cannot be captured is a bug to fix, not a reason
+                # to stop serving: said loudly, and every step runs eagerly.
+                log.error("decode steps run eagerly: capturing their CUDA graphs failed: %s",
+                          error)
+                self.decode_graphs = None
 
     def forward(self, inputs: torch.Tensor, chunks: list[tuple[int, int, list[int]]],
                 rows: torch.Tensor | None = None) -> torch.Tensor:
