@@ -2,9 +2,12 @@
 # One GPU check, for a machine with one H100/H200, a CUDA torch, triton and
 # nvcc but no network: build and install kevlarflow with its CUDA kernels, run
 # the GPU tests, benchmark the kernels (bench/gpu/bench_gpu.py), run the
-# failover benchmark on the GPU (the medium preset 2 x 2, then, if time is
-# left, the paper's topology: a llama-8b-shaped checkpoint, 2 instances x 4
-# stages, all eight workers on the one GPU), and print the tables last.
+# failover benchmark on the GPU (the medium preset 2 x 2), time the engine's
+# decode steps with and without CUDA graphs (bench/gpu/bench_engine.py), then,
+# if time is left, the failover benchmark at the paper's topology (a
+# llama-8b-shaped checkpoint, 2 instances x 4 stages, all eight workers on
+# the one GPU), and print the tables last. Steps run in that order of
+# importance; what the budget leaves no time for is skipped and said.
 # Usage, from anywhere: bash bench/gpu/check.sh   (log: $OUT/check.log if OUT is set)
 # Env: PYTHON (default python3), BUDGET_S (default 480: all steps together),
 # SKIP_8B=1 to leave the paper-scale run out.
@@ -116,6 +119,16 @@ failover() {  # name, seconds, then the benchmark's own options; its report in $
 pushd /tmp >/dev/null  # the installed package, not the source tree
 failover medium-2x2 150 --preset medium --instances 2 --stages 2 \
   --capacity-requests 48 --kv-memory $((2 << 30))
+popd >/dev/null
+
+# Decode steps of the model runner, eager against CUDA graphs, with the
+# weight-read floor (the first run writes the medium checkpoint to /tmp).
+step "engine decode steps"
+ENGINE_TABLE=${OUT:-/tmp}/bench_engine_table.txt
+rm -f "$ENGINE_TABLE"
+record "engine benchmark" run_for 90 "$PY" "$REPO/bench/gpu/bench_engine.py" --table "$ENGINE_TABLE"
+
+pushd /tmp >/dev/null
 if [[ -z "${SKIP_8B:-}" ]] && ((DEADLINE - SECONDS >= 150)); then
   step "a llama-8b-shaped checkpoint (written once, streaming)"
   CKPT=/tmp/kevlarflow-llama-8b
@@ -132,6 +145,7 @@ step "summary (${SECONDS}s)"
 if ((${#FAILED[@]})); then printf '!!! FAILED: %s\n' "${FAILED[@]}"; else echo "all steps passed"; fi
 echo
 if [[ -f "$TABLE" ]]; then cat "$TABLE"; else echo "!!! no benchmark table"; fi
+[[ -f "$ENGINE_TABLE" ]] && { echo; cat "$ENGINE_TABLE"; }
 for f in "$FAILOVER"/*.log; do
   [[ -f $f ]] && { echo; echo "== $(basename "$f" .log)"; grep -B1 -A24 -m1 '^mode ' "$f" || tail -n 20 "$f"; }
 done
