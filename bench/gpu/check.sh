@@ -3,11 +3,12 @@
 # nvcc but no network: build and install kevlarflow with its CUDA kernels, run
 # the GPU tests, benchmark the kernels (bench/gpu/bench_gpu.py), run the
 # failover benchmark on the GPU (the medium preset 2 x 2), time the engine's
-# decode steps with and without CUDA graphs (bench/gpu/bench_engine.py), then,
-# if time is left, the failover benchmark at the paper's topology (a
-# llama-8b-shaped checkpoint, 2 instances x 4 stages, all eight workers on
-# the one GPU), and print the tables last. Steps run in that order of
-# importance; what the budget leaves no time for is skipped and said.
+# decode steps with and without CUDA graphs (bench/gpu/bench_engine.py) and
+# offline tokens/s (bench throughput), then, if time is left, the failover
+# benchmark at the paper's topology (a llama-8b-shaped checkpoint, 2
+# instances x 4 stages, all eight workers on the one GPU), and print the
+# tables last. Steps run in that order of importance; what the budget leaves
+# no time for is skipped and said.
 # Usage, from anywhere: bash bench/gpu/check.sh   (log: $OUT/check.log if OUT is set)
 # Env: PYTHON (default python3), BUDGET_S (default 480: all steps together),
 # SKIP_8B=1 to leave the paper-scale run out.
@@ -129,6 +130,14 @@ rm -f "$ENGINE_TABLE"
 record "engine benchmark" run_for 90 "$PY" "$REPO/bench/gpu/bench_engine.py" --table "$ENGINE_TABLE"
 
 pushd /tmp >/dev/null
+# Offline tokens/s on a long-tailed trace: KevlarFlow with CUDA graphs, eager,
+# and transformers' generate, alternating, each in a fresh process.
+step "offline throughput"
+THROUGHPUT_LOG=${OUT:-/tmp}/throughput.log
+record "offline throughput" run_for 150 "$PY" -m kevlarflow bench throughput --device cuda \
+  --preset medium --lengths varied --num-requests 128 --prompt-len 256 --output-len 128 \
+  --repeats 2 >"$THROUGHPUT_LOG" 2>&1
+tail -n 8 "$THROUGHPUT_LOG"
 if [[ -z "${SKIP_8B:-}" ]] && ((DEADLINE - SECONDS >= 150)); then
   step "a llama-8b-shaped checkpoint (written once, streaming)"
   CKPT=/tmp/kevlarflow-llama-8b
@@ -146,6 +155,7 @@ if ((${#FAILED[@]})); then printf '!!! FAILED: %s\n' "${FAILED[@]}"; else echo "
 echo
 if [[ -f "$TABLE" ]]; then cat "$TABLE"; else echo "!!! no benchmark table"; fi
 [[ -f "$ENGINE_TABLE" ]] && { echo; cat "$ENGINE_TABLE"; }
+[[ -f "$THROUGHPUT_LOG" ]] && { echo; grep -A8 "requests x" "$THROUGHPUT_LOG" || true; }
 for f in "$FAILOVER"/*.log; do
   [[ -f $f ]] && { echo; echo "== $(basename "$f" .log)"; grep -B1 -A24 -m1 '^mode ' "$f" || tail -n 20 "$f"; }
 done

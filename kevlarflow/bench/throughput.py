@@ -1,5 +1,6 @@
 """Offline throughput: the same model and prompts through KevlarFlow and
-through transformers' batched generate, in one run.
+through transformers' batched generate, in one run; on a GPU also KevlarFlow
+with every step eager (no CUDA graphs).
 
 Each measurement runs in a fresh subprocess (so peak RSS is that engine's
 own), the engines alternate, and the report gives the median and range of
@@ -16,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-ENGINES = ("kevlarflow", "transformers")
+ENGINES = ("kevlarflow", "transformers", "kevlarflow-eager")
 
 
 def default_model_dir(preset: str, flavour: str) -> Path:
@@ -64,13 +65,15 @@ def make_workload(vocab: int, count: int, prompt_len: int, output_len: int, leng
     return prompts, output_lens
 
 
-def run_kevlarflow(model: str, prompts, output_lens: list[int], dtype: str | None) -> dict:
+def run_kevlarflow(model: str, prompts, output_lens: list[int], dtype: str | None,
+                   device: str = "cpu", enforce_eager: bool = False) -> dict:
     from kevlarflow import LLM, SamplingParams
 
     tokens_in_flight = sum(len(p) + n for p, n in zip(prompts, output_lens))
     llm = LLM(model, dtype=dtype, load_progress=False, block_size=16,
               max_num_seqs=len(prompts), max_num_batched_tokens=2048,
-              kv_cache_memory=tokens_in_flight * llm_kv_bytes(model, dtype) + (16 << 20))
+              kv_cache_memory=tokens_in_flight * llm_kv_bytes(model, dtype) + (16 << 20),
+              device=device, enforce_eager=enforce_eager)
     params = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for n in output_lens]
     llm.generate([prompts[0]], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
     start = time.perf_counter()
@@ -92,7 +95,7 @@ def llm_kv_bytes(model: str, dtype: str | None) -> int:
 
 
 def run_transformers(model: str, prompts, output_lens: list[int], dtype: str | None,
-                     batch_size: int) -> dict:
+                     batch_size: int, device: str = "cpu") -> dict:
     """Static batching, as transformers does it: each batch is left-padded to
     its longest prompt and runs until its longest output is done. Only the
     tokens each request asked for count as generated."""
@@ -100,9 +103,9 @@ def run_transformers(model: str, prompts, output_lens: list[int], dtype: str | N
     from transformers import AutoModelForCausalLM
 
     hf = AutoModelForCausalLM.from_pretrained(model, dtype=getattr(torch, dtype) if dtype else "auto")
-    hf.eval()
+    hf.to(device).eval()
     with torch.inference_mode():
-        warm = torch.tensor([prompts[0]])
+        warm = torch.tensor([prompts[0]], device=device)
         hf.generate(warm, attention_mask=torch.ones_like(warm), max_new_tokens=4, do_sample=False)
         start = time.perf_counter()
         generated = 0
@@ -114,7 +117,7 @@ def run_transformers(model: str, prompts, output_lens: list[int], dtype: str | N
             for row, p in enumerate(batch):
                 ids[row, width - len(p):] = torch.tensor(p)
                 mask[row, width - len(p):] = 1
-            hf.generate(ids, attention_mask=mask, max_new_tokens=max(wanted),
+            hf.generate(ids.to(device), attention_mask=mask.to(device), max_new_tokens=max(wanted),
                         min_new_tokens=max(wanted), do_sample=False, eos_token_id=None,
                         pad_token_id=0)
             generated += sum(wanted)
@@ -128,12 +131,17 @@ def worker(args) -> None:
     prompts, output_lens = make_workload(ModelConfig.from_pretrained(args.model).vocab_size,
                                          args.num_requests, args.prompt_len, args.output_len,
                                          args.lengths)
-    if args.worker == "kevlarflow":
-        result = run_kevlarflow(args.model, prompts, output_lens, args.dtype)
+    if args.worker.startswith("kevlarflow"):
+        result = run_kevlarflow(args.model, prompts, output_lens, args.dtype, args.device,
+                                enforce_eager=args.worker == "kevlarflow-eager")
     else:
         result = run_transformers(args.model, prompts, output_lens, args.dtype,
-                                  args.hf_batch_size)
+                                  args.hf_batch_size, args.device)
     result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if args.device == "cuda":
+        import torch
+
+        result["peak_gpu_mib"] = torch.cuda.max_memory_allocated() / (1 << 20)
     print(json.dumps(result))
 
 
@@ -141,7 +149,8 @@ def measure(args, engine: str) -> dict:
     cmd = [sys.executable, "-m", "kevlarflow.bench.throughput", "--worker", engine,
            "--model", args.model, "--num-requests", str(args.num_requests),
            "--prompt-len", str(args.prompt_len), "--output-len", str(args.output_len),
-           "--hf-batch-size", str(args.hf_batch_size), "--lengths", args.lengths]
+           "--hf-batch-size", str(args.hf_batch_size), "--lengths", args.lengths,
+           "--device", args.device]
     if args.dtype:
         cmd += ["--dtype", args.dtype]
     done = subprocess.run(cmd, check=True, capture_output=True, text=True)
@@ -161,22 +170,27 @@ def main(argv=None) -> None:
                         help="fixed: every request has the given lengths; varied: long-tailed "
                              "lengths with those means")
     parser.add_argument("--hf-batch-size", type=int, default=64)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                        help="where both engines run (on cuda KevlarFlow also runs eagerly, "
+                             "without CUDA graphs, as a third engine)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--worker", choices=ENGINES, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         return worker(args)
     args.model = args.model or ensure_model(args.preset, args.flavour)
-    runs = {engine: [] for engine in ENGINES}
+    engines = ENGINES if args.device == "cuda" else ENGINES[:2]
+    runs = {engine: [] for engine in engines}
     for _ in range(args.repeats):
-        for engine in ENGINES:  # alternate, so noise hits both alike
+        for engine in engines:  # alternate, so noise hits them alike
             runs[engine].append(measure(args, engine))
             r = runs[engine][-1]
             print(f"  {engine:12} {r['generated_tokens'] / r['seconds']:8.1f} tok/s  "
                   f"peak RSS {r['peak_rss_mib']:.0f} MiB", file=sys.stderr)
+    where = torch_device_name() if args.device == "cuda" else f"{os.cpu_count()} cores"
     print(f"\n{args.num_requests} requests x {args.prompt_len} prompt / {args.output_len} output "
           f"tokens ({args.lengths} lengths), model {args.model}, dtype {args.dtype or 'checkpoint'}, "
-          f"{os.cpu_count()} cores, {args.repeats} repeats")
+          f"{where}, {args.repeats} repeats")
     print(f"{'engine':14} {'tok/s median':>13} {'(min-max)':>17} {'peak RSS MiB':>13}")
     medians = {}
     for engine, results in runs.items():
@@ -186,6 +200,15 @@ def main(argv=None) -> None:
         print(f"{engine:14} {medians[engine]:>13.1f} {f'({rates[0]:.1f}-{rates[-1]:.1f})':>17} "
               f"{rss:>13.0f}")
     print(f"kevlarflow / transformers: {medians['kevlarflow'] / medians['transformers']:.2f}x")
+    if "kevlarflow-eager" in medians:
+        print(f"kevlarflow / kevlarflow-eager (CUDA graphs): "
+              f"{medians['kevlarflow'] / medians['kevlarflow-eager']:.2f}x")
+
+
+def torch_device_name() -> str:
+    import torch
+
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
 
 
 if __name__ == "__main__":
