@@ -19,3 +19,20 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def solo():
+    """A communicator manager "a" with a one-member group "g" over Gloo."""
+    import datetime
+
+    import torch.distributed as dist
+
+    from kevlarflow.comm.manager import CommManager
+
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False,
+                          timeout=datetime.timedelta(seconds=30))
+    mgr = CommManager(store, "a", deadline_s=1.0)
+    mgr.build("g", ["a"])
+    yield mgr
+    mgr.close()

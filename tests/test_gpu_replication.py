@@ -6,16 +6,12 @@ one stream or several, without the submitting thread waiting; caches the
 replicator cannot take are refused with a message."""
 from __future__ import annotations
 
-import datetime
-
 import pytest
 import torch
-import torch.distributed as dist
 
 from helpers import replicator_scenarios as sc
 from helpers.comm_workers import Workers
 from kevlarflow import _C, _comm
-from kevlarflow.comm.manager import CommManager
 
 pytestmark = pytest.mark.gpu
 
@@ -54,13 +50,7 @@ def test_cuda_caches_replicate_bit_exact(shape, dtype, source_device, backup_dev
     for _, s_ids, d_ids, begin, end in steps:
         for s, d, b, e in zip(s_ids, d_ids, begin, end):
             sent.update({(d, r): (s, r) for r in range(b, e)})
-    for b, rows in enumerate(dst["rows"]):
-        for r, raw in enumerate(rows):
-            if (b, r) in sent:
-                sb, sr = sent[b, r]
-                assert raw == src["rows"][sb][sr], f"backup block {b} row {r}"
-            else:
-                assert not any(raw), f"backup block {b} row {r} was never sent but changed"
+    sc.check_rows_arrived(src["rows"], dst["rows"], sent)
 
 
 @pytest.mark.parametrize("streams", ["default", "side", "two"])
@@ -82,23 +72,13 @@ def test_a_pack_waits_for_writes_still_queued(streams):
 
 # ---- one process ------------------------------------------------------------
 
-@pytest.fixture
-def solo():
-    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False,
-                          timeout=datetime.timedelta(seconds=30))
-    mgr = CommManager(store, "a", deadline_s=1.0)
-    mgr.build("g", ["a"])
-    yield mgr._core
-    mgr.close()
-
-
 def test_cuda_caches_accepted_or_refused_with_a_message(solo):
     caches = [torch.zeros(8, 2, 4, device="cuda") for _ in range(4)]
     if not _C.built_with_cuda:  # a CPU build of kevlarflow against a CUDA torch
         with pytest.raises(ValueError, match="built without CUDA"):
-            _comm.KVReplicator(solo, caches, 1 << 20, 1.0)
+            _comm.KVReplicator(solo._core, caches, 1 << 20, 1.0)
         return
-    rep = _comm.KVReplicator(solo, caches, 1 << 20, 1.0)
+    rep = _comm.KVReplicator(solo._core, caches, 1 << 20, 1.0)
     assert (rep.num_blocks, rep.block_bytes, rep.row_bytes) == (8, 4 * 2 * 4 * 4, 4 * 4 * 4)
 
 
@@ -106,13 +86,13 @@ def test_mixed_devices_are_refused(solo):
     cuda = [torch.zeros(8, 2, 4, device="cuda") for _ in range(2)]
     cpu = [torch.zeros(8, 2, 4) for _ in range(2)]
     with pytest.raises(ValueError, match=r"device of the first \(cuda:0\), got one on cpu"):
-        _comm.KVReplicator(solo, cuda + cpu, 1 << 20, 1.0)
+        _comm.KVReplicator(solo._core, cuda + cpu, 1 << 20, 1.0)
     with pytest.raises(ValueError, match=r"device of the first \(cpu\), got one on cuda:0"):
-        _comm.KVReplicator(solo, cpu + cuda, 1 << 20, 1.0)
+        _comm.KVReplicator(solo._core, cpu + cuda, 1 << 20, 1.0)
     with pytest.raises(ValueError, match="contiguous"):
-        _comm.KVReplicator(solo, [torch.zeros(4, 2, 8, device="cuda").transpose(0, 2)],
+        _comm.KVReplicator(solo._core, [torch.zeros(4, 2, 8, device="cuda").transpose(0, 2)],
                            1 << 20, 1.0)
     if torch.cuda.device_count() > 1:
         other = torch.zeros(8, 2, 4, device="cuda:1")
         with pytest.raises(ValueError, match=r"device of the first \(cuda:0\), got one on cuda:1"):
-            _comm.KVReplicator(solo, cuda + [other], 1 << 20, 1.0)
+            _comm.KVReplicator(solo._core, cuda + [other], 1 << 20, 1.0)

@@ -5,17 +5,14 @@ caller, keepalives keep an idle link alive, the backup refuses block ids it
 does not have; then the argument checks, in one process."""
 from __future__ import annotations
 
-import datetime
 import signal
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from helpers import replicator_scenarios as sc
 from helpers.comm_workers import Workers
 from kevlarflow import _comm
-from kevlarflow.comm.manager import CommManager
 
 SOURCE, BACKUP = "w0.0", "w0.1"
 
@@ -64,13 +61,7 @@ def test_only_the_rows_written_travel_and_resubmitted_rows_coalesce():
     src, dst = out[SOURCE], out[BACKUP]
     assert src["accepted"] == [True] * 4 and dst["acked"] == [1, 2, 3, 4]
     sent = {(5, r): (3, r) for r in range(4)} | {(2, r): (9, r) for r in range(2)}
-    for b, rows in enumerate(dst["rows"]):
-        for r, raw in enumerate(rows):
-            if (b, r) in sent:
-                sb, sr = sent[b, r]
-                assert raw == src["rows"][sb][sr], f"backup block {b} row {r}"
-            else:
-                assert _zero(raw), f"backup block {b} row {r} was never sent but changed"
+    sc.check_rows_arrived(src["rows"], dst["rows"], sent)
     stats = src["stats"]
     assert (stats["blocks_submitted"], stats["blocks_coalesced"], stats["blocks_sent"]) == (5, 3, 2)
     assert stats["bytes_sent"] == dst["stats"]["bytes_received"] == 6 * src["row_bytes"]
@@ -193,16 +184,6 @@ def test_backup_refuses_rows_outside_its_blocks():
 
 
 # ---- one process ------------------------------------------------------------
-
-@pytest.fixture
-def solo():
-    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False,
-                          timeout=datetime.timedelta(seconds=30))
-    mgr = CommManager(store, "a", deadline_s=1.0)
-    mgr.build("g", ["a"])
-    yield mgr
-    mgr.close()
-
 
 def _caches(n=4, shape=(8, 2, 4), dtype=torch.float32):
     return [torch.zeros(shape, dtype=dtype) for _ in range(n)]

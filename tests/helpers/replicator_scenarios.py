@@ -48,6 +48,18 @@ def rows_bytes(caches) -> list[list[bytes]]:
              for r in range(caches[0].shape[1])] for b in range(caches[0].shape[0])]
 
 
+def check_rows_arrived(src_rows, dst_rows, sent) -> None:
+    """Each backup row named in sent ({(block, row): (source block, row)})
+    holds the source's bytes; every other backup row is still zero."""
+    for b, rows in enumerate(dst_rows):
+        for r, raw in enumerate(rows):
+            if (b, r) in sent:
+                sb, sr = sent[b, r]
+                assert raw == src_rows[sb][sr], f"backup block {b} row {r}"
+            else:
+                assert not any(raw), f"backup block {b} row {r} was never sent but changed"
+
+
 def _link(mgr, members, caches, max_transfer_bytes=1 << 20, keepalive_s=QUIET_KEEPALIVE_S):
     mgr.build(GROUP, members, deadline_s=BUILD_DEADLINE_S)
     return _comm.KVReplicator(mgr._core, caches, max_transfer_bytes, keepalive_s)
