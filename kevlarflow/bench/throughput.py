@@ -178,6 +178,12 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if args.worker:
         return worker(args)
+    if args.device == "cuda":
+        from kevlarflow.model.device import resolve_device
+        try:
+            resolve_device("cuda")
+        except ValueError as exc:
+            parser.error(f"--device cuda: {exc}")
     args.model = args.model or ensure_model(args.preset, args.flavour)
     engines = ENGINES if args.device == "cuda" else ENGINES[:2]
     runs = {engine: [] for engine in engines}

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from kevlarflow.bench.failover import metrics as m
 from kevlarflow.bench.failover.runner import Failure
@@ -398,3 +399,10 @@ def test_benchmark_refuses_bad_options(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "kevlarflow", "bench", "failover",
                            "--model", str(tmp_path)], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "config.json" in proc.stderr
+    if torch.version.cuda is None:  # GPUs asked for where there are none
+        for bench in ("failover", "throughput"):
+            proc = subprocess.run([sys.executable, "-m", "kevlarflow", "bench", bench,
+                                   "--model", tiny_model(), "--device", "cuda"],
+                                  capture_output=True, text=True, timeout=60, cwd=tmp_path)
+            assert proc.returncode == 2 and "needs a CUDA build of torch" in proc.stderr, \
+                (bench, proc.stderr)

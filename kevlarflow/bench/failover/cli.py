@@ -126,6 +126,12 @@ def parse(argv) -> argparse.Namespace:
         parser.error("--rate and --duration must be positive, --load in (0, 4]")
     if not 0 <= args.replication_interval <= 10:
         parser.error("--replication-interval must be in [0, 10] s")
+    if args.device == "cuda":
+        from kevlarflow.model.device import resolve_device
+        try:
+            resolve_device("cuda")
+        except ValueError as exc:
+            parser.error(f"--device cuda: {exc}")
     for f in args.fail or []:
         if not (f.instance < args.instances and f.stage < args.stages):
             parser.error(f"--fail: no worker at instance {f.instance}, stage {f.stage}")
