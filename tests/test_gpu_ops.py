@@ -63,7 +63,7 @@ def test_cuda_cache_ops_bit_exact():
     staging = ops.pack_blocks(caches, ids)
     assert torch.equal(staging, reference.pack_blocks(caches, ids))
     pinned = torch.empty(staging.shape, dtype=staging.dtype, pin_memory=True)
-    ops.pack_blocks(caches, ids, pinned)  # device kernel writes host memory
+    ops.pack_blocks(caches, ids, pinned)  # gathered on the device, then copied to the host
     torch.cuda.synchronize()
     assert torch.equal(pinned, staging.cpu())
     other = [torch.zeros_like(c) for c in caches]
@@ -181,12 +181,14 @@ def test_cuda_token_result_independent_of_batch_and_chunking(dtype, group, windo
                                     batch.block_tables, ints([pos_len]), ints([0, 1]),
                                     batch.scale, sliding_window=window)
         assert_same_bits(alone[0], in_chunk[j], f"token {j} alone")
-        first = max(0, j - 6)
-        as_last = ops.paged_attention(batch.query[first:j + 1], batch.key_cache,
-                                      batch.value_cache, batch.block_tables, ints([pos_len]),
-                                      ints([0, j + 1 - first]), batch.scale,
-                                      sliding_window=window)
-        assert_same_bits(as_last[-1], in_chunk[j], f"token {j} as the last of a chunk")
+        # Chunks of 2, 4 and 7 tokens: the kernel's rows-per-block variants.
+        for first in sorted({max(0, j - back) for back in (1, 3, 6)}):
+            as_last = ops.paged_attention(batch.query[first:j + 1], batch.key_cache,
+                                          batch.value_cache, batch.block_tables, ints([pos_len]),
+                                          ints([0, j + 1 - first]), batch.scale,
+                                          sliding_window=window)
+            assert_same_bits(as_last[-1], in_chunk[j],
+                             f"token {j} as the last of a chunk of {j + 1 - first}")
         query = torch.cat([others.query[:1], batch.query[j:j + 1], others.query[1:]])
         mixed = ops.paged_attention(query, kc, vc, tables, ints([50, pos_len, 620]),
                                     ints([0, 1, 2, 32]), batch.scale, sliding_window=window,
@@ -195,7 +197,7 @@ def test_cuda_token_result_independent_of_batch_and_chunking(dtype, group, windo
 
 
 def test_cuda_long_prefill_runs_in_several_launches_with_the_same_bits():
-    """A 4096-token chunk of 32 heads over 8 partitions needs more workspace
+    """A 4096-token chunk of 32 heads over 8 or more partitions needs more workspace
     than one call takes (256 MiB), so it runs as several launches over token
     ranges: it must still match the reference, and its last tokens must have
     the bits they get in a short chunk that needs a single launch."""

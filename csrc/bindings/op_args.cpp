@@ -128,6 +128,8 @@ PagedAttentionArgs paged_attention_args(const at::Tensor& out, const at::Tensor&
 
   TORCH_CHECK(max_query_len <= num_tokens, "max_query_len (", max_query_len,
               ") exceeds the number of query tokens (", num_tokens, ")");
+  TORCH_CHECK(max_query_len != 0 || num_tokens == 0, "max_query_len is 0 but there are ",
+              num_tokens, " query tokens");
   if (max_query_len < 0) max_query_len = checked_max_query_len(
       query_start_loc, seq_lens, block_tables, num_tokens, num_blocks, block_size);
 

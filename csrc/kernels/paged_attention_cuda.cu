@@ -441,7 +441,10 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t rows_lo = chunk.t_lo * group;  // the launch's rows of this sequence and KV head
   const int64_t rows_hi = chunk.t_hi * group;
   const int part_first = part * kPartitionKeys;
-  const int part_last = part_first + kPartitionKeys - 1;
+  // The last key a block table can name: inconsistent trusted inputs (a
+  // context wider than the table) never make a read past the table's row.
+  const int part_last = min(part_first + kPartitionKeys - 1,
+                            static_cast<int>(args.max_blocks_per_seq * args.block_size) - 1);
 
   const int32_t* block_table = args.block_tables + int64_t(seq) * args.max_blocks_per_seq;
   const T* query = static_cast<const T*>(args.query);
@@ -564,8 +567,12 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t head = index % num_heads;
     const int pos = chunk.chunk_pos + static_cast<int>(token);
     // Exactly the partitions holding a key of [first_key, pos]: each was written.
+    // Inconsistent trusted inputs (a chunk longer than its context, a context
+    // wider than the block table) read no partition, or none past the row's
+    // slots: the row gets zeros or a wrong value, never memory out of bounds.
     const int first_part = first_key_of(pos, args.sliding_window) / kPartitionKeys;
-    const int last_part = pos / kPartitionKeys;
+    const int last_part = pos < 0 ? -1
+                                  : min(pos / kPartitionKeys, num_partitions - 1);
     const int64_t slot0 =
         ((chunk.q_begin + token - launch.token_begin) * num_heads + head) * num_partitions;
     float max_score = -CUDART_INF_F;
