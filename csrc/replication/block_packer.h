@@ -32,6 +32,9 @@ struct BlockSpan {
 struct StagingAllocator {
   std::function<void*(int64_t bytes)> allocate;  // throws when it cannot
   std::function<void(void*)> release;
+  // Take the largest size a buffer may need at once: freeing pinned memory
+  // waits for the whole device (compute included), so it should happen once.
+  bool whole_limit = false;
 };
 
 // A staging buffer, grown as needed, never shrunk; one thread at a time.
@@ -53,7 +56,8 @@ class StagingBuffer {
   // transfers growing a little at a time reallocate rarely: pinning is slow.
   void* reserve(int64_t bytes, int64_t limit) {
     if (bytes <= capacity_) return data_;
-    const int64_t grown = std::max(bytes, std::min(2 * capacity_, limit));
+    const int64_t grown =
+        std::max(bytes, allocator_.whole_limit ? limit : std::min(2 * capacity_, limit));
     reset();
     data_ = allocator_.allocate(grown);
     capacity_ = grown;

@@ -40,7 +40,8 @@ void check(cudaError_t err, const char* what) {
 
 // Pinned host memory, mapped into the device address space (the kernels
 // read and write it directly) and portable (pinned for every device).
-StagingAllocator pinned_memory(int device) {
+// whole_limit: staging buffers are allocated once at their largest size.
+StagingAllocator pinned_memory(int device, bool whole_limit) {
   return {[device](int64_t bytes) {
             const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
             void* p = nullptr;
@@ -49,7 +50,7 @@ StagingAllocator pinned_memory(int device) {
                   "cudaHostAlloc of staging");
             return p;
           },
-          [](void* p) { (void)cudaFreeHost(p); }};
+          [](void* p) { (void)cudaFreeHost(p); }, whole_limit};
 }
 
 template <typename T>
@@ -68,7 +69,7 @@ struct OwnStream {
   StagingBuffer table;  // the spans of the copy in flight (pinned, read by the kernel)
   std::mutex mu;        // one copy at a time: the table and `done` are the stream's
 
-  explicit OwnStream(int device) : table(pinned_memory(device)) {}
+  explicit OwnStream(int device) : table(pinned_memory(device, false)) {}
 
   void create() {
     // Non-blocking: no implicit ordering with the legacy default stream,
@@ -93,18 +94,21 @@ class CudaPacker final : public BlockPacker {
  public:
   CudaPacker(std::vector<void*> caches, int device, int64_t num_blocks, int64_t block_rows,
              int64_t cache_row_bytes, std::shared_ptr<const void> owner)
-      : BlockPacker(pinned_memory(device)), num_caches_(static_cast<int64_t>(caches.size())),
+      : BlockPacker(pinned_memory(device, true)), num_caches_(static_cast<int64_t>(caches.size())),
         device_(static_cast<c10::DeviceIndex>(device)), num_blocks_(num_blocks),
         block_rows_(block_rows), cache_row_bytes_(cache_row_bytes), owner_(std::move(owner)),
         pack_(device), unpack_(device) {
     const c10::cuda::CUDAGuard guard(device_);
     try {
-      const size_t bytes = caches.size() * sizeof(void*);
-      check(cudaMalloc(&caches_, bytes), "cudaMalloc of the cache pointers");
-      check(cudaMemcpy(caches_, caches.data(), bytes, cudaMemcpyHostToDevice),
-            "cudaMemcpy of the cache pointers");
       pack_.create();
       unpack_.create();
+      // On the packer's own stream: a plain cudaMemcpy would wait for the
+      // compute stream (the legacy default stream) to drain.
+      const size_t bytes = caches.size() * sizeof(void*);
+      check(cudaMalloc(&caches_, bytes), "cudaMalloc of the cache pointers");
+      check(cudaMemcpyAsync(caches_, caches.data(), bytes, cudaMemcpyHostToDevice, pack_.stream),
+            "cudaMemcpy of the cache pointers");
+      check(cudaStreamSynchronize(pack_.stream), "cudaMemcpy of the cache pointers");
     } catch (...) {
       release();
       throw;
@@ -118,6 +122,9 @@ class CudaPacker final : public BlockPacker {
   int64_t row_bytes() const override { return cache_row_bytes_ * num_caches_; }
 
   void fence() override {
+    // The caches' device current: the default stream's handle (0) names the
+    // current device's, and an event belongs to the device it is made on.
+    const c10::cuda::CUDAGuard guard(device_);
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device_).stream();
     std::lock_guard<std::mutex> lock(fence_mu_);
     for (const Fence& f : fences_) {
@@ -131,7 +138,6 @@ class CudaPacker final : public BlockPacker {
       event = spare_events_.back();
       spare_events_.pop_back();
     } else {
-      const c10::cuda::CUDAGuard guard(device_);  // an event belongs to the current device
       check(cudaEventCreateWithFlags(&event, cudaEventDisableTiming), "cudaEventCreate");
     }
     const cudaError_t err = cudaEventRecord(event, stream);

@@ -40,6 +40,8 @@ class ReplicaReceiver(threading.Thread):
                                   generation=self.generation, steps=steps)
         except (CommError, ValueError) as error:  # aborted, source gone, or a bad transfer
             log.info("%s: stopped receiving replicas from %s: %s", self.me, self.source, error)
+        except RuntimeError as error:  # a device error while unpacking: said, not swallowed
+            log.error("%s: stopped receiving replicas from %s: %s", self.me, self.source, error)
         finally:
             endpoint.close()
 
