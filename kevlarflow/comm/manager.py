@@ -93,9 +93,9 @@ class Build:
 
     def __init__(self, manager: "CommManager", group: str, members: list[str], generation: int,
                  rank: int, deadline_s: float, on_done: Callable[["Build"], None] | None,
-                 backend: str):
+                 backend: str, device: int | None):
         self.group, self.members, self.generation = group, members, generation
-        self.backend = backend
+        self.backend, self.device = backend, device
         self.error: CommError | None = None
         self._manager, self._rank, self._deadline_s = manager, rank, deadline_s
         self._on_done = on_done
@@ -107,7 +107,7 @@ class Build:
     def _run(self) -> None:
         try:
             self._manager._connect(self.group, self.members, self.generation, self._rank,
-                                   self._deadline_s, self.backend)
+                                   self._deadline_s, self.backend, self.device)
         except CommError as error:
             self.error = error
         finally:
@@ -147,14 +147,18 @@ class CommManager:
     Without it, builds use `store`, one at a time.
 
     `backend` is each group's default; a build may name another (a worker's
-    pipeline over NCCL, its replication link over Gloo)."""
+    pipeline over NCCL, its replication link over Gloo). `device`: the GPU
+    of NCCL groups (default: the current device of the thread that starts a
+    build, which then connects on a thread of its own)."""
 
     def __init__(self, store: dist.Store, me: str, deadline_s: float = 5.0,
-                 backend: str = "gloo", connect_store: Callable[[], dist.Store] | None = None):
+                 backend: str = "gloo", connect_store: Callable[[], dist.Store] | None = None,
+                 device: int | None = None):
         _check_backend(backend)
         if not isinstance(store, dist.Store):
             raise TypeError(f"store must be a torch.distributed.Store, got {type(store).__name__}")
         self._backends: dict[str, str] = {}  # each group's, as last built
+        self._device = device
         self._store = store
         self._connect_store = connect_store
         self._signal_lock = threading.Lock()
@@ -195,7 +199,8 @@ class CommManager:
         backend = _check_backend(backend or self._backend)
         rank = self._core.begin_generation(group, members, int(generation))
         self._backends[group] = backend
-        build = Build(self, group, members, int(generation), rank, deadline_s, on_done, backend)
+        build = Build(self, group, members, int(generation), rank, deadline_s, on_done, backend,
+                      self._device_for(backend))
         build._thread.start()
         return build
 
@@ -221,7 +226,9 @@ class CommManager:
                 return generation
         members, generation = self._core.shrink_plan(group, excluded)
         rank = self._core.begin_generation(group, members, generation)
-        self._connect(group, members, generation, rank, deadline_s, self.backend_of(group))
+        backend = self.backend_of(group)
+        self._connect(group, members, generation, rank, deadline_s, backend,
+                      self._device_for(backend))
         return generation
 
     def rebuild(self, group: str, members: list[str], deadline_s: float | None = None) -> int:
@@ -230,7 +237,9 @@ class CommManager:
         members = [str(m) for m in members]
         generation = self._core.rebuild_generation(group)
         rank = self._core.begin_generation(group, members, generation)
-        self._connect(group, members, generation, rank, deadline_s, self.backend_of(group))
+        backend = self.backend_of(group)
+        self._connect(group, members, generation, rank, deadline_s, backend,
+                      self._device_for(backend))
         return generation
 
     def close(self) -> None:
@@ -256,7 +265,14 @@ class CommManager:
             log.info("could not call off %s generation %d in the store: %s", group, generation,
                      error)
 
-    def _connect(self, group, members, generation, rank, deadline_s, backend) -> None:
+    def _device_for(self, backend: str) -> int | None:
+        """An NCCL group's GPU, read on the calling thread (a build connects
+        on another, whose current device is its own)."""
+        if backend != "nccl":
+            return None
+        return self._device if self._device is not None else torch.cuda.current_device()
+
+    def _connect(self, group, members, generation, rank, deadline_s, backend, device) -> None:
         deadline_s = self._deadline(deadline_s)
         try:
             client = self._connect_store() if self._connect_store is not None else self._store
@@ -267,7 +283,8 @@ class CommManager:
                                                                          deadline_s))
             else:
                 from kevlarflow.comm import nccl
-                nccl.connect(self._core, store, group, generation, rank, len(members), deadline_s)
+                nccl.connect(self._core, store, group, generation, rank, len(members), deadline_s,
+                             device)
         except CommError:
             raise
         except Exception as e:

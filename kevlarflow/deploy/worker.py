@@ -266,7 +266,10 @@ class Worker:
         def client():
             return store_client(self.controller_host, self.store_port, self.store_prefix,
                                 max(30.0, self.deadline_s))
-        return CommManager(client(), self.name, deadline_s=self.deadline_s, connect_store=client)
+        # Its GPU, named: builds run on threads whose current device is cuda:0.
+        device = self.runner.device.index if self.runner.device.type == "cuda" else None
+        return CommManager(client(), self.name, deadline_s=self.deadline_s, connect_store=client,
+                           device=device)
 
     # One micro-batch ----------------------------------------------------------
 
