@@ -36,13 +36,30 @@ def attention_metadata(chunks: list[tuple[int, int, list[int]]], block_size: int
         slots.extend(table[p // bs] * bs + p % bs for p in range(begin, end))
         seq_lens.append(end)
         starts.append(starts[-1] + n)
+    # Two tensors, views of which are the fields: on a GPU two uploads from
+    # pinned memory, queued on the stream, where one per field from pageable
+    # memory would each wait for the GPU to catch up.
+    longs = upload(torch.tensor(positions + slots, dtype=torch.int64), device)
+    ints = upload(torch.tensor([b for table in tables for b in table] + seq_lens + starts,
+                               dtype=torch.int32), device)
+    n, s, table_size = len(positions), len(chunks), len(chunks) * max_blocks
     return AttentionMetadata(
-        positions=torch.tensor(positions, dtype=torch.int64, device=device),
-        slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
-        block_tables=torch.tensor(tables, dtype=torch.int32, device=device),
-        seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
-        query_start_loc=torch.tensor(starts, dtype=torch.int32, device=device),
+        positions=longs[:n], slot_mapping=longs[n:],
+        block_tables=ints[:table_size].view(s, max_blocks),
+        seq_lens=ints[table_size:table_size + s], query_start_loc=ints[table_size + s:],
         max_query_len=max(n for n, _, _ in chunks))
+
+
+def upload(host: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """A host tensor on `device`; to a GPU from pinned memory, without the
+    host waiting (torch's pinned allocator keeps the buffer until the copy
+    is done)."""
+    device = torch.device(device)
+    if host.device == device:
+        return host
+    if device.type != "cuda" or host.device.type != "cpu":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
 
 
 def sample_rows(chunk_tokens: list[int], samples: list[bool],
@@ -99,8 +116,8 @@ class ModelRunner:
                 return out
         meta = attention_metadata(chunks, self.block_size, self.device)
         if rows is not None:
-            rows = rows.to(self.device)
-        return self.stage(inputs.to(self.device), meta, self.kv_caches, logits_indices=rows,
+            rows = upload(rows, self.device)
+        return self.stage(upload(inputs, self.device), meta, self.kv_caches, logits_indices=rows,
                           attention_backend=self.attention_backend)
 
     def run(self, batch: ScheduledBatch) -> torch.Tensor:
