@@ -142,7 +142,7 @@ class StagePools:
         pools = cls([], [], [])
         for s in range(config.pp_size):
             spec = StageSpec.split(cfg.num_layers, config.pp_size, s)
-            per_token = cfg.kv_bytes_per_token * (spec.end_layer - spec.first_layer) // cfg.num_layers
+            per_token = spec.kv_bytes_per_token(cfg)
             pools.live_blocks.append(config.kv_cache_memory // (bs * per_token))
             pools.block_bytes.append(bs * per_token)
             pools.replica_blocks.append(replica_memory // (bs * per_token) if replicate else 0)

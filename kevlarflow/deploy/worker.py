@@ -27,12 +27,10 @@ from kevlarflow.deploy.hidden_states import HiddenStates
 from kevlarflow.deploy.read_ahead import ReadAhead
 from kevlarflow.deploy.steps import BadStep, StageSteps
 from kevlarflow.deploy.store import client as store_client
+from kevlarflow.deploy.stage_loading import load_runner
 from kevlarflow.engine.model_runner import ModelRunner
 from kevlarflow.model import fingerprint
-from kevlarflow.model.config import DTYPES, ModelConfig
-from kevlarflow.model.device import check_fits, resolve_device
-from kevlarflow.model.loader import load_stage, stage_bytes
-from kevlarflow.model.stage import StageSpec
+from kevlarflow.model.device import resolve_device
 from kevlarflow.replication import is_link
 from kevlarflow.replication.worker import WorkerReplication
 
@@ -150,28 +148,12 @@ class Worker:
         start = time.perf_counter()
         self.name = m["worker"]  # heartbeats start now: loading is watched too
         torch.set_num_threads(m["threads"])
-        cfg = ModelConfig.from_pretrained(m["model"])
-        dtype = DTYPES[m["dtype"]] if m["dtype"] else None
-        spec = StageSpec.split(cfg.num_layers, m["num_stages"], m["stage"])
         device = self.device or resolve_device(m["device"])
         if device.type == "cuda":
             torch.cuda.set_device(device)  # NCCL and the default stream go there
-        if dtype is not None:
-            cfg.dtype = dtype
-        # Replica blocks follow the live ones in the same caches: after a
-        # failure the controller makes them live blocks without a copy.
-        num_blocks = m["num_blocks"] + m["replica_blocks"]
-        check_fits(device, stage_bytes(cfg, m["max_model_len"], spec),
-                   num_blocks * m["block_size"] * cfg.kv_bytes_per_token
-                   * (spec.end_layer - spec.first_layer) // cfg.num_layers,
-                   f"{self.name}'s stage")
-        stage = load_stage(m["model"], spec, cfg, dtype, progress=False,
-                           max_positions=m["max_model_len"], device=device)
-        # On a GPU the decode graphs are captured here, before any group or
-        # replication thread uses it.
-        self.runner = ModelRunner(stage, num_blocks, m["block_size"], m["attention_backend"],
-                                  device, m["max_num_seqs"], m["max_model_len"],
-                                  m["enforce_eager"])
+        self.runner = load_runner(m, device, self.name)
+        stage = self.runner.stage
+        spec = stage.spec
         graphs = self.runner.decode_graphs
         if graphs is not None:
             log.info("%s: decode steps of up to %d sequences replay CUDA graphs (sizes %s, "

@@ -29,6 +29,10 @@ class StageSpec:
     def is_last(self) -> bool:
         return self.end_layer == self.num_layers
 
+    def kv_bytes_per_token(self, cfg: ModelConfig) -> int:
+        """The K and V of one token in this stage's layers."""
+        return cfg.kv_bytes_per_token * (self.end_layer - self.first_layer) // cfg.num_layers
+
     @classmethod
     def split(cls, num_layers: int, num_stages: int, stage: int) -> "StageSpec":
         """Stage `stage` of `num_stages` near-equal contiguous layer ranges."""
