@@ -91,6 +91,8 @@ def _add_bench(subparsers) -> None:
     parser.set_defaults(run=run)
 
 def _add_worker(subparsers) -> None:
+    from kevlarflow.model.device import device_option
+
     parser = subparsers.add_parser(
         "worker", help="run one worker of a deployment, registering with its controller",
         description="Start a worker that connects to a running controller, is assigned a "
@@ -106,7 +108,7 @@ def _add_worker(subparsers) -> None:
                              "prefer the variable: a command line is visible to every user)")
     parser.add_argument("--cpus", default=None, metavar="LIST",
                         help="run on these CPUs only, e.g. 0,1 (default: any)")
-    parser.add_argument("--device", default=None, metavar="cpu|cuda:K",
+    parser.add_argument("--device", default=None, metavar="cpu|cuda:K", type=device_option,
                         help="run on this device (default: the one the controller assigns "
                              "to its slot)")
     parser.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)
@@ -128,12 +130,6 @@ def _add_worker(subparsers) -> None:
         from kevlarflow.deploy.worker import main as worker_main
         # Without one the worker is refused, which says clearly why.
         keys = JoinKeys(args.join_token or os.environ.get(TOKEN_ENV, ""))
-        if args.device is not None:
-            from kevlarflow.model.device import resolve_device
-            try:
-                resolve_device(args.device)
-            except ValueError as exc:
-                parser.error(f"--device: {exc}")
         return worker_main(args.controller, keys, args.instance, args.stage, args.threads,
                            args.parent_pid, args.device)
 

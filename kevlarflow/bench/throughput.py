@@ -158,6 +158,8 @@ def measure(args, engine: str) -> dict:
 
 
 def main(argv=None) -> None:
+    from kevlarflow.model.device import device_option
+
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", help="HF model folder (default: the preset, made if missing)")
     parser.add_argument("--preset", default="small", choices=["tiny", "small", "medium"])
@@ -170,7 +172,7 @@ def main(argv=None) -> None:
                         help="fixed: every request has the given lengths; varied: long-tailed "
                              "lengths with those means")
     parser.add_argument("--hf-batch-size", type=int, default=64)
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", type=device_option,
                         help="where both engines run (on cuda KevlarFlow also runs eagerly, "
                              "without CUDA graphs, as a third engine)")
     parser.add_argument("--repeats", type=int, default=3)
@@ -178,12 +180,6 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if args.worker:
         return worker(args)
-    if args.device == "cuda":
-        from kevlarflow.model.device import resolve_device
-        try:
-            resolve_device("cuda")
-        except ValueError as exc:
-            parser.error(f"--device cuda: {exc}")
     args.model = args.model or ensure_model(args.preset, args.flavour)
     engines = ENGINES if args.device == "cuda" else ENGINES[:2]
     runs = {engine: [] for engine in engines}

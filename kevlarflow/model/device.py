@@ -1,6 +1,7 @@
 """Which device a model runs on, refused with a reason when it cannot."""
 from __future__ import annotations
 
+import argparse
 import re
 
 import torch
@@ -25,6 +26,15 @@ def resolve_device(device: str) -> torch.device:
         raise ValueError(f"device={device!r} does not exist: {count} GPU(s) visible "
                          f"(cuda:0 to cuda:{count - 1})")
     return resolved
+
+
+def device_option(text: str) -> str:
+    """An argparse type for --device: the text, if this process can use it."""
+    try:
+        resolve_device(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
 
 
 def check_fits(device: torch.device, weight_bytes: int, kv_bytes: int, what: str) -> None:

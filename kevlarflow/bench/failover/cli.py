@@ -41,6 +41,7 @@ def setting_name(delay: float) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     from kevlarflow.bench import failover
+    from kevlarflow.model.device import device_option
     from kevlarflow.model.presets import FLAVOURS, PRESETS
 
     p = argparse.ArgumentParser(prog="kevlarflow bench failover", description=failover.__doc__,
@@ -84,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default 8)")
     p.add_argument("--chunk", type=int, default=256, help="max_num_batched_tokens")
     p.add_argument("--kv-memory", type=int, default=256 << 20, help="bytes per worker pool")
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", type=device_option,
                    help="where the workers run: on cuda, round-robin over the visible GPUs "
                         "(several share one when there are fewer GPUs than workers)")
     p.add_argument("--enforce-eager", action="store_true",
@@ -126,12 +127,6 @@ def parse(argv) -> argparse.Namespace:
         parser.error("--rate and --duration must be positive, --load in (0, 4]")
     if not 0 <= args.replication_interval <= 10:
         parser.error("--replication-interval must be in [0, 10] s")
-    if args.device == "cuda":
-        from kevlarflow.model.device import resolve_device
-        try:
-            resolve_device("cuda")
-        except ValueError as exc:
-            parser.error(f"--device cuda: {exc}")
     for f in args.fail or []:
         if not (f.instance < args.instances and f.stage < args.stages):
             parser.error(f"--fail: no worker at instance {f.instance}, stage {f.stage}")
