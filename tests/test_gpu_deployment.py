@@ -5,12 +5,11 @@ request with the tokens of a failure-free run. Marked gpu: skipped without
 CUDA."""
 import re
 
-import psutil
 import pytest
 import torch
 
 from kevlarflow import LLM
-from helpers.failover import ARGS, Streams, all_home, recomputed, workload
+from helpers.failover import ARGS, Streams, recomputed, serve_with_fault, workload
 from helpers.models import tiny_model
 
 pytestmark = pytest.mark.gpu
@@ -77,22 +76,8 @@ def test_decode_graphs_give_the_eager_deployment_s_tokens(capfd, monkeypatch):
 @pytest.mark.parametrize("kind,recovery", [("kill", "kevlarflow"), ("hang", "kevlarflow"),
                                            ("kill", "restart")])
 def test_a_failure_under_load_loses_no_request(expected, kind, recovery):
-    prompts, params = workload()
-    before = {p.pid for p in psutil.Process().children(recursive=True)}
-    with LLM(tiny_model(), num_instances=2, pp_size=2, recovery=recovery, **GPU_ARGS) as llm:
-        engine = llm.engine
-        streams = Streams(engine)
-        seqs = streams.add(prompts, params)
-        victims = [s for s in seqs if engine.owner[s].index == 0]
-        streams.until(lambda: any(len(s.output_token_ids) >= 3 for s in victims), "tokens")
-        engine.inject_fault(0, 1, kind)
-        streams.finish()
-        stats = engine.status().stats
-        streams.until(lambda: engine.events.of("rejoined") and all_home(engine), "the rejoin")
-        again = llm.generate(prompts[:4], params[:4])
-    assert not [p for p in psutil.Process().children(recursive=True)
-                if p.pid not in before and p.status() != psutil.STATUS_ZOMBIE]
-    assert [streams.output(s).token_ids for s in seqs] == expected
+    outs, again, _, stats = serve_with_fault(1, kind, recovery, **GPU_ARGS)
+    assert [o.token_ids for o in outs] == expected
     assert [o.token_ids for o in again] == expected[:4]
     if recovery == "kevlarflow":
         # The replicas on the backup GPU's pool became the rerouted requests' KV.

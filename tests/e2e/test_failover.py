@@ -5,12 +5,11 @@ baseline), and the hard cases end in clear errors, never hangs."""
 import random
 import time
 
-import psutil
 import pytest
 
 from kevlarflow import LLM
 from kevlarflow.deploy.router import NoInstanceServing
-from helpers.failover import ARGS, Streams, all_home, workload
+from helpers.failover import ARGS, Streams, all_home, serve_with_fault, workload
 from helpers.models import tiny_model
 
 @pytest.fixture(scope="module")
@@ -20,42 +19,10 @@ def expected():
         return [o.token_ids for o in llm.generate(prompts, params)]
 
 
-def _serve_with_fault(stage, kind, recovery="kevlarflow", victim_instance=0):
-    prompts, params = workload()
-    before = {p.pid for p in psutil.Process().children(recursive=True)}
-    with LLM(tiny_model(), num_instances=2, pp_size=2, recovery=recovery, **ARGS) as llm:
-        engine = llm.engine
-        streams = Streams(engine)
-        seqs = streams.add(prompts, params)
-        victims = [s for s in seqs if engine.owner[s].index == victim_instance]
-        # Fail once the victim instance's requests are generating.
-        streams.until(lambda: any(len(s.output_token_ids) >= 3 for s in victims), "tokens")
-        engine.inject_fault(victim_instance, stage, kind)
-        streams.finish()
-        events = list(engine.events.events)
-        recomputed = engine.status().stats["tokens_recomputed"]
-        # Wait for the replacement to join, so that what it does is tested too.
-        streams.until(lambda: engine.events.of("rejoined") and all_home(engine), "the rejoin")
-        # The deployment serves on, with every instance back on its own workers.
-        again = llm.generate(prompts[:4], params[:4])
-    # Failed workers, hung ones included, and replacements: all reaped.
-    assert not [p for p in psutil.Process().children(recursive=True)
-                if p.pid not in before and p.status() != psutil.STATUS_ZOMBIE]
-    outs = [streams.output(s) for s in seqs]
-    # What recovery says it recomputed is what the workers ran again (the
-    # baseline's restart counts as a preemption of its requests; nothing else
-    # preempts here).
-    if recovery == "kevlarflow":
-        assert not any(o.metrics.num_preemptions for o in outs)
-    assert recomputed == sum(o.metrics.tokens_run - (len(o.prompt_token_ids) + len(o.token_ids) - 1)
-                             for o in outs)
-    return outs, again, events, recomputed
-
-
 @pytest.mark.parametrize("stage", [0, 1])
 @pytest.mark.parametrize("kind", ["kill", "hang"])
 def test_reroute_keeps_every_request(expected, stage, kind):
-    outs, again, events, _ = _serve_with_fault(stage, kind)
+    outs, again, events, _ = serve_with_fault(stage, kind)
     assert [o.token_ids for o in outs] == expected
     assert all(o.finish_reason == "length" for o in outs)
     assert [o.token_ids for o in again] == expected[:4]
@@ -74,7 +41,8 @@ def test_reroute_keeps_every_request(expected, stage, kind):
 
 
 def test_restart_baseline_recovers_too(expected):
-    outs, again, events, recomputed = _serve_with_fault(1, "kill", recovery="restart")
+    outs, again, events, stats = serve_with_fault(1, "kill", recovery="restart")
+    recomputed = stats["tokens_recomputed"]
     assert recomputed > 0  # the instance's requests all started again
     assert [o.token_ids for o in outs] == expected
     assert [o.token_ids for o in again] == expected[:4]

@@ -4,7 +4,10 @@ checks every output it sees."""
 import random
 import time
 
-from kevlarflow import SamplingParams
+import psutil
+
+from helpers.models import tiny_model
+from kevlarflow import LLM, SamplingParams
 
 ARGS = dict(max_num_batched_tokens=32, block_size=4, kv_cache_memory=1 << 20,
             hang_timeout_s=1.0)
@@ -65,3 +68,42 @@ def recomputed(seq) -> int:
 def all_home(engine) -> bool:
     """Every instance serves, on its own workers."""
     return all(i.serving and i.workers == i.home for i in engine.instances)
+
+
+def serve_with_fault(stage, kind, recovery="kevlarflow", victim_instance=0, **engine_args):
+    """The workload on 2 x 2 workers (engine_args, default ARGS), a fault of
+    `kind` at (victim_instance, stage) once its requests generate, then the
+    rejoin and four requests more. Checks that every process is reaped and
+    that the recomputed tokens recovery reports are those the workers ran
+    again; returns (outputs, the four more, events, the stats at the end of
+    the workload)."""
+    prompts, params = workload()
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    with LLM(tiny_model(), num_instances=2, pp_size=2, recovery=recovery,
+             **(engine_args or ARGS)) as llm:
+        engine = llm.engine
+        streams = Streams(engine)
+        seqs = streams.add(prompts, params)
+        victims = [s for s in seqs if engine.owner[s].index == victim_instance]
+        # Fail once the victim instance's requests are generating.
+        streams.until(lambda: any(len(s.output_token_ids) >= 3 for s in victims), "tokens")
+        engine.inject_fault(victim_instance, stage, kind)
+        streams.finish()
+        events = list(engine.events.events)
+        stats = engine.status().stats
+        # Wait for the replacement to join, so that what it does is tested too.
+        streams.until(lambda: engine.events.of("rejoined") and all_home(engine), "the rejoin")
+        # The deployment serves on, with every instance back on its own workers.
+        again = llm.generate(prompts[:4], params[:4])
+    # Failed workers, hung ones included, and replacements: all reaped.
+    assert not [p for p in psutil.Process().children(recursive=True)
+                if p.pid not in before and p.status() != psutil.STATUS_ZOMBIE]
+    outs = [streams.output(s) for s in seqs]
+    # What recovery says it recomputed is what the workers ran again (the
+    # baseline's restart counts as a preemption of its requests; nothing else
+    # preempts here).
+    if recovery == "kevlarflow":
+        assert not any(o.metrics.num_preemptions for o in outs)
+    assert stats["tokens_recomputed"] == sum(o.metrics.tokens_run - (len(o.prompt_token_ids) + len(o.token_ids) - 1)
+                             for o in outs)
+    return outs, again, events, stats
