@@ -12,6 +12,10 @@ struct CudaHooks {
   void* (*record_event)(void* stream);  // a new cudaEvent_t recorded on it
   int (*query_event)(void* event);      // 1 done, 0 not yet, -1 CUDA error
   void (*destroy_event)(void* event);
+  void* (*create_stream)(int device);                // a new non-blocking cudaStream_t, or null
+  void (*destroy_stream)(void* stream);              // once everything queued on it is done
+  bool (*order_after)(void* stream, void* earlier);  // work queued on stream from now on
+                                                     // starts after earlier's work so far
 };
 
 const CudaHooks* cuda_hooks();

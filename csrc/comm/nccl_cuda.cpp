@@ -33,7 +33,32 @@ int query_event(void* event) {
 
 void destroy_event(void* event) { cudaEventDestroy(static_cast<cudaEvent_t>(event)); }
 
-const CudaHooks kHooks{set_device, current_stream, record_event, query_event, destroy_event};
+void* create_stream(int device) {
+  set_device(device);
+  cudaStream_t stream = nullptr;
+  if (cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking) != cudaSuccess) return nullptr;
+  return stream;
+}
+
+void destroy_stream(void* stream) {
+  auto s = static_cast<cudaStream_t>(stream);
+  (void)cudaStreamSynchronize(s);  // errors ignored: this may run while the process exits
+  (void)cudaStreamDestroy(s);
+}
+
+bool order_after(void* stream, void* earlier) {
+  void* event = record_event(earlier);
+  if (!event) return false;
+  // Destroying an event another stream waits on is allowed: the wait keeps
+  // the record it was queued behind.
+  bool ok = cudaStreamWaitEvent(static_cast<cudaStream_t>(stream), static_cast<cudaEvent_t>(event),
+                                0) == cudaSuccess;
+  destroy_event(event);
+  return ok;
+}
+
+const CudaHooks kHooks{set_device,    current_stream, record_event, query_event,
+                       destroy_event, create_stream,  destroy_stream, order_after};
 
 }  // namespace
 

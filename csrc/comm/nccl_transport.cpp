@@ -71,10 +71,25 @@ nccl::DataType dtype_of(const at::Tensor& t, const char* op) {
 // transport's destructor, which runs on the reaper thread, aborts it
 // (ncclCommAbort also stops kernels stuck on a dead peer); a work that
 // outlives the transport (an isend) then only sees it gone.
+//
+// Its ops run on a stream of its own, never on the compute stream, as in
+// torch's ProcessGroupNCCL: a send waiting for its peer then holds back
+// neither the next forward pass nor the replicator's write fence, and ops
+// of two communicators (a borrowed worker's two pipelines) cannot wait for
+// each other in one stream's order, which could deadlock two workers that
+// post them in different orders.
 struct CommState {
   CommState(const nccl::Lib& lib, nccl::Comm comm, int device)
-      : lib(lib), comm(comm), device(device) {}
-  ~CommState() { abort_now(); }
+      : lib(lib), comm(comm), device(device), stream(hooks().create_stream(device)) {}
+  ~CommState() {
+    abort_now();
+    // Tensors kept for unfinished ops are freed (members, after this) only
+    // once the aborted ops have left the stream.
+    if (stream) {
+      hooks().set_device(device);
+      hooks().destroy_stream(stream);
+    }
+  }
 
   // The communicator's state, or false once it is aborted.
   bool poll(nccl::Result* state) {
@@ -100,7 +115,8 @@ struct CommState {
     comm = nullptr;
   }
 
-  // A tensor an unfinished op may still write: kept until the comm is aborted.
+  // A tensor an unfinished op may still use: kept until the communicator is
+  // gone and its stream drained.
   void keep_alive(const at::Tensor& t) {
     std::lock_guard<std::mutex> lock(keep_mu);
     keep.push_back(t);
@@ -110,6 +126,7 @@ struct CommState {
   std::mutex mu;     // guards comm against its abort
   nccl::Comm comm;   // null once aborted
   const int device;
+  void* const stream;  // the communicator's ops; null if it could not be made
   std::atomic<bool> aborted{false};
   std::mutex keep_mu;
   std::vector<at::Tensor> keep;
@@ -121,6 +138,15 @@ class NcclWork final : public Work {
       : state_(std::move(state)), tensor_(std::move(tensor)), stream_(stream) {}
 
   ~NcclWork() override {
+    // Not seen to end (dropped unwaited, failed, timed out): the op may still
+    // read or write the tensor on the communicator's stream until the abort.
+    if (!complete_) {
+      try {
+        state_->keep_alive(tensor_);
+      } catch (...) {  // out of memory in a destructor: leak the tensor instead
+        new at::Tensor(tensor_);
+      }
+    }
     if (event_) hooks().destroy_event(event_);
   }
 
@@ -144,19 +170,16 @@ class NcclWork final : public Work {
           return q != 0;
         },
         deadline);
-    if (state_->aborted) {
-      state_->keep_alive(tensor_);
+    if (state_->aborted)
       throw TransportError(ErrorKind::kAborted, "the communicator was aborted");
-    }
-    if (!done) {
-      state_->keep_alive(tensor_);
+    if (!done)
       throw TransportError(ErrorKind::kTimeout,
                            "no completion within " + std::to_string(timeout.count()) + " ms");
-    }
-    if (failure != nccl::kSuccess) {
-      state_->keep_alive(tensor_);
+    if (failure != nccl::kSuccess)
       throw TransportError(kind_of(failure), state_->error(failure));
-    }
+    // The host saw the op end: work the caller queues on its compute stream
+    // from now on reads a received tensor whole.
+    complete_ = true;
   }
 
  private:
@@ -164,6 +187,7 @@ class NcclWork final : public Work {
   at::Tensor tensor_;
   void* stream_;
   void* event_ = nullptr;
+  bool complete_ = false;
 };
 
 class NcclTransport final : public Transport {
@@ -224,7 +248,14 @@ class NcclTransport final : public Transport {
   std::unique_ptr<Work> issue(const at::Tensor& t, Call&& call) {
     if (state_->aborted) throw TransportError(ErrorKind::kAborted, "the communicator was aborted");
     hooks().set_device(state_->device);
-    void* stream = hooks().current_stream(state_->device);
+    void* stream = state_->stream;
+    if (!stream) throw TransportError(ErrorKind::kError, "no CUDA stream for the communicator");
+    // The op starts after what the compute stream has queued so far: the
+    // forward pass that produced a sent tensor, and the last users of the
+    // memory the caching allocator handed a receive buffer from.
+    if (!hooks().order_after(stream, hooks().current_stream(state_->device)))
+      throw TransportError(ErrorKind::kError, "could not order the communicator's stream "
+                                              "after the compute stream");
     nccl::Result r = call(stream);
     if (r != nccl::kSuccess && r != nccl::kInProgress)
       throw TransportError(kind_of(r), state_->lib.error(r, state_->comm));

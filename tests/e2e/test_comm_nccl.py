@@ -113,3 +113,17 @@ def test_nccl_and_gloo_groups_side_by_side_then_a_shrink():
         assert r["generation"] == 1 and r["members"] == survivors
         assert r["after_shrink"] == [float(sum(range(1, n)))] * 4
         assert r["backend_after"] == "nccl"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2,
+                    reason="NCCL takes one rank per GPU: two groups over two ranks need two GPUs")
+def test_ops_of_two_nccl_groups_never_wait_for_each_other():
+    from helpers import comm_scenarios as sc
+    from helpers.comm_workers import Workers
+
+    with Workers(2, sc.nccl_groups_in_crossed_order, deadline_s=10.0) as w:
+        out = w.collect(w.members, timeout_s=120)
+    sender, receiver = (out[me] for me in w.members)
+    assert receiver["got"] == {"a": [1.0], "b": [2.0]}
+    assert sender["elapsed"] < 10.0 and receiver["elapsed"] < 10.0

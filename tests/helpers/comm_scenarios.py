@@ -242,3 +242,29 @@ def nccl_on_own_gpus(mgr: CommManager, store, me, members, leaver):
     out.update(generation=generation, members=mgr.members("pipe"), after_shrink=y.cpu().tolist(),
                backend_after=mgr.backend_of("pipe"))
     return out
+
+
+def nccl_groups_in_crossed_order(mgr: CommManager, store, me, members):
+    """Two NCCL groups over the same two GPUs (the pipelines of two borrowed
+    workers): the first member sends on "a" then on "b", the second receives
+    on "b" then on "a". Ops queued on one stream would wait for each other
+    in that stream's order and never finish; each communicator's own stream
+    lets both pairs complete."""
+    index = members.index(me)
+    torch.cuda.set_device(index)
+    for group in ("a", "b"):
+        mgr.build(group, members, deadline_s=BUILD_DEADLINE_S, backend="nccl")
+    n = 1 << 20
+    t0 = time.monotonic()
+    if index == 0:
+        sends = [mgr.isend(group, torch.full((n,), value, device="cuda"), members[1])
+                 for group, value in (("a", 1.0), ("b", 2.0))]
+        for op in sends:
+            op.wait(deadline_s=10.0)
+        return dict(elapsed=time.monotonic() - t0)
+    got = {}
+    for group in ("b", "a"):
+        buffer = torch.empty(n, device="cuda")
+        mgr.recv(group, buffer, members[0], deadline_s=10.0)
+        got[group] = sorted(set(buffer.cpu().tolist()))
+    return dict(got=got, elapsed=time.monotonic() - t0)
