@@ -111,6 +111,29 @@ def test_a_graph_replays_the_eager_padded_step_bit_for_bit(stage):
         assert got.shape == expected.shape and torch.equal(got, expected), n
 
 
+def test_contexts_past_the_graphs_longest_decode_eagerly(monkeypatch):
+    """Graphs are sized for MAX_GRAPH_CONTEXT, not max_model_len; a decode
+    step at a longer context runs eagerly and gives the eager runner's bits."""
+    import kevlarflow.engine.model_runner as model_runner
+
+    monkeypatch.setattr(model_runner, "MAX_GRAPH_CONTEXT", 64)
+    cfg = ModelConfig.from_pretrained(tiny_model("llama"))
+    stage = load_stage(tiny_model("llama"), cfg=cfg, progress=False, max_positions=256,
+                       device="cuda")
+    graphs = ModelRunner(stage, num_blocks=64, block_size=8, device="cuda", max_num_seqs=4,
+                         max_model_len=256)
+    eager = ModelRunner(stage, num_blocks=64, block_size=8, device="cuda", max_num_seqs=4,
+                        max_model_len=256, enforce_eager=True)
+    assert graphs.decode_graphs.max_context == 64 and graphs.decode_graphs.max_blocks == 8
+    ids = torch.randint(0, cfg.vocab_size, (1,))
+    within = [(1, 40, list(range(6)))]
+    torch.testing.assert_close(graphs.forward(ids, within), eager.forward(ids, within))
+    assert graphs.decode_graphs.replays == 1
+    past = [(1, 100, list(range(13)))]  # both caches hold the same (zero) keys
+    assert torch.equal(graphs.forward(ids, past), eager.forward(ids, past))
+    assert graphs.decode_graphs.replays == 1
+
+
 def test_a_decode_step_from_a_graph_never_synchronises_with_the_host():
     """Filling the graph's buffers (from pinned host memory) and the replay
     run under CUDA's sync debugging set to fail on any synchronisation."""

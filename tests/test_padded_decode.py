@@ -198,7 +198,7 @@ def test_only_decode_steps_that_fit_are_padded(seqs):
     assert decode.size_for([(2, 0, seqs.tables[0])]) is None                 # a prefill chunk
     assert decode.size_for(one + [(3, 0, seqs.tables[1])]) is None           # a mixed batch
     assert decode.size_for(seqs.decode_chunks(list(range(MAX_SEQS + 1)))) is None  # too many
-    assert decode.size_for([(1, MAX_LEN, seqs.tables[0])]) is None           # past max_model_len
+    assert decode.size_for([(1, MAX_LEN, seqs.tables[0])]) is None           # past max_context
     assert decode(seqs.inputs("first", 2), [(2, 0, seqs.tables[0])]) is None
     with pytest.raises(ValueError, match="2 input rows for 1 decode chunks"):
         decode(seqs.inputs("first", 2), one)

@@ -4,8 +4,9 @@ A pure decode step (one token per sequence) of n sequences runs at the
 smallest size S of batch_sizes() that holds it. Its inputs are written into
 static buffers made once, as large as the largest size: token ids (first
 stage) or hidden states, positions, slot mapping, block tables as wide as the
-most blocks a sequence can have (max_model_len / block_size), seq lens, query
-start offsets and, on the last stage, the rows to compute logits for. The
+blocks of the longest context a padded step holds (max_context / block_size),
+seq lens, query start offsets and, on the last stage, the rows to compute
+logits for. The
 forward pass reads the first S rows of each: a fixed set of addresses and
 shapes per size, so that a CUDA graph captured once per size replays it.
 
@@ -31,6 +32,12 @@ from kevlarflow.model.stage import DecoderStage
 
 Chunk = tuple[int, int, list[int]]  # (tokens, first position, block table)
 
+# The longest context a graph replays (as vLLM's max_seq_len_to_capture): a
+# graph's attention launches work for max_context keys per sequence, most of
+# it idle at short contexts; decode steps past it run eagerly. Models with
+# 128k positions would otherwise pay for 128k at every step.
+MAX_GRAPH_CONTEXT = 8192
+
 # Rows of the int64 buffer.
 _POSITIONS, _SLOTS, _ROWS, _IDS = range(4)
 
@@ -51,14 +58,14 @@ class PaddedDecode:
     decode step it can hold (the caller runs it as usual)."""
 
     def __init__(self, stage: DecoderStage, kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
-                 block_size: int, max_num_seqs: int, max_model_len: int,
+                 block_size: int, max_num_seqs: int, max_context: int,
                  attention_backend: str = "native"):
         self.stage, self.kv_caches, self.block_size = stage, kv_caches, block_size
         self.attention_backend = attention_backend
         self.device = kv_caches[0][0].device
         self.sizes = batch_sizes(max_num_seqs)
-        self.max_model_len = max_model_len
-        self.max_blocks = -(-max_model_len // block_size)
+        self.max_context = max_context
+        self.max_blocks = -(-max_context // block_size)
         cap = self.sizes[-1]
         cfg = stage.cfg
         # Made in inference mode like the forward pass's own tensors: they
@@ -89,10 +96,10 @@ class PaddedDecode:
     def size_for(self, chunks: list[Chunk]) -> int | None:
         """The padded size of a pure decode step, None for any other step
         (a prefill chunk, more sequences than the largest size, a context
-        past max_model_len)."""
+        past max_context)."""
         if not chunks or len(chunks) > self.sizes[-1]:
             return None
-        if any(n != 1 or begin >= self.max_model_len for n, begin, _ in chunks):
+        if any(n != 1 or begin >= self.max_context for n, begin, _ in chunks):
             return None
         return next(s for s in self.sizes if s >= len(chunks))
 

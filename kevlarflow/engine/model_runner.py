@@ -5,7 +5,7 @@ import logging
 
 import torch
 
-from kevlarflow.engine.cuda_graphs import GraphedDecode
+from kevlarflow.engine.cuda_graphs import MAX_GRAPH_CONTEXT, GraphedDecode
 from kevlarflow.engine.scheduler import ScheduledBatch
 from kevlarflow.model.attention_metadata import AttentionMetadata
 from kevlarflow.model.stage import DecoderStage
@@ -76,7 +76,7 @@ class ModelRunner:
     the in-process engine and for a deployment's workers alike.
 
     On CUDA, unless enforce_eager, pure decode steps of up to max_num_seqs
-    sequences replay CUDA graphs (engine/cuda_graphs.py), all captured here,
+    sequences, at contexts up to MAX_GRAPH_CONTEXT, replay CUDA graphs (engine/cuda_graphs.py), all captured here,
     at start: a capture later would stall the step that needs it, and in a
     worker would run while other threads use the GPU. Every other step (and
     every step on the CPU) runs eagerly."""
@@ -94,7 +94,8 @@ class ModelRunner:
         if self.device.type == "cuda" and not enforce_eager:
             self.decode_graphs = GraphedDecode(
                 stage, self.kv_caches, block_size, max_num_seqs,
-                max_model_len or stage.layers[0].self_attn.rope.max_positions, attention_backend)
+                min(max_model_len or stage.layers[0].self_attn.rope.max_positions,
+                    MAX_GRAPH_CONTEXT), attention_backend)
             try:
                 self.decode_graphs.capture()
             except RuntimeError as error:
