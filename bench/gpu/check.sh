@@ -51,7 +51,9 @@ echo "CUDA architecture: $ARCH; $(nproc) cores"
 # its torch. Any other environment (venv, conda) gets the package directly.
 # (A venv's python is never externally managed, even when its base is.)
 if "$PY" -c 'import os, sys, sysconfig; sys.exit(sys.prefix != sys.base_prefix or not os.path.exists(os.path.join(sysconfig.get_path("stdlib"), "EXTERNALLY-MANAGED")))'; then
-  "$PY" -m venv --system-site-packages /tmp/kevlarflow-gpu-venv
+  # --without-pip: Debian's python3 has no ensurepip without python3-venv;
+  # the system pip, seen through the system site packages, installs into it.
+  "$PY" -m venv --system-site-packages --without-pip /tmp/kevlarflow-gpu-venv
   PY=/tmp/kevlarflow-gpu-venv/bin/python
 fi
 # No registry here: whatever is missing can only come from wheels in .whl/
@@ -134,7 +136,7 @@ failover() {  # name, seconds, then the benchmark's own options; its report in $
   tail -n 30 "$FAILOVER/$name.log"
 }
 pushd /tmp >/dev/null  # the installed package, not the source tree
-failover medium-2x2 150 --preset medium --instances 2 --stages 2 \
+failover medium-2x2 240 --preset medium --instances 2 --stages 2 \
   --capacity-requests 48 --kv-memory $((2 << 30))
 popd >/dev/null
 

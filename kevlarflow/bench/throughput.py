@@ -153,7 +153,9 @@ def measure(args, engine: str) -> dict:
            "--device", args.device]
     if args.dtype:
         cmd += ["--dtype", args.dtype]
-    done = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    # Its stderr goes where ours goes: a worker's error, or its log line that
+    # decode graphs could not be captured, must show in the report.
+    done = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
