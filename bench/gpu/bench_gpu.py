@@ -17,7 +17,7 @@ Attention calls go through kevlarflow.ops as the engine makes them: the
 shapes checked by the bindings, the longest chunk passed in (max_query_len),
 so nothing is read back from the index tensors and no call waits for the GPU.
 pack_blocks and unpack_blocks are the ops direct callers reach with any block
-ids: each call checks its ids on the host (a read-back) and uploads the
+ids: each call checks its ids (one read-back to the host) and uploads the
 caches' pointers, and their times include that, which small packs feel most.
 (Replication does not go through them: its packer, csrc/replication, copies
 from ids the runtime made.) Run by bench/gpu/check.sh.

@@ -234,12 +234,18 @@ void check_block_ids(const at::Tensor& ids, const at::Tensor& first_cache, bool 
   check_same_device(ids, first_cache, "block_ids");
   check_index_tensor(ids, at::kLong, "block_ids");
   if (ids.numel() == 0) return;
-  const int64_t lo = ids.min().item<int64_t>(), hi = ids.max().item<int64_t>();
+  // Smallest, largest and whether two are equal, read back together: on a
+  // GPU one synchronisation per call rather than one per fact.
+  const at::Tensor sorted = std::get<0>(ids.sort());
+  const at::Tensor repeated = ids.numel() > 1 && unique
+                                  ? sorted.diff().eq(0).any().to(at::kLong)
+                                  : at::zeros({}, sorted.options());
+  const at::Tensor facts = at::stack({sorted[0], sorted[-1], repeated}).cpu();
+  const int64_t* f = facts.data_ptr<int64_t>();
+  const int64_t lo = f[0], hi = f[1];
   TORCH_CHECK(lo >= 0 && hi < first_cache.size(0), "block_ids must lie in [0, ",
               first_cache.size(0), "), got values in [", lo, ", ", hi, "]");
-  if (unique)
-    TORCH_CHECK(std::get<0>(at::_unique(ids)).numel() == ids.numel(),
-                "block_ids name one destination block twice");
+  TORCH_CHECK(f[2] == 0, "block_ids name one destination block twice");
 }
 
 void check_block_mapping(const at::Tensor& mapping, const at::Tensor& first_cache) {

@@ -36,12 +36,15 @@ at::Device cuda_device_of(const at::Tensor& t, const char* op) {
   return t.device();
 }
 
-// The kernels read the caches' base pointers from device memory.
+// The kernels read the caches' base pointers from device memory: written to
+// pinned memory and copied without waiting (torch's pinned allocator keeps
+// the host buffer until the copy is done).
 at::Tensor device_pointers(const std::vector<at::Tensor>& caches) {
-  at::Tensor ptrs = at::empty({int64_t(caches.size())}, at::kLong);
+  at::Tensor ptrs = at::empty({int64_t(caches.size())},
+                              at::TensorOptions(at::kLong).pinned_memory(true));
   for (size_t i = 0; i < caches.size(); ++i)
     ptrs.data_ptr<int64_t>()[i] = reinterpret_cast<int64_t>(caches[i].data_ptr());
-  return ptrs.to(caches[0].device());
+  return ptrs.to(caches[0].device(), /*non_blocking=*/true);
 }
 
 // A checked list of CUDA caches, the device made current for the call, and
