@@ -18,6 +18,7 @@ void* record_event(void* stream) {
   cudaEvent_t event = nullptr;
   if (cudaEventCreateWithFlags(&event, cudaEventDisableTiming) != cudaSuccess) return nullptr;
   if (cudaEventRecord(event, static_cast<cudaStream_t>(stream)) != cudaSuccess) {
+    (void)cudaGetLastError();  // said by returning null; not left for the next launch check
     cudaEventDestroy(event);
     return nullptr;
   }
@@ -27,8 +28,10 @@ void* record_event(void* stream) {
 int query_event(void* event) {
   cudaError_t e = cudaEventQuery(static_cast<cudaEvent_t>(event));
   if (e == cudaSuccess) return 1;
-  if (e == cudaErrorNotReady) return 0;
-  return -1;
+  // "Not ready" is also left as the thread's last error: cleared, or the
+  // next kernel launch on this thread (the forward pass) would report it.
+  (void)cudaGetLastError();
+  return e == cudaErrorNotReady ? 0 : -1;
 }
 
 void destroy_event(void* event) { cudaEventDestroy(static_cast<cudaEvent_t>(event)); }

@@ -134,8 +134,14 @@ struct CommState {
 
 class NcclWork final : public Work {
  public:
-  NcclWork(std::shared_ptr<CommState> state, at::Tensor tensor, void* stream)
-      : state_(std::move(state)), tensor_(std::move(tensor)), stream_(stream) {}
+  // enqueued: the call returned ncclSuccess, so the op is on the stream and
+  // its end can be marked now; otherwise wait() marks it once NCCL has
+  // finished enqueueing. Marked later, the event would also cover ops issued
+  // after this one on the communicator's stream.
+  NcclWork(std::shared_ptr<CommState> state, at::Tensor tensor, void* stream, bool enqueued)
+      : state_(std::move(state)), tensor_(std::move(tensor)), stream_(stream) {
+    if (enqueued) event_ = hooks().record_event(stream_);
+  }
 
   ~NcclWork() override {
     // Not seen to end (dropped unwaited, failed, timed out): the op may still
@@ -259,7 +265,7 @@ class NcclTransport final : public Transport {
     nccl::Result r = call(stream);
     if (r != nccl::kSuccess && r != nccl::kInProgress)
       throw TransportError(kind_of(r), state_->lib.error(r, state_->comm));
-    return std::make_unique<NcclWork>(state_, t, stream);
+    return std::make_unique<NcclWork>(state_, t, stream, r == nccl::kSuccess);
   }
 
   std::shared_ptr<CommState> state_;
