@@ -64,7 +64,7 @@ Lib load() {
   bind(handle, "ncclSend", l.Send);
   bind(handle, "ncclRecv", l.Recv);
   if (l.GetVersion(&l.version) != kSuccess) throw std::runtime_error("ncclGetVersion failed");
-  if (l.version < kConfigVersion)
+  if (l.version < static_cast<int>(kConfigVersion))
     throw std::runtime_error("NCCL " + std::to_string(l.version) +
                              " is too old: the NCCL backend needs 2.19 (21900) or newer");
   if (l.version < kShrinkVersion) l.CommShrink = nullptr;
