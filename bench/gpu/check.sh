@@ -7,8 +7,8 @@
 # offline tokens/s (bench throughput), then, if time is left, the failover
 # benchmark at the paper's topology (a llama-8b-shaped checkpoint, written in
 # the background while the tests run; 2 instances x 4 stages, all eight
-# workers on the one GPU), and print the tables last. Steps run in that order of importance; what the budget leaves
-# no time for is skipped and said.
+# workers on the one GPU), and print the tables last. Steps run in that order
+# of importance; what the budget leaves no time for is skipped and said.
 # Usage, from anywhere: bash bench/gpu/check.sh   (log: $OUT/check.log if OUT is set)
 # Env: PYTHON (default python3), BUDGET_S (default 540: all steps together),
 # SKIP_8B=1 to leave the paper-scale run out, SKIP_TESTS=1 for the benchmarks

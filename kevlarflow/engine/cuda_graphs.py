@@ -6,9 +6,9 @@ static buffers made once, as large as the largest size: token ids (first
 stage) or hidden states, positions, slot mapping, block tables as wide as the
 blocks of the longest context a padded step holds (max_context / block_size),
 seq lens, query start offsets and, on the last stage, the rows to compute
-logits for. The
-forward pass reads the first S rows of each: a fixed set of addresses and
-shapes per size, so that a CUDA graph captured once per size replays it.
+logits for. The forward pass reads the first S rows of each: a fixed set of
+addresses and shapes per size, so that a CUDA graph captured once per size
+replays it.
 
 Rows n..S-1 are padding: slot -1 (reshape_and_cache skips it, so they write
 no K/V) and a context of one token at position 0 of block 0 (something to
