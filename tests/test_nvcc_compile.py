@@ -67,7 +67,8 @@ def cuda_include_dir() -> Path | None:
 
 # C++ compiled only in a CUDA build (or differently there: KEVLARFLOW_WITH_CUDA).
 CUDA_ONLY_CXX = ["csrc/bindings/ops_cuda.cpp", "csrc/comm/nccl_cuda.cpp",
-                 "csrc/comm/nccl_transport.cpp", "csrc/replication/cuda_packer.cpp"]
+                 "csrc/comm/nccl_transport.cpp", "csrc/comm/nccl_work.cpp",
+                 "csrc/replication/cuda_packer.cpp"]
 
 
 @pytest.mark.parametrize("source", CUDA_ONLY_CXX)

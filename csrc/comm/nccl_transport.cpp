@@ -1,55 +1,21 @@
 #include "nccl_transport.h"
 
-#include <algorithm>
-#include <atomic>
-#include <chrono>
 #include <cstring>
-#include <mutex>
 #include <stdexcept>
-#include <thread>
-#include <vector>
 
-#include "comm_error.h"
-#include "cuda_hooks.h"
-#include "nccl_lib.h"
+#include "nccl_work.h"
 #include "reaper.h"
 
 namespace kevlarflow::comm {
 
-#ifndef KEVLARFLOW_WITH_CUDA
-const CudaHooks* cuda_hooks() { return nullptr; }
-#endif
-
 namespace {
 
-using Clock = std::chrono::steady_clock;
-
-const CudaHooks& hooks() {
-  const CudaHooks* h = cuda_hooks();
-  if (!h)
-    throw std::runtime_error("the NCCL backend is unavailable: kevlarflow was built without CUDA "
-                             "(it is built against a CPU torch)");
-  return *h;
-}
-
-ErrorKind kind_of(nccl::Result r) {
-  // A remote error or a system (socket) error is what a dead peer looks like.
-  return (r == nccl::kRemoteError || r == nccl::kSystemError) ? ErrorKind::kPeerFailure
-                                                              : ErrorKind::kError;
-}
-
-// Polls `ready` until it returns true or `deadline` passes; sleeps between
-// polls, from 20 us up to 1 ms, so a long wait costs no CPU.
-template <typename Ready>
-bool poll_until(Ready&& ready, Clock::time_point deadline) {
-  auto pause = std::chrono::microseconds(20);
-  for (;;) {
-    if (ready()) return true;
-    if (Clock::now() >= deadline) return false;
-    std::this_thread::sleep_for(pause);
-    pause = std::min(pause * 2, std::chrono::microseconds(1000));
-  }
-}
+using nccl_backend::Clock;
+using nccl_backend::CommState;
+using nccl_backend::hooks;
+using nccl_backend::kind_of;
+using nccl_backend::NcclWork;
+using nccl_backend::poll_until;
 
 nccl::DataType dtype_of(const at::Tensor& t, const char* op) {
   switch (t.scalar_type()) {
@@ -66,135 +32,6 @@ nccl::DataType dtype_of(const at::Tensor& t, const char* op) {
                                   std::string(c10::toString(t.scalar_type())) + " tensors");
   }
 }
-
-// One NCCL communicator, shared by its transport and its works. The
-// transport's destructor, which runs on the reaper thread, aborts it
-// (ncclCommAbort also stops kernels stuck on a dead peer); a work that
-// outlives the transport (an isend) then only sees it gone.
-//
-// Its ops run on a stream of its own, never on the compute stream, as in
-// torch's ProcessGroupNCCL: a send waiting for its peer then holds back
-// neither the next forward pass nor the replicator's write fence, and ops
-// of two communicators (a borrowed worker's two pipelines) cannot wait for
-// each other in one stream's order, which could deadlock two workers that
-// post them in different orders.
-struct CommState {
-  CommState(const nccl::Lib& lib, nccl::Comm comm, int device)
-      : lib(lib), comm(comm), device(device), stream(hooks().create_stream(device)) {}
-  ~CommState() {
-    abort_now();
-    // Tensors kept for unfinished ops are freed (members, after this) only
-    // once the aborted ops have left the stream.
-    if (stream) {
-      hooks().set_device(device);
-      hooks().destroy_stream(stream);
-    }
-  }
-
-  // The communicator's state, or false once it is aborted.
-  bool poll(nccl::Result* state) {
-    std::lock_guard<std::mutex> lock(mu);
-    if (!comm) return false;
-    *state = nccl::kSuccess;
-    nccl::Result r = lib.CommGetAsyncError(comm, state);
-    if (r != nccl::kSuccess) *state = r;
-    return true;
-  }
-
-  std::string error(nccl::Result r) {
-    std::lock_guard<std::mutex> lock(mu);
-    return lib.error(r, comm);
-  }
-
-  void abort_now() {
-    aborted = true;
-    std::lock_guard<std::mutex> lock(mu);
-    if (!comm) return;
-    hooks().set_device(device);
-    lib.CommAbort(comm);
-    comm = nullptr;
-  }
-
-  // A tensor an unfinished op may still use: kept until the communicator is
-  // gone and its stream drained.
-  void keep_alive(const at::Tensor& t) {
-    std::lock_guard<std::mutex> lock(keep_mu);
-    keep.push_back(t);
-  }
-
-  const nccl::Lib& lib;
-  std::mutex mu;     // guards comm against its abort
-  nccl::Comm comm;   // null once aborted
-  const int device;
-  void* const stream;  // the communicator's ops; null if it could not be made
-  std::atomic<bool> aborted{false};
-  std::mutex keep_mu;
-  std::vector<at::Tensor> keep;
-};
-
-class NcclWork final : public Work {
- public:
-  // enqueued: the call returned ncclSuccess, so the op is on the stream and
-  // its end can be marked now; otherwise wait() marks it once NCCL has
-  // finished enqueueing. Marked later, the event would also cover ops issued
-  // after this one on the communicator's stream.
-  NcclWork(std::shared_ptr<CommState> state, at::Tensor tensor, void* stream, bool enqueued)
-      : state_(std::move(state)), tensor_(std::move(tensor)), stream_(stream) {
-    if (enqueued) event_ = hooks().record_event(stream_);
-  }
-
-  ~NcclWork() override {
-    // Not seen to end (dropped unwaited, failed, timed out): the op may still
-    // read or write the tensor on the communicator's stream until the abort.
-    if (!complete_) {
-      try {
-        state_->keep_alive(tensor_);
-      } catch (...) {  // out of memory in a destructor: leak the tensor instead
-        new at::Tensor(tensor_);
-      }
-    }
-    if (event_) hooks().destroy_event(event_);
-  }
-
-  void wait(Millis timeout) override {
-    auto deadline = Clock::now() + timeout;
-    nccl::Result failure = nccl::kSuccess;
-    // The event must belong to the stream's device, whichever thread waits.
-    hooks().set_device(state_->device);
-    // First the enqueue itself (a non-blocking call may still be in
-    // progress), then the kernel, through an event recorded behind it.
-    bool done = poll_until(
-        [&] {
-          nccl::Result r;
-          if (state_->aborted || !state_->poll(&r)) return true;
-          if (r == nccl::kInProgress) return false;
-          failure = r;
-          if (r != nccl::kSuccess) return true;
-          if (!event_) event_ = hooks().record_event(stream_);
-          int q = event_ ? hooks().query_event(event_) : -1;
-          if (q < 0) failure = nccl::kUnhandledCudaError;
-          return q != 0;
-        },
-        deadline);
-    if (state_->aborted)
-      throw TransportError(ErrorKind::kAborted, "the communicator was aborted");
-    if (!done)
-      throw TransportError(ErrorKind::kTimeout,
-                           "no completion within " + std::to_string(timeout.count()) + " ms");
-    if (failure != nccl::kSuccess)
-      throw TransportError(kind_of(failure), state_->error(failure));
-    // The host saw the op end: work the caller queues on its compute stream
-    // from now on reads a received tensor whole.
-    complete_ = true;
-  }
-
- private:
-  std::shared_ptr<CommState> state_;
-  at::Tensor tensor_;
-  void* stream_;
-  void* event_ = nullptr;
-  bool complete_ = false;
-};
 
 class NcclTransport final : public Transport {
  public:

@@ -1,7 +1,8 @@
 // The NCCL transport: a non-blocking NCCL communicator whose every call
 // returns at once; init and ops are polled against the deadline, and a
 // communicator that misses it is aborted (ncclCommAbort, on the reaper
-// thread). Ops run on the current CUDA stream of the communicator's device.
+// thread). Ops run on a CUDA stream of the communicator's own, after the
+// compute stream's queued work (nccl_work.h).
 #pragma once
 #include <memory>
 #include <string>
