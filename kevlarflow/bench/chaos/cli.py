@@ -113,6 +113,7 @@ async def _drive(args, server: Server, load: Load) -> dict:
         async with session.get(server.url + "/v1/models") as r:
             model_name = (await r.json())["data"][0]["id"]
         start_usage = server.usage(0.0)
+        start_details = server.workers_in_detail()  # to compare with, should resources leak
         stop = asyncio.Event()
         poller = asyncio.create_task(poll_status(session, server.url, t0, stop, samples))
         sampler = asyncio.create_task(_sample_usage(server, t0, stop, usage))
@@ -125,6 +126,10 @@ async def _drive(args, server: Server, load: Load) -> dict:
         await asyncio.gather(*clients)
         settled = await _settle(samples, t0, SETTLE_S)
         end_usage = await _resources_back(server, start_usage, t0)
+        leftovers = None
+        if end_usage is not None and start_usage is not None and \
+                not checks.no_leaks(start_usage, end_usage)["ok"]:
+            leftovers = dict(start=start_details, end=server.workers_in_detail())
         async with session.get(server.url + "/health") as r:
             health = (r.status, await r.json())
         async with session.get(server.url + "/status") as r:
@@ -135,7 +140,8 @@ async def _drive(args, server: Server, load: Load) -> dict:
         for e in s.pop("events", []):
             events[(e["time"], e["kind"], e["worker"], e["instance"])] = e
     return dict(model_name=model_name, records=records, samples=samples, faults=faults,
-                usage=usage, start_usage=start_usage, end_usage=end_usage, health=health,
+                usage=usage, start_usage=start_usage, end_usage=end_usage,
+                leftovers=leftovers, health=health,
                 settled=settled, final=samples[-1] if samples else None,
                 events=sorted((dict(e, t_s=e["time"] - wall0) for e in events.values()),
                               key=lambda e: e["t_s"]),
@@ -245,6 +251,6 @@ def _result(args, model, load, run, stopped, expected) -> dict:
         samples=samples, settled_s=run["settled"], stats=run["stats"],
         usage=[dict(t_s=u.t_s, rss_mb=u.rss_mb, threads=u.threads, fds=u.fds)
                for u in run["usage"]],
-        records=[r.as_json() for r in records])
+        records=[r.as_json() for r in records], leftovers=run["leftovers"])
     result["summary"] = summary(result)
     return result

@@ -38,6 +38,10 @@ def summary(result: dict) -> str:
         mark = "ok  " if check["ok"] else "FAIL"
         detail = f" ({check['detail']})" if check["detail"] else ""
         lines.append(f"  {mark} {name:<11} {check['value']}{detail}")
+    if result.get("leftovers"):  # threads by name and TCP peers, idle, at the start and end
+        for when in ("start", "end"):
+            for slot, d in sorted(result["leftovers"][when].items()):
+                lines.append(f"  {when} {slot}: threads {d['threads']}; peers {d['peers']}")
     lines.append("all invariants held" if result["ok"] else "SOME INVARIANTS BROKE")
     return "\n".join(lines)
 

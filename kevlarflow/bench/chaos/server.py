@@ -80,6 +80,41 @@ class Server:
                 pass
         return Usage(t_s, rss / 2 ** 20, threads, fds, workers)
 
+    def workers_in_detail(self) -> dict:
+        """Per worker (by slot): its threads by name and the workers its TCP
+        connections reach. What a failed leak check needs to name what was
+        left over: each Gloo group holds a loop thread, two run-loop threads
+        and a connection to each peer."""
+        procs = {p.pid: p for p in self.descendants()}
+        slots, conns, owner = {}, {}, {}
+        for pid, p in procs.items():
+            try:
+                cmd = p.cmdline()
+                slots[pid] = (f"w{cmd[cmd.index('--instance') + 1]}."
+                              f"{cmd[cmd.index('--stage') + 1]}" if "--instance" in cmd
+                              else f"pid {pid}")
+                conns[pid] = [c for c in p.net_connections(kind="tcp")
+                              if c.status == psutil.CONN_ESTABLISHED and c.raddr]
+            except (psutil.Error, ValueError, IndexError):
+                continue
+            owner.update({c.laddr.port: pid for c in conns[pid]})
+        detail = {}
+        for pid, cs in conns.items():
+            threads: dict[str, int] = {}
+            try:
+                for tid in os.listdir(f"/proc/{pid}/task"):
+                    with open(f"/proc/{pid}/task/{tid}/comm") as f:
+                        name = f.read().strip()
+                    threads[name] = threads.get(name, 0) + 1
+            except OSError:
+                pass
+            peers: dict[str, int] = {}
+            for c in cs:
+                peer = slots.get(owner.get(c.raddr.port), "other")
+                peers[peer] = peers.get(peer, 0) + 1
+            detail[slots[pid]] = dict(pid=pid, threads=threads, peers=peers)
+        return detail
+
     def stop(self, grace_s: float) -> dict:
         """SIGTERM, as an orchestrator stops a server; what it took, how it
         ended, and which of its processes outlived it."""
