@@ -9,6 +9,7 @@ in order (steps.py), builds and leaves the communicators it is told to
 and exits when its controller is gone (heartbeat.py)."""
 from __future__ import annotations
 
+import faulthandler
 import functools
 import logging
 import os
@@ -287,6 +288,9 @@ def main(controller: str, keys: JoinKeys, instance: int | None, stage: int | Non
          threads: int, parent_pid: int | None, device: str | None = None) -> int:
     logging.basicConfig(level=os.environ.get("KEVLARFLOW_LOG_LEVEL", "INFO"),
                         format=f"%(asctime)s worker[{os.getpid()}] %(levelname)s %(message)s")
+    # A crash in native code (a signal, not an exception) still leaves every
+    # thread's Python stack in the worker's log.
+    faulthandler.enable()
     worker = Worker(controller, keys, instance, stage, threads, parent_pid, device=device)
     worker.run()
     return 1 if worker.refused else 0

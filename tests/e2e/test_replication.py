@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from helpers.failover import ARGS, Streams, all_home, recomputed, workload
+from helpers.failover import ARGS, Streams, all_home, recomputed, timeline, workload
 from helpers.models import tiny_model
 from kevlarflow import LLM
 
@@ -65,8 +65,9 @@ def test_a_failure_recomputes_at_most_a_block_per_request(expected, stage, kind)
         assert not any(s.num_preemptions for s in seqs)
         for seq in seqs:
             computed, kept = moves.get(seq.request_id, (0, 0))
-            assert recomputed(seq) == computed - kept, (seq.request_id, computed, kept)
-            assert recomputed(seq) <= ARGS["block_size"], (seq.request_id, computed, kept)
+            why = f"{seq.request_id}: ran {recomputed(seq)} again, moved {computed} kept {kept}\n"
+            assert recomputed(seq) == computed - kept, why + timeline(engine)
+            assert recomputed(seq) <= ARGS["block_size"], why + timeline(engine)
         moved = [s for s in victims if s.request_id in moves]  # some may end first
         assert moved and all(moves[s.request_id][1] > 0 for s in moved)
 
@@ -221,16 +222,17 @@ def test_requests_move_back_without_losing_their_kv(expected):
         streams.until(lambda: engine.events.of("rejoined"), "the rejoin")
         moved_back = {rid: move for rid, move in engine.recovery.stats.moves.items()
                       if moved_at_failure.get(rid) != move}
-        assert moved_back, "no request left to move"
+        assert moved_back, "no request left to move\n" + timeline(engine)
         for computed, kept in moved_back.values():
-            assert kept == computed, (computed, kept)
+            assert kept == computed, ((computed, kept), timeline(engine))
         rejoined = engine.events.of("rejoined")[0]
-        assert rejoined.detail.endswith("recompute 0"), rejoined.detail
+        assert rejoined.detail.endswith("recompute 0"), timeline(engine)
         streams.finish()
         # What they ran again is the failure's recompute, nothing for the move.
         for seq in seqs:
             computed, kept = moved_at_failure.get(seq.request_id, (0, 0))
-            assert recomputed(seq) == computed - kept, seq.request_id
+            assert recomputed(seq) == computed - kept, \
+                f"{seq.request_id}: {recomputed(seq)} != {computed} - {kept}\n{timeline(engine)}"
         with LLM(tiny_model(), **{k: v for k, v in ARGS.items() if k != "hang_timeout_s"}) as ref:
             want = [o.token_ids for o in ref.generate(prompts, params)]
         assert streams.tokens(seqs) == want

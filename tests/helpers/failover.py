@@ -65,6 +65,14 @@ def recomputed(seq) -> int:
     return seq.tokens_run - (len(seq.prompt_token_ids) + len(seq.output_token_ids) - 1)
 
 
+def timeline(engine) -> str:
+    """The deployment's recovery events, one a line: what an assertion about
+    a failover shows, so that a failure says what recovery did."""
+    start = engine.events.events[0].time if engine.events.events else 0.0
+    return "\n".join(f"{e.time - start:8.3f} {e.kind} {e.worker or ''} {e.instance} {e.detail}"
+                     for e in list(engine.events.events))
+
+
 def all_home(engine) -> bool:
     """Every instance serves, on its own workers."""
     return all(i.serving and i.workers == i.home for i in engine.instances)
