@@ -1,4 +1,5 @@
-"""The OpenAI-compatible app: build_app(engine) -> a FastAPI application.
+"""The OpenAI-compatible app: build_app(engine) -> a FastAPI application
+(answers.py turns a request's outputs into its answer).
 
 Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models,
 GET /health, GET /status, GET /metrics, and POST /v1/fault when fault
@@ -16,9 +17,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from kevlarflow.server import errors
 from kevlarflow.server.chat import chat_prompt
 from kevlarflow.server.errors import APIError
-from kevlarflow.server.generation import (ENGINE_FAILED, Choices, TokenText, api_error_of,
-                                          chat_logprobs, completion_logprobs, merged, new_id,
-                                          now, sse, usage)
+from kevlarflow.server.answers import Answer
+from kevlarflow.server.generation import TokenText, api_error_of, merged, new_id, now
 from kevlarflow.server.guard import Guard
 from kevlarflow.server.metrics import ServerMetrics
 from kevlarflow.server.protocol import (ChatCompletionRequest, CompletionRequest, FaultRequest)
@@ -107,7 +107,6 @@ def build_app(engine, model_name: str, *, api_key: str | None = None,
         request_id = new_id("chatcmpl" if chat else "cmpl")
         created = now()
         outputs = merged(engine, prompt_ids, params, request_id)
-        choices = Choices(req.n)
         metrics.in_progress.inc()
         try:
             first = await outputs.__anext__()
@@ -120,6 +119,9 @@ def build_app(engine, model_name: str, *, api_key: str | None = None,
                 raise api_error_of(error) from error
             raise
         metrics.prompt_tokens.inc(len(prompt_ids))
+        answer = Answer(req, chat, request_id, created, model_name, len(prompt_ids), first,
+                        outputs, token_text, metrics.finished,
+                        lambda outcome: count(path, outcome))
         if req.stream:
             cleaned = []
 
@@ -130,17 +132,12 @@ def build_app(engine, model_name: str, *, api_key: str | None = None,
                     metrics.in_progress.dec()
                     await outputs.aclose()
 
-            return EventStream(stream(path, req, chat, request_id, created, len(prompt_ids),
-                                      first, outputs, choices, cleanup), cleanup)
+            return EventStream(answer.chunks(cleanup), cleanup)
         try:
-            return await until_disconnected(request, path, complete(
-                path, req, chat, request_id, created, len(prompt_ids), first, outputs, choices))
+            return await until_disconnected(request, path, answer.body())
         finally:
             metrics.in_progress.dec()
             await outputs.aclose()
-
-    def finished(out) -> None:
-        metrics.finished(out)
 
     async def until_disconnected(request: Request, path: str, work):
         """Run work (a non-streaming answer); if the client leaves first, cancel
@@ -157,116 +154,6 @@ def build_app(engine, model_name: str, *, api_key: str | None = None,
                     await task
                 count(path, "aborted")
                 return Response(status_code=499)  # nobody reads it
-
-    async def complete(path, req, chat, request_id, created, prompt_tokens, first, outputs,
-                       choices):
-        items = [first] if first is not None else []
-        try:
-            while True:
-                if items:
-                    index, out = items.pop()
-                else:
-                    index, out = await outputs.__anext__()
-                choices.last[index] = out
-                if out.finished:
-                    finished(out)
-        except StopAsyncIteration:
-            pass
-        except Exception as error:
-            count(path, "error")
-            raise api_error_of(error) from error
-        if any(o is None or o.finish_reason == "error" for o in choices.last):
-            count(path, "error")
-            raise APIError(503, ENGINE_FAILED, code="engine_error")
-        body_choices = []
-        for i, out in enumerate(choices.last):
-            if chat:
-                choice = {"index": i, "message": {"role": "assistant", "content": out.text},
-                          "logprobs": chat_logprobs(out.logprobs, token_text)
-                          if out.logprobs is not None else None,
-                          "finish_reason": out.finish_reason}
-            else:
-                choice = {"index": i, "text": out.text,
-                          "logprobs": completion_logprobs(out.logprobs, token_text)
-                          if out.logprobs is not None else None,
-                          "finish_reason": out.finish_reason}
-            if req.return_token_ids:
-                choice["token_ids"] = list(out.token_ids)
-            body_choices.append(choice)
-        count(path, "ok")
-        return {"id": request_id, "object": "chat.completion" if chat else "text_completion",
-                "created": created, "model": model_name, "choices": body_choices,
-                "usage": usage(prompt_tokens, choices.completion_tokens())}
-
-    async def stream(path, req, chat, request_id, created, prompt_tokens, first, outputs,
-                     choices, cleanup):
-        base = {"id": request_id, "object": "chat.completion.chunk" if chat else "text_completion",
-                "created": created, "model": model_name}
-        with_usage = req.include_usage
-
-        def chunk(choice: dict) -> str:
-            body = dict(base, choices=[choice])
-            if with_usage:
-                body["usage"] = None
-            return sse(body)
-
-        def delta(index: int, out) -> str | None:
-            lps = None
-            if out.logprobs is not None:
-                new = out.logprobs[choices.logprobs_sent[index]:]
-                choices.logprobs_sent[index] = len(out.logprobs)
-                if new:
-                    lps = chat_logprobs(new, token_text) if chat else \
-                        completion_logprobs(new, token_text)
-            reason = out.finish_reason if out.finished else None
-            ids = req.return_token_ids and out.new_token_ids
-            if not (out.new_text or reason or lps or ids):
-                return None
-            if chat:
-                d = {"content": out.new_text} if out.new_text else {}
-                choice = {"index": index, "delta": d, "logprobs": lps, "finish_reason": reason}
-            else:
-                choice = {"index": index, "text": out.new_text, "logprobs": lps,
-                          "finish_reason": reason}
-            if req.return_token_ids:
-                choice["token_ids"] = list(out.new_token_ids)
-            return chunk(choice)
-
-        outcome = "aborted"
-        try:
-            if chat:
-                for i in range(req.n):
-                    yield chunk({"index": i, "delta": {"role": "assistant", "content": ""},
-                                 "logprobs": None, "finish_reason": None})
-            pending = [first] if first is not None else []
-            while True:
-                if pending:
-                    index, out = pending.pop()
-                else:
-                    try:
-                        index, out = await outputs.__anext__()
-                    except StopAsyncIteration:
-                        break
-                choices.last[index] = out
-                if out.finished:
-                    finished(out)
-                    if out.finish_reason == "error":
-                        raise APIError(503, ENGINE_FAILED, code="engine_error")
-                text = delta(index, out)
-                if text is not None:
-                    yield text
-            if with_usage:
-                yield sse(dict(base, choices=[], usage=usage(prompt_tokens,
-                                                              choices.completion_tokens())))
-            outcome = "ok"
-            yield "data: [DONE]\n\n"
-        except Exception as error:  # noqa: BLE001 (told to the client in the stream)
-            outcome = "error"
-            e = api_error_of(error)
-            yield sse(errors.error_body(e.status, e.message, e.param, e.code, e.type))
-            yield "data: [DONE]\n\n"
-        finally:
-            await cleanup(outcome)
 
     @app.post("/v1/completions")
     async def completions(request: Request):

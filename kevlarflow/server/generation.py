@@ -1,5 +1,5 @@
-"""Runs the n choices of one API request on the engine and turns their
-outputs into OpenAI response bodies and stream chunks."""
+"""Runs the n choices of one API request on the engine, and the pieces of
+its OpenAI answer (answers.py puts them together)."""
 from __future__ import annotations
 
 import asyncio
