@@ -12,6 +12,7 @@ import torch
 
 from kevlarflow.bench.failover import metrics as m
 from kevlarflow.bench.failover.runner import Failure
+from kevlarflow.cli import main as kevlarflow_cli
 from kevlarflow.bench.trace import MAX_FACTOR, MIN_TOKENS, sharegpt_file, sharegpt_like, summary
 from helpers.models import tiny_model
 
@@ -384,25 +385,37 @@ def test_each_replacement_delay_is_a_setting_of_its_own(tmp_path):
     assert "new-node-2s:" in proc.stdout and "same-machine:" in proc.stdout
 
 
-def test_benchmark_refuses_bad_options(tmp_path):
+def _refused(argv: list[str], capsys) -> str:
+    """Runs `kevlarflow *argv` in this process; it must exit with status 2
+    (a usage error). Returns what it printed on stderr."""
+    with pytest.raises(SystemExit) as exited:
+        kevlarflow_cli(argv)
+    err = capsys.readouterr().err
+    assert exited.value.code == 2, (argv, err)
+    return err
+
+
+def test_benchmark_refuses_bad_options(tmp_path, monkeypatch, capsys):
+    # In this process, through the command line's own parsing and dispatch:
+    # each refusal comes before anything starts, and a process per option
+    # would only add an import of torch each time.
+    monkeypatch.chdir(tmp_path)
     for bad in (["--modes", "kevlarflow,nope"], ["--fail", "3:5:0"], ["--fail", "x"],
                 ["--rate", "-1"], ["--repeats", "0"], ["--conditions", "sometimes"],
                 ["--preset", "huge"], ["--duration", "0"], ["--sharegpt", "missing.json"],
                 ["--replication-interval", "-1"], ["--replacement-delay", "-2"],
                 ["--replacement-delay", "0,0"], ["--replacement-delay", "x"], ["--rounds", "0"],
                 ["--requests", "0"]):
-        proc = subprocess.run([sys.executable, "-m", "kevlarflow", "bench", "failover",
-                               "--model", tiny_model(), *bad], capture_output=True, text=True,
-                              timeout=60, cwd=tmp_path)
-        assert proc.returncode == 2, (bad, proc.stderr)
-        assert "error:" in proc.stderr, bad
-    proc = subprocess.run([sys.executable, "-m", "kevlarflow", "bench", "failover",
-                           "--model", str(tmp_path)], capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 2 and "config.json" in proc.stderr
+        err = _refused(["bench", "failover", "--model", tiny_model(), *bad], capsys)
+        assert "error:" in err, bad
+    err = _refused(["bench", "failover", "--model", str(tmp_path)], capsys)
+    assert "config.json" in err
     if torch.version.cuda is None:  # GPUs asked for where there are none
         for bench in ("failover", "throughput"):
-            proc = subprocess.run([sys.executable, "-m", "kevlarflow", "bench", bench,
-                                   "--model", tiny_model(), "--device", "cuda"],
-                                  capture_output=True, text=True, timeout=60, cwd=tmp_path)
-            assert proc.returncode == 2 and "needs a CUDA build of torch" in proc.stderr, \
-                (bench, proc.stderr)
+            err = _refused(["bench", bench, "--model", tiny_model(), "--device", "cuda"], capsys)
+            assert "needs a CUDA build of torch" in err, (bench, err)
+    # And once as a process: the status a script sees.
+    proc = subprocess.run([sys.executable, "-m", "kevlarflow", "bench", "failover",
+                           "--model", tiny_model(), "--rate", "-1"], capture_output=True,
+                          text=True, timeout=60, cwd=tmp_path)
+    assert proc.returncode == 2 and "error: --rate" in proc.stderr, proc.stderr
