@@ -424,6 +424,30 @@ def test_a_rejoin_catches_up_drains_and_moves_without_recompute(d):
     assert all(s.num_computed_tokens == 8 for s in seqs)
 
 
+def test_with_three_instances_the_borrowed_worker_replicates_to_the_replacement():
+    """With three instances, the worker instance 0 borrows (w1.1) replicates
+    to w2.1 in instance order, not to instance 0's replacement: the
+    replacement joins the ring right after w1.1, so that the move back still
+    finds every request's KV there. The ring keeps that order afterwards."""
+    d = Deployment(num_instances=3)
+    d.start()
+    assert d.replication.ring() == {"w0.1": "w1.1", "w1.1": "w2.1", "w2.1": "w0.1",
+                                    "w0.0": "w1.0", "w1.0": "w2.0", "w2.0": "w0.0"}
+    inst, seqs = _borrowing(d)
+    assert inst.workers == ["w0.0", "w1.1"]
+    assert d.replication.ring()["w1.1"] == "w0.1" and d.replication.ring()["w0.1"] == "w2.1"
+    assert d.phase(0) is Phase.CATCHING_UP
+    d.step(0)
+    d.recovery.tick()
+    assert d.phase(0) is Phase.DRAINING
+    d.recovery.tick()
+    assert d.phase(0) is Phase.BUILDING and inst.workers == inst.home
+    assert d.events.of("rejoined")[-1].detail == "2 requests keep 16 tokens of KV, recompute 0"
+    assert all(s.num_computed_tokens == 8 for s in seqs)
+    assert d.replication.ring() == {"w1.1": "w0.1", "w0.1": "w2.1", "w2.1": "w1.1",
+                                    "w0.0": "w1.0", "w1.0": "w2.0", "w2.0": "w0.0"}
+
+
 def test_a_drain_has_the_last_replicas_sent_once_its_steps_are_back(d):
     """What the drain waits for is the KV of the steps it let finish: the
     borrowed worker sends it as soon as the last of them is back, not at

@@ -18,6 +18,17 @@ class MoveBack:
     def __init__(self, replication, config):
         self.replication, self.config = replication, config
 
+    def prepare(self, instances, record) -> None:
+        """The worker of record is ready while its instance borrows another
+        at its stage: that one replicates to it from now on, so that the
+        instance's KV is there when it moves back. Not when a second
+        instance borrows the same worker: the ring has room for one."""
+        inst, s = instances[record.instance], record.stage
+        lender = inst.workers[s]
+        borrowers = [o for o in instances if o.workers[s] == lender and o.home[s] != lender]
+        if lender != record.name and borrowers == [inst]:
+            self.replication.place_after(record.name, lender)
+
     def copy_time(self, inst) -> float:
         """A bound on copying inst's KV at its borrowed stages to its own
         workers: its size at a conservative rate, plus replication's pace."""

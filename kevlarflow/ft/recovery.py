@@ -66,6 +66,7 @@ class Recovery:
         if self.replacements.ready(name):
             self.d.events.record("replacement_loaded", worker=name,
                                  instance=self.d.workers[name].instance)
+        self.move_back.prepare(self.d.instances, self.d.workers[name])
         self.d.replication.reform()
         for inst in self.d.instances:
             phase = self.phase(inst)

@@ -2,8 +2,13 @@
 blocks each backup lends to its link, and the watermarks.
 
 Each live home worker of stage s replicates to the next live home worker of
-stage s in instance order (a ring): the worker that the router borrows when
-the source fails. The ring is re-formed after every change of membership.
+stage s in a ring: the worker that the router borrows when the source fails.
+The ring is in instance order at first. A replacement joins it right after
+the worker its instance borrows, so that the borrowed worker's replicas of
+the instance's requests are on the replacement when the instance moves back
+(with three or more instances, the borrowed worker's next in instance order
+is another worker); the ring keeps that order afterwards. It is re-formed
+after every change of membership.
 
 Every worker's pool lends a fixed number of its blocks (the replica pool) to
 the link it receives on; the controller allocates them per sequence, block
@@ -49,6 +54,8 @@ class Replication:
         self._send, self._call_off, self._next_generation = send, call_off, next_generation
         self.enabled = any(replica_blocks)
         self.links: dict[str, ReplicaLink] = {}  # by source
+        # Each stage's workers (slots) in ring order; the ring is over the ready ones.
+        self.order = [[r.name for r in workers if r.stage == s] for s in range(len(replica_blocks))]
         self.reserve: dict[str, list[int]] = {}  # worker -> its blocks kept for replicas
         self.bytes_replicated = 0
         # The latest running totals of each worker process's replication, as
@@ -62,10 +69,10 @@ class Replication:
         self.reserve[worker] = pool.lend(self.replica_blocks[self.workers[worker].stage])
 
     def ring(self) -> dict[str, str]:
-        """source -> backup over the ready workers of each stage, in instance order."""
+        """source -> backup over the ready workers of each stage, in ring order."""
         ring = {}
-        for s in range(len(self.replica_blocks)):
-            live = [r.name for r in self.workers if r.stage == s and r.ready]
+        for order in self.order:
+            live = [w for w in order if self.workers.ready(w)]
             if len(live) >= 2:
                 ring.update({w: live[(k + 1) % len(live)] for k, w in enumerate(live)})
         return ring
@@ -80,6 +87,13 @@ class Replication:
         for source, backup in ring.items():
             if source not in self.links:
                 self._open(source, backup)
+
+    def place_after(self, worker: str, lender: str) -> None:
+        """worker's instance runs on lender at worker's stage: lender's
+        replicas go to worker from the next reform on."""
+        order = self.order[self.workers[worker].stage]
+        order.remove(worker)
+        order.insert(order.index(lender) + 1, worker)
 
     def _open(self, source: str, backup: str) -> None:
         want = self.replica_blocks[self.workers[backup].stage]

@@ -198,10 +198,12 @@ def test_replication_survives_a_rejoin(expected):
                 assert kept >= durable and recomputed(seq) == computed - kept, seq.request_id
 
 
-def test_requests_move_back_without_losing_their_kv(expected):
+@pytest.mark.parametrize("instances,pp", [(2, 2), (3, 1)])
+def test_requests_move_back_without_losing_their_kv(expected, instances, pp):
     """At the rejoin, requests still running move back to the replacement
     through the replication link, once all their KV is there: they keep
-    every token of it, and run none again."""
+    every token of it, and run none again. With three instances too, where
+    the borrowed worker's next in instance order is another worker."""
     prompts, params = workload()
     for p in params:
         # Still running when the replacement joins. (Past about 120 tokens a
@@ -210,11 +212,12 @@ def test_requests_move_back_without_losing_their_kv(expected):
         p.max_tokens = 120
     prompts, params = prompts[:4], params[:4]
     # A transfer after every step: the lag is then a token or two.
-    with LLM(tiny_model(), num_instances=2, pp_size=2, **dict(ARGS, replication_interval_s=0)) as llm:
+    with LLM(tiny_model(), num_instances=instances, pp_size=pp,
+             **dict(ARGS, replication_interval_s=0)) as llm:
         engine = llm.engine
         streams = Streams(engine)
         seqs = _start(streams, prompts, params)
-        engine.inject_fault(0, 1, "kill")
+        engine.inject_fault(0, pp - 1, "kill")
         moved_at_failure = _moves_at_reroute(streams)
         # Not stepping meanwhile, so that the requests are still running when
         # the replacement (started already) registers, loads and joins.
