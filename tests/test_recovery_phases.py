@@ -448,6 +448,39 @@ def test_with_three_instances_the_borrowed_worker_replicates_to_the_replacement(
                                     "w0.0": "w1.0", "w1.0": "w2.0", "w2.0": "w0.0"}
 
 
+def test_two_instances_borrowing_one_worker_move_back_one_through_its_replicas():
+    """Instances 0 and 2 both run on w1.1. Instance 0's replacement joins
+    first and catches up through w1.1's replicas; instance 2's, joining
+    meanwhile, does not take that link away (a worker has one backup): it
+    moves back recomputing, and says why."""
+    d = Deployment(num_instances=3)
+    d.start()
+    inst0, inst2 = d.instances[0], d.instances[2]
+    seqs = [d.add(0), d.add(2)]
+    d.step(0), d.step(2)
+    d.lose("w0.1")
+    d.connect(inst0)
+    d.lose("w2.1")
+    d.connect(inst2)
+    assert inst0.workers == ["w0.0", "w1.1"] and inst2.workers == ["w2.0", "w1.1"]
+    d.step(0), d.step(2)
+    d.ready("w0.1")
+    d.links_up()
+    assert d.phase(0) is Phase.CATCHING_UP and d.replication.ring()["w1.1"] == "w0.1"
+    d.ready("w2.1")
+    d.links_up()
+    assert d.replication.ring()["w1.1"] == "w0.1"
+    assert d.phase(0) is Phase.CATCHING_UP
+    assert d.phase(2) is Phase.BUILDING and inst2.workers == inst2.home
+    assert d.events.of("rejoined")[-1].detail.endswith("no replication link to its own worker")
+    d.step(0)
+    d.recovery.tick()
+    d.recovery.tick()
+    assert d.phase(0) is Phase.BUILDING and inst0.workers == inst0.home
+    assert d.events.of("rejoined")[-1].detail.endswith("recompute 0")
+    assert seqs[0].num_computed_tokens == 8
+
+
 def test_a_drain_has_the_last_replicas_sent_once_its_steps_are_back(d):
     """What the drain waits for is the KV of the steps it let finish: the
     borrowed worker sends it as soon as the last of them is back, not at

@@ -21,13 +21,18 @@ class MoveBack:
     def prepare(self, instances, record) -> None:
         """The worker of record is ready while its instance borrows another
         at its stage: that one replicates to it from now on, so that the
-        instance's KV is there when it moves back. Not when a second
-        instance borrows the same worker: the ring has room for one."""
-        inst, s = instances[record.instance], record.stage
-        lender = inst.workers[s]
-        borrowers = [o for o in instances if o.workers[s] == lender and o.home[s] != lender]
-        if lender != record.name and borrowers == [inst]:
-            self.replication.place_after(record.name, lender)
+        instance's KV is there when it moves back. Unless the lender already
+        replicates to the worker of another instance that borrows it and
+        moves back through it: a worker has one backup."""
+        s = record.stage
+        lender = instances[record.instance].workers[s]
+        if lender == record.name:
+            return
+        backup = self.replication.ring().get(lender)
+        if backup != record.name and any(o.home[s] == backup and o.workers[s] == lender
+                                         for o in instances):
+            return
+        self.replication.place_after(record.name, lender)
 
     def copy_time(self, inst) -> float:
         """A bound on copying inst's KV at its borrowed stages to its own
