@@ -21,6 +21,7 @@ from __future__ import annotations
 import datetime
 import logging
 import threading
+import traceback
 from typing import Callable
 
 import torch
@@ -85,6 +86,22 @@ def _build_error(group: str, generation: int, members: list[str], cause: Excepti
     return error
 
 
+def _without_locals(error: BaseException) -> BaseException:
+    """error, its traceback kept but cleared of the locals of the frames it
+    went through (down its causes). A failed build's error is kept for
+    whoever reports it, and its traceback reaches back to this build
+    through a reference cycle, which only a garbage collection breaks: the
+    store client and process group in those frames would hold a connection
+    to the deployment's store, and gloo's threads, until then."""
+    seen = set()
+    e: BaseException | None = error
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        traceback.clear_frames(e.__traceback__)
+        e = e.__cause__ or e.__context__
+    return error
+
+
 class Build:
     """One generation of a group being connected on a thread of its own.
 
@@ -109,7 +126,7 @@ class Build:
             self._manager._connect(self.group, self.members, self.generation, self._rank,
                                    self._deadline_s, self.backend, self.device)
         except CommError as error:
-            self.error = error
+            self.error = _without_locals(error)
         finally:
             self._done.set()
             if self._on_done is not None:

@@ -5,9 +5,11 @@ mix, and the argument checks."""
 from __future__ import annotations
 
 import datetime
+import gc
 import signal
 import time
 
+import psutil
 import pytest
 import torch
 import torch.distributed as dist
@@ -176,6 +178,37 @@ def test_build_with_a_missing_member_times_out(store):
     assert mgr.rebuild("g", ["a"]) == 1
     mgr.allreduce("g", torch.ones(1))
     mgr.close()
+
+
+def test_failed_builds_keep_no_store_connection_open(store):
+    """Each build waits on a store client of its own. One that fails keeps
+    its error, for whoever reports it, but not that client: a worker whose
+    builds keep being called off (faults in a burst) must not pile up
+    connections to the controller's store until a garbage collection runs."""
+    def client():
+        return dist.TCPStore("127.0.0.1", store.port, is_master=False,
+                             timeout=datetime.timedelta(seconds=30))
+
+    def connections():
+        return sum(1 for c in psutil.Process().net_connections("tcp")
+                   if c.raddr and c.raddr.port == store.port and c.status == "ESTABLISHED")
+
+    mgr = CommManager(client(), "a", deadline_s=20.0, connect_store=client)
+    gc.disable()
+    try:
+        before = connections()
+        builds = []
+        for generation in range(4):
+            build = mgr.start_build("g", ["a", "b"], generation)  # b never comes
+            build.cancel("called off")
+            with pytest.raises(CommAborted, match="called off"):
+                build.wait(10)
+            builds.append(build)
+        # One more: the client that calls builds off, kept for the next one.
+        assert connections() == before + 1
+    finally:
+        gc.enable()
+        mgr.close()
 
 
 def test_closed_manager_refuses_everything(solo):
