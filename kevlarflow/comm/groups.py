@@ -15,7 +15,8 @@ import threading
 from collections import deque
 from typing import Callable
 
-from kevlarflow.comm.manager import Build, CommManager
+from kevlarflow.comm.build import Build
+from kevlarflow.comm.manager import CommManager
 
 
 class WorkerGroups:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import datetime
 import logging
 import threading
-import traceback
 from typing import Callable
 
 import torch
@@ -29,6 +28,7 @@ import torch.distributed as dist
 
 from kevlarflow import _comm
 from kevlarflow.comm import rendezvous
+from kevlarflow.comm.build import Build
 
 CommError = _comm.CommError          # base; .group .generation .op .peer
 CommTimeout = _comm.CommTimeout      # the deadline passed (a hung peer)
@@ -84,75 +84,6 @@ def _build_error(group: str, generation: int, members: list[str], cause: Excepti
     error.group, error.generation, error.op = group, generation, "build"
     error.peer = "all of " + str(members)
     return error
-
-
-def _without_locals(error: BaseException) -> BaseException:
-    """error, its traceback kept but cleared of the locals of the frames it
-    went through (down its causes). A failed build's error is kept for
-    whoever reports it, and its traceback reaches back to this build
-    through a reference cycle, which only a garbage collection breaks: the
-    store client and process group in those frames would hold a connection
-    to the deployment's store, and gloo's threads, until then."""
-    seen = set()
-    e: BaseException | None = error
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        traceback.clear_frames(e.__traceback__)
-        e = e.__cause__ or e.__context__
-    return error
-
-
-class Build:
-    """One generation of a group being connected on a thread of its own.
-
-    on_done(build) is called on that thread once it ends, however it ends:
-    then `error` is None (connected and installed) or the CommError."""
-
-    def __init__(self, manager: "CommManager", group: str, members: list[str], generation: int,
-                 rank: int, deadline_s: float, on_done: Callable[["Build"], None] | None,
-                 backend: str, device: int | None):
-        self.group, self.members, self.generation = group, members, generation
-        self.backend, self.device = backend, device
-        self.error: CommError | None = None
-        self._manager, self._rank, self._deadline_s = manager, rank, deadline_s
-        self._on_done = on_done
-        self._done = threading.Event()
-        self._cancelled = False
-        self._thread = threading.Thread(target=self._run, name=f"kevlarflow-build-{group}",
-                                        daemon=True)
-
-    def _run(self) -> None:
-        try:
-            self._manager._connect(self.group, self.members, self.generation, self._rank,
-                                   self._deadline_s, self.backend, self.device)
-        except CommError as error:
-            self.error = _without_locals(error)
-        finally:
-            self._done.set()
-            if self._on_done is not None:
-                self._on_done(self)
-
-    def done(self) -> bool:
-        return self._done.is_set()
-
-    @property
-    def cancelled(self) -> bool:
-        return self._cancelled
-
-    def cancel(self, reason: str) -> None:
-        """Give up on this generation here and call it off for every member;
-        never blocks on a peer. Ops of the group fail as aborted after it."""
-        if self._cancelled or self._done.is_set():
-            return
-        self._cancelled = True
-        self._manager._call_off(self.group, self.generation, len(self.members), reason)
-
-    def wait(self, timeout_s: float | None = None) -> None:
-        """Until the build ends; raises its CommError if it failed."""
-        if not self._done.wait(timeout_s):
-            raise TimeoutError(f"build of {self.group!r} generation {self.generation} still running")
-        if self.error is not None:
-            raise self.error
 
 
 class CommManager:
@@ -216,9 +147,14 @@ class CommManager:
         backend = _check_backend(backend or self._backend)
         rank = self._core.begin_generation(group, members, int(generation))
         self._backends[group] = backend
-        build = Build(self, group, members, int(generation), rank, deadline_s, on_done, backend,
-                      self._device_for(backend))
-        build._thread.start()
+        generation, device = int(generation), self._device_for(backend)
+        build = Build(group, members, generation, backend,
+                      connect=lambda: self._connect(group, members, generation, rank, deadline_s,
+                                                    backend, device),
+                      call_off=lambda reason: self._call_off(group, generation, len(members),
+                                                             reason),
+                      on_done=on_done)
+        build.start()
         return build
 
     def abort(self, group: str, generation: int | None = None) -> None:
