@@ -119,9 +119,10 @@ def build_app(engine, model_name: str, *, api_key: str | None = None,
                 raise api_error_of(error) from error
             raise
         metrics.prompt_tokens.inc(len(prompt_ids))
-        answer = Answer(req, chat, request_id, created, model_name, len(prompt_ids), first,
-                        outputs, token_text, metrics.finished,
-                        lambda outcome: count(path, outcome))
+        answer = Answer(req=req, chat=chat, request_id=request_id, created=created,
+                        model_name=model_name, prompt_tokens=len(prompt_ids), first=first,
+                        outputs=outputs, token_text=token_text, finished=metrics.finished,
+                        count=lambda outcome: count(path, outcome))
         if req.stream:
             cleaned = []
 

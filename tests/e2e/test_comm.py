@@ -197,7 +197,7 @@ def test_failed_builds_keep_no_store_connection_open(store):
     gc.disable()
     try:
         before = connections()
-        builds = []
+        builds = []  # kept, errors and all, as a worker keeps a build until it reports it
         for generation in range(4):
             build = mgr.start_build("g", ["a", "b"], generation)  # b never comes
             build.cancel("called off")

@@ -12,8 +12,8 @@ import torch
 
 from kevlarflow.bench.failover import metrics as m
 from kevlarflow.bench.failover.runner import Failure
-from kevlarflow.cli import main as kevlarflow_cli
 from kevlarflow.bench.trace import MAX_FACTOR, MIN_TOKENS, sharegpt_file, sharegpt_like, summary
+from kevlarflow.cli import main as kevlarflow_cli
 from helpers.models import tiny_model
 
 
