@@ -1,13 +1,24 @@
 """Tiny checkpoints written once per test session, shared by the engine tests."""
 from __future__ import annotations
 
+import atexit
 import functools
+import os
+import shutil
 import tempfile
 from pathlib import Path
 
 from kevlarflow.model.make_model import make_model
 
 _ROOT = Path(tempfile.mkdtemp(prefix="kevlarflow-models-"))
+_OWNER = os.getpid()
+
+
+@atexit.register
+def _remove_root() -> None:
+    # Only by the process that made it: a forked child inherits this handler.
+    if os.getpid() == _OWNER:
+        shutil.rmtree(_ROOT, ignore_errors=True)
 
 
 @functools.cache
