@@ -176,6 +176,10 @@ def _add_serve(subparsers) -> None:
     parser.add_argument("--replacement-delay", type=float, default=0.0, metavar="S",
                         help="seconds before a failed worker's replacement can start (a cluster "
                              "provisioning a node; default 0: at once, on this machine)")
+    parser.add_argument("--outage-timeout", type=float, default=30.0, metavar="S",
+                        help="while some stage has no live worker, requests wait this long for "
+                             "one (then recompute), before they fail and new ones get a 503; "
+                             "0: fail at once")
     parser.add_argument("--join-token", default=None,
                         help="what workers prove to join (default: $KEVLARFLOW_JOIN_TOKEN, else "
                              "a new random one handed to the workers it starts)")
@@ -206,10 +210,15 @@ def _add_serve(subparsers) -> None:
             config = DeploymentConfig(num_instances=args.instances, pp_size=args.pp,
                                       hang_timeout_s=args.hang_timeout, recovery=args.recovery,
                                       replacement_delay_s=args.replacement_delay,
+                                      outage_timeout_s=args.outage_timeout,
                                       join_token=args.join_token or os.environ.get(TOKEN_ENV),
                                       transport=args.transport, **common)
         else:
             config = EngineConfig(**common)
+        try:
+            config.validate()
+        except ValueError as error:
+            parser.error(str(error))
         engine = AsyncEngine(args.model, config)
         api_key = args.api_key if args.api_key is not None else os.environ.get("KEVLARFLOW_API_KEY")
         app = build_app(engine, args.served_model_name or args.model, api_key=api_key,

@@ -36,11 +36,12 @@ class Deployment:
     """What the controller is to recovery, with its actions recorded."""
 
     def __init__(self, num_instances=2, pp_size=2, recovery="kevlarflow", replica_blocks=32,
-                 replacement_delay_s=0.0):
+                 replacement_delay_s=0.0, outage_timeout_s=30.0):
         self.config = DeploymentConfig(num_instances=num_instances, pp_size=pp_size,
                                        recovery=recovery, block_size=BLOCK, hang_timeout_s=1.0,
                                        comm_deadline_s=5.0, replication_interval_s=0.0,
-                                       replacement_delay_s=replacement_delay_s)
+                                       replacement_delay_s=replacement_delay_s,
+                                       outage_timeout_s=outage_timeout_s)
         self.workers = WorkerTable(num_instances, pp_size)
         self.events = EventLog()
         self.sent, self.called_off, self.spawned, self.failed = [], [], [], []
@@ -380,18 +381,73 @@ def test_the_lender_holds_back_for_a_bounded_time_only(d):
     assert not d.recovery.yields(lender)
 
 
-def test_both_workers_of_a_stage_lost_fails_requests_until_one_joins(d):
+def _lose_stage_1(d):
+    """A request with KV in instance 0; then both stage-1 workers die, the
+    borrowed one while instance 0's rebuild is under way."""
     seq = d.add(0)
     d.step(0)
     d.lose("w0.1")
     assert d.phase(0) is Phase.BUILDING
-    d.lose("w1.1")  # the borrowed worker, while the rebuild is under way
+    d.lose("w1.1")
     assert d.phase(0) is Phase.DOWN and d.phase(1) is Phase.DOWN
-    assert d.failed == [seq.request_id] and not d.instances[0].accepting
-    assert "requests_failed" not in d.kinds()  # the controller records it, not this fake
+    return seq
+
+
+def test_both_workers_of_a_stage_lost_hold_requests_until_one_joins(d):
+    seq = _lose_stage_1(d)
+    # Stage 1's KV is gone everywhere: the request waits to recompute from scratch.
+    assert not d.failed and seq in d.instances[0].sequences
+    assert seq.num_computed_tokens == 0 and seq in d.instances[0].scheduler.waiting
+    assert d.pools["w0.0"].num_free_blocks == d.pools["w0.0"].num_blocks - 32  # but replicas
+    assert d.recovery.stats.tokens_recomputed == 6
+    held = d.events.of("requests_held")
+    assert [e.instance for e in held] == [0] and "at most 30 s" in held[0].detail
+    assert all(inst.accepting and not inst.serving for inst in d.instances)
+    d.clock.now += d.config.outage_timeout_s - 0.1
+    d.recovery.tick()
+    assert not d.failed and d.phase(0) is Phase.DOWN
     d.ready("w1.1")  # a replacement of w1.1 joins first: both can run on it
     assert d.phase(0) is Phase.BUILDING and d.instances[0].workers == ["w0.0", "w1.1"]
     assert d.phase(1) is Phase.BUILDING and d.instances[1].workers == ["w1.0", "w1.1"]
+    d.clock.now += 1.0  # past the outage timeout: nothing is DOWN any more
+    d.recovery.tick()
+    assert not d.failed
+    d.connect(d.instances[0])
+    d.step(0)  # the prompt and the token it had, again, in one step
+    assert seq.num_computed_tokens == 7 and len(seq.output_token_ids) == 2
+
+
+def test_an_outage_longer_than_its_timeout_fails_requests_and_refuses_new_ones(d):
+    seq = _lose_stage_1(d)
+    d.lose("w1.0")
+    d.clock.now += 10.0
+    d.ready("w1.0")  # a worker of another stage joins: stage 1 still has none
+    assert d.phase(0) is Phase.DOWN and not d.failed  # the outage's deadline stands
+    d.clock.now += d.config.outage_timeout_s - 10.0
+    d.recovery.tick()
+    assert not d.failed
+    d.clock.now += 0.01
+    d.recovery.tick()
+    assert d.failed == [seq.request_id]
+    assert not any(inst.accepting for inst in d.instances)
+    d.ready("w0.1")
+    assert d.phase(0) is Phase.BUILDING and d.instances[0].accepting
+
+
+def test_with_no_outage_timeout_requests_fail_at_once():
+    d = Deployment(outage_timeout_s=0.0)
+    d.start()
+    seq = _lose_stage_1(d)
+    assert d.failed == [seq.request_id] and not d.instances[0].accepting
+    assert "requests_held" not in d.kinds()
+    d.ready("w1.1")
+    assert d.phase(0) is Phase.BUILDING and d.instances[0].accepting
+
+
+@pytest.mark.parametrize("bad", [-1.0, float("inf"), float("nan"), "30"])
+def test_the_outage_timeout_is_a_finite_number_of_seconds(bad):
+    with pytest.raises(ValueError, match="outage_timeout_s must be a finite number"):
+        DeploymentConfig(num_instances=2, outage_timeout_s=bad).validate()
 
 
 def _borrowing(d):

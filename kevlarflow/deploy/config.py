@@ -42,6 +42,11 @@ class DeploymentConfig(EngineConfig):
     # How long a failed slot waits before a new process for it can start: 0
     # restarts on the same machine at once; a cluster provisions a node.
     replacement_delay_s: float = 0.0
+    # When some stage has no live worker at all, the requests of the
+    # instances that cannot run wait this long for one (they recompute from
+    # scratch once it has joined) and new requests are queued too; then they
+    # fail and new ones are refused until a worker joins. 0: fail at once.
+    outage_timeout_s: float = 30.0
     # KV replication to the backup worker (recovery="kevlarflow", two or more
     # instances): each worker's replica pool in bytes (None: as large as its
     # live pool, kv_cache_memory; 0: no replication), the most bytes one
@@ -86,6 +91,10 @@ class DeploymentConfig(EngineConfig):
                 and 0 <= self.replacement_delay_s < float("inf")):
             raise ValueError("replacement_delay_s must be a finite number of seconds >= 0, got "
                              f"{self.replacement_delay_s!r}")
+        if not (isinstance(self.outage_timeout_s, (int, float))
+                and 0 <= self.outage_timeout_s < float("inf")):
+            raise ValueError("outage_timeout_s must be a finite number of seconds >= 0, got "
+                             f"{self.outage_timeout_s!r}")
         if not (0 < self.heartbeat_s < self.hang_timeout_s):
             raise ValueError("need 0 < heartbeat_s < hang_timeout_s")
         if self.replica_memory is not None and (not isinstance(self.replica_memory, int)

@@ -1,9 +1,10 @@
 """Picks the pipeline instance for a new request: the serving instance with
 the least outstanding work, counted in tokens still to compute (prompt tokens
 not yet prefilled plus output tokens still allowed). While no instance
-serves, an instance that is recovering without needing a new worker (its
-communicator being rebuilt, say) takes the request, which then waits a
-moment rather than failing; only when none can is the request refused."""
+serves, an instance that accepts (recovering without needing a new worker,
+its communicator being rebuilt, say; or waiting out an outage within its
+timeout) takes the request, which then waits rather than failing; only when
+none does is the request refused."""
 from __future__ import annotations
 
 from typing import Iterable, Protocol
@@ -18,7 +19,7 @@ class Routable(Protocol):
 
 
 class NoInstanceServing(RuntimeError):
-    """Every instance is down: the request cannot be placed now."""
+    """No instance takes requests: the request cannot be placed now."""
 
 
 def pick_instance(instances: Iterable[Routable]) -> Routable:

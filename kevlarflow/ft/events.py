@@ -12,7 +12,8 @@ log = logging.getLogger("kevlarflow.ft")
 
 # The kinds, in the order a recovery goes through them.
 KINDS = ("failed", "detected", "aborted", "rerouted", "resumed", "first_step_after_failure",
-         "replacement_started", "replacement_loaded", "rejoined", "requests_failed")
+         "replacement_started", "replacement_loaded", "rejoined", "requests_held",
+         "requests_failed")
 MAX_EVENTS = 10_000
 
 

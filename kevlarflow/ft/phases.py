@@ -12,13 +12,16 @@
     CATCHING_UP, DRAINING ──its own worker fails again──> SERVING (on the borrowed one)
     any but LOADING, DOWN ──a worker it runs on fails──> BUILDING (rerouted) or DOWN
     DOWN ──a worker becomes ready and every stage has one──> BUILDING
+    DOWN ──outage_timeout_s──> DOWN, its requests failed, taking no new ones
     any ──a worker it runs on fails, recovery="restart"──> RESTARTING
     RESTARTING ──all its own workers ready again──> BUILDING
 
 Only SERVING and CATCHING_UP take steps. The router places new requests on
 SERVING instances first, else on any instance that will serve without a new
-worker (BUILDING, PAUSED, CATCHING_UP, DRAINING); DOWN, LOADING and
-RESTARTING instances get none.
+worker (BUILDING, PAUSED, CATCHING_UP, DRAINING), else on a DOWN one within
+its outage timeout, where they wait with its own (every instance is DOWN
+then: a stage has no ready worker anywhere); LOADING and RESTARTING
+instances get none.
 """
 from __future__ import annotations
 
@@ -42,10 +45,16 @@ class Phase(str, Enum):
         return self in (Phase.SERVING, Phase.CATCHING_UP)
 
     @property
+    def needs_worker(self) -> bool:
+        """It cannot serve until a worker joins."""
+        return self in (Phase.LOADING, Phase.DOWN, Phase.RESTARTING)
+
+    @property
     def accepts(self) -> bool:
-        """New requests may be queued here: it serves, or will without a new worker."""
+        """New requests may be queued here: it serves, or will without a new
+        worker, or (DOWN) waits for one, within outage_timeout_s."""
         return self in (Phase.SERVING, Phase.CATCHING_UP, Phase.DRAINING, Phase.BUILDING,
-                        Phase.PAUSED)
+                        Phase.PAUSED, Phase.DOWN)
 
 
 @dataclass

@@ -19,7 +19,10 @@ wait, and a move that recomputes says why.
 
 Every wait is bounded and abandoned as soon as it cannot complete: a build
 is called off when a member fails and retried when it fails by itself; a
-new fault in any phase leads to a defined next phase.
+new fault in any phase leads to a defined next phase. When a stage has no
+ready worker left anywhere, the instances go down holding their requests
+(and new ones), which recompute from scratch once a worker joins; they fail
+only if that takes longer than outage_timeout_s.
 
 The baseline (recovery="restart") is today's stacks: the whole instance goes
 down, every one of its workers is replaced (new processes, weights loaded
@@ -177,6 +180,8 @@ class Recovery:
                     self._build_failed(inst, f"not connected within {self.config.comm_deadline_s} s")
             elif st.phase is Phase.PAUSED and late:
                 self._reroute(inst, "communicator error without a failed worker")
+            elif st.phase is Phase.DOWN and late:
+                self._give_up(inst)
             elif st.phase is Phase.CATCHING_UP:
                 if self.move_back.caught_up(inst, st.catching, late):
                     self._enter(inst, Phase.DRAINING, "catch-up deadline passed" if late else
@@ -207,9 +212,11 @@ class Recovery:
                    for other, st in zip(self.d.instances, self.states))
 
     def busy(self) -> bool:
-        """Something is under way that the controller should poll for."""
+        """Something is under way that the controller should poll for (a
+        DOWN instance while it waits out its outage timeout, not after)."""
         return self.replacements.pending() or any(
-            st.phase not in (Phase.SERVING, Phase.DOWN) for st in self.states)
+            st.phase is not Phase.SERVING and not (st.phase is Phase.DOWN and st.deadline is None)
+            for st in self.states)
 
     # Transitions -------------------------------------------------------------------
 
@@ -259,9 +266,8 @@ class Recovery:
         route, missing = plan_route(inst.home, inst.workers, workers.ready,
                                     self.d.replication.backup_of, lenders)
         if route is None:
-            if self.phase(inst) is not Phase.DOWN:
-                self.d.fail_requests(inst, f"no live worker for stage {missing}")
-            self._enter(inst, Phase.DOWN, f"no live worker for stage {missing}")
+            if self.phase(inst) is not Phase.DOWN:  # else it keeps its deadline
+                self._down(inst, f"no live worker for stage {missing}")
             return
         if route == inst.home and inst.workers != inst.home:
             self._rejoin(inst, f"moved back while recovering from: {reason}")
@@ -278,6 +284,30 @@ class Recovery:
         self.stats.tokens_recomputed += move.recomputed
         self.stats.requests_restored += move.requests_restored
         return move
+
+    def _down(self, inst, reason: str) -> None:
+        """No ready worker is left for some stage: inst's requests lose their
+        KV (that stage's is gone everywhere) and wait, with new ones, for a
+        worker to join, then recompute from scratch; for at most
+        outage_timeout_s, after which they fail (_give_up)."""
+        self.stats.tokens_recomputed += sum(seq.num_computed_tokens for seq in inst.running())
+        inst.preempt_all()
+        self._enter(inst, Phase.DOWN, reason, deadline=self.config.outage_timeout_s)
+        if not self.config.outage_timeout_s:
+            self._give_up(inst)
+        elif inst.sequences:
+            self.d.events.record("requests_held", instance=inst.index,
+                                 detail=f"{len(inst.sequences)} requests: {reason}; they wait "
+                                        f"for one for at most {self.config.outage_timeout_s:g} s")
+
+    def _give_up(self, inst) -> None:
+        """The outage outlasted outage_timeout_s: inst's requests fail, and
+        it takes no new ones until a worker joins."""
+        st = self.states[inst.index]
+        timeout = self.config.outage_timeout_s
+        self.d.fail_requests(inst, st.reason + (f" for {timeout:g} s" if timeout else ""))
+        st.deadline = None
+        inst.accepting = False
 
     def _restart(self, inst, reason: str) -> None:
         """The baseline: every worker of the instance is replaced, and its

@@ -44,8 +44,9 @@ def health(async_engine) -> tuple[bool, dict]:
     st = engine.status()
     late_s = max(3 * st.heartbeat_s, LATE_MIN_S)
     silent = sorted(w.name for w in st.workers if w.silent_s is not None and w.silent_s > late_s)
-    down = [i.index for i in st.instances if not Phase(i.phase).accepts]
-    pausing = {i.index: i.phase for i in st.instances if Phase(i.phase).accepts and not i.serving}
+    down = [i.index for i in st.instances if Phase(i.phase).needs_worker]
+    pausing = {i.index: i.phase for i in st.instances
+               if not Phase(i.phase).needs_worker and not i.serving}
     borrowing = {i.index: i.borrowed for i in st.instances if i.borrowed}
     dead = sorted(w.name for w in st.workers if not w.live)
     reasons = []

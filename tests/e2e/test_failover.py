@@ -9,7 +9,7 @@ import pytest
 
 from kevlarflow import LLM
 from kevlarflow.deploy.router import NoInstanceServing
-from helpers.failover import ARGS, Streams, all_home, serve_with_fault, workload
+from helpers.failover import ARGS, Streams, all_home, serve_with_fault, timeline, workload
 from helpers.models import tiny_model
 
 @pytest.fixture(scope="module")
@@ -52,22 +52,51 @@ def test_restart_baseline_recovers_too(expected):
     assert sorted(e.worker for e in events if e.kind == "replacement_started") == ["w0.0", "w0.1"]
 
 
-def test_no_live_worker_for_a_stage_ends_requests_with_an_error():
-    """Both workers of stage 0 die: no pipeline can be formed. The requests in
-    flight end with finish_reason "error" and new ones are refused with a
-    clear exception, until replacements join; then service resumes."""
-    prompts, params = workload(6)
+def test_requests_wait_out_a_stage_with_no_live_worker(expected):
+    """Both workers of stage 0 die: no pipeline can be formed until a
+    replacement joins. The requests in flight wait for it and recompute, new
+    ones are taken and wait too, and every one ends with the failure-free
+    tokens, its stream unbroken."""
+    prompts, params = workload()
     with LLM(tiny_model(), num_instances=2, pp_size=1, **ARGS) as llm:
+        engine = llm.engine
+        streams = Streams(engine)
+        seqs = streams.add(prompts[:6], params[:6])
+        streams.until(lambda: any(len(s.output_token_ids) >= 2 for s in seqs), "tokens")
+        engine.inject_fault(0, 0, "kill")
+        engine.inject_fault(1, 0, "kill")
+        streams.until(lambda: len(engine.events.of("detected")) == 2, "both deaths")
+        assert not any(inst.serving for inst in engine.instances)
+        assert engine.events.of("requests_held"), timeline(engine)
+        late = streams.add(prompts[6:], params[6:])  # taken, not refused
+        streams.finish()
+        assert streams.tokens(seqs + late) == expected, timeline(engine)
+        assert not engine.events.of("requests_failed"), timeline(engine)
+
+
+def test_an_outage_past_its_timeout_fails_requests_with_an_error():
+    """The same outage, with replacements that take longer (a cluster
+    provisioning nodes) than the deployment waits: the requests end with
+    finish_reason "error" once the outage timeout passed, new ones are then
+    refused with a clear exception, and service resumes once replacements
+    join."""
+    prompts, params = workload(6)
+    with LLM(tiny_model(), num_instances=2, pp_size=1, outage_timeout_s=0.5,
+             replacement_delay_s=4.0, **ARGS) as llm:
         engine = llm.engine
         streams = Streams(engine)
         seqs = streams.add(prompts, params)
         streams.step()
         engine.inject_fault(0, 0, "kill")
         engine.inject_fault(1, 0, "kill")
-        streams.finish()
+        streams.until(lambda: all(streams.outputs.get(s.request_id) is not None and
+                                  streams.output(s).finished for s in seqs), "the timeout")
         assert {streams.output(s).finish_reason for s in seqs} == {"error"}
-        # The requests ended as the deaths were seen, long before a new
-        # process can have loaded (this engine only changes when stepped).
+        # The requests ended at the timeout, long before a new process could
+        # have loaded (the replacements wait 4 s to start).
+        held, failed = engine.events.of("requests_held"), engine.events.of("requests_failed")
+        assert held and failed and "for 0.5 s" in failed[0].detail, timeline(engine)
+        assert 0.5 <= failed[0].time - held[0].time < 2.0, timeline(engine)
         assert not any(inst.serving for inst in engine.instances)
         with pytest.raises(NoInstanceServing, match="no pipeline instance"):
             engine.add_request(prompts[0], params[0])
@@ -78,9 +107,8 @@ def test_no_live_worker_for_a_stage_ends_requests_with_an_error():
 
 def test_borrowed_worker_fails_too(expected):
     """(0, 1) dies, instance 0 borrows w1.1, then w1.1 dies as well, before
-    (0, 1)'s replacement has joined. Every request still ends, either with the
-    failure-free tokens or, if no stage-1 worker was left at that moment,
-    with finish_reason "error"; nothing hangs and no output is wrong."""
+    (0, 1)'s replacement has joined: no stage-1 worker is left for a while.
+    Every request waits it out and ends with the failure-free tokens."""
     prompts, params = workload()
     with LLM(tiny_model(), num_instances=2, pp_size=2, **ARGS) as llm:
         engine = llm.engine
@@ -91,13 +119,8 @@ def test_borrowed_worker_fails_too(expected):
         streams.until(lambda: engine.events.of("rerouted"), "the reroute")
         engine.inject_fault(1, 1, "hang")
         streams.finish()
-        for seq, want in zip(seqs, expected):
-            out = streams.output(seq)
-            assert out.finish_reason in ("length", "error")
-            if out.finish_reason == "length":
-                assert out.token_ids == want
-            else:
-                assert out.token_ids == want[:len(out.token_ids)]
+        assert streams.tokens(seqs) == expected, timeline(engine)
+        assert all(streams.output(s).finish_reason == "length" for s in seqs)
         streams.until(lambda: all_home(engine), "both replacements")
         assert [o.token_ids for o in llm.generate(prompts[:3], params[:3])] == expected[:3]
 

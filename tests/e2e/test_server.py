@@ -471,14 +471,53 @@ def test_deployment_health_follows_a_hung_worker():
                 if p.pid not in before and p.status() != psutil.STATUS_ZOMBIE]
 
 
-def test_a_stage_with_no_live_worker_is_a_503_over_http():
-    """Both workers of the only stage are killed while a stream is open:
-    the stream ends with an error event, a plain request gets a 503 with an
-    OpenAI-style body and /health says why, until the replacements (delayed
-    here, as a cluster provisions nodes) join; then requests succeed."""
+def test_a_stream_and_new_requests_wait_out_a_stage_with_no_live_worker():
+    """Both workers of the only stage are killed while a stream is open: the
+    stream pauses until a replacement joins, then goes on with the text of a
+    failure-free run; a plain request sent meanwhile is taken and answered,
+    not refused."""
     config = DeploymentConfig(num_instances=2, pp_size=1, hang_timeout_s=1.0, block_size=4,
                               kv_cache_memory=1 << 20, max_num_batched_tokens=32,
-                              replacement_delay_s=5.0, load_progress=False)
+                              load_progress=False)
+    live = LiveServer(build_app(AsyncEngine(tiny_model(), config), "tiny",
+                                enable_fault_injection=True))
+    try:
+        client = openai.OpenAI(base_url=live.url + "/v1", api_key="none", max_retries=0,
+                               timeout=60)
+        ask = dict(model="tiny", prompt="the quick brown fox", max_tokens=100, **GREEDY)
+        want = client.completions.create(**ask).choices[0].text
+        pieces = []
+        for chunk in client.completions.create(stream=True, **ask):
+            if chunk.choices:
+                pieces.append(chunk.choices[0].text)
+            if len(pieces) == 5:
+                for instance in (0, 1):
+                    r = httpx.post(live.url + "/v1/fault", json={"instance": instance, "stage": 0})
+                    assert r.status_code == 200, r.text
+                deadline = time.monotonic() + 5  # until both deaths are seen
+                while httpx.get(live.url + "/health").json().get("instances_down") != [0, 1]:
+                    assert time.monotonic() < deadline
+                    time.sleep(0.02)
+                assert client.completions.create(**ask).choices[0].text == want
+        assert "".join(pieces) == want
+        events = httpx.get(live.url + "/status").json()["recent_events"]
+        assert any(e["kind"] == "requests_held" for e in events), events
+        assert not any(e["kind"] == "requests_failed" for e in events), events
+    finally:
+        live.stop()
+
+
+def test_an_outage_past_its_timeout_is_a_503_over_http():
+    """Both workers of the only stage are killed while a stream is open, and
+    their replacements (delayed here, as a cluster provisions nodes) take
+    longer than the deployment waits: the stream ends with an error event
+    once the outage timeout passed, a plain request gets a 503 with an
+    OpenAI-style body and /health says why, until the replacements join;
+    then requests succeed."""
+    config = DeploymentConfig(num_instances=2, pp_size=1, hang_timeout_s=1.0, block_size=4,
+                              kv_cache_memory=1 << 20, max_num_batched_tokens=32,
+                              replacement_delay_s=5.0, outage_timeout_s=0.5,
+                              load_progress=False)
     live = LiveServer(build_app(AsyncEngine(tiny_model(), config), "tiny",
                                 enable_fault_injection=True))
     ask = {"model": "tiny", "prompt": "the quick brown fox", "max_tokens": 100, "temperature": 0,
