@@ -1,7 +1,8 @@
 """A short chaos run: `kevlarflow bench chaos` on the tiny model, a kill or a
 hang every 5 s for 40 s under streaming clients, and every invariant it
-checks must hold (exact outputs and streams, failures only without a live
-worker for a stage, recovery within 5 s of the last fault, /health "ok" and
+checks must hold (exact outputs and streams, failures only once a stage
+had no live worker for the outage timeout: with its default of 30 s, none;
+recovery within 5 s of the last fault, /health "ok" and
 every slot home at the end, idle pools empty, no leaks, a clean stop)."""
 import json
 

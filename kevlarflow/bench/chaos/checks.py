@@ -5,10 +5,10 @@ and how the server stopped.
     outputs        every completed request streamed exactly the failure-free
                    greedy tokens (none missing, none twice, none different),
                    but where the reference itself had a near-tie
-    failures       a request fails only while some stage has no live worker
-                   (the deployment cannot serve it then), with a clear error;
-                   never a timeout
-    no_503         no request refused while every stage had a live worker
+    failures       a request fails only once some stage has had no live
+                   worker for the server's outage timeout (until then its
+                   requests wait for one), with a clear error; never a timeout
+    no_503         no request refused before such an outage timed out
     recovered      every instance serving again within `recovery_s` of the
                    last fault (and back on its own workers eventually)
     end_state      /health "ok" at the end, every slot on its own worker
@@ -25,6 +25,7 @@ import signal
 import statistics
 
 COVER_SLACK_S = 0.5       # between the controller failing a request and its client seeing it
+STATUS_SLACK_S = 0.5      # how late the /status samples may see an outage begin
 THREAD_SLACK = 2
 FD_SLACK = 8
 MEMORY_SLACK_MB = 64.0
@@ -35,22 +36,31 @@ def _check(ok: bool, value, detail: str = "") -> dict:
 
 
 def uncovered(samples: list[dict], events: list[dict]) -> list[tuple[float, float]]:
-    """The periods when some stage had no live worker: status samples that
-    say so, and, for periods too short for the samples, the controller's own
-    word: from an instance's requests failing for want of a live worker to
-    its next "resumed"."""
+    """The outages: periods when some stage had no live worker, or no ready
+    one (an instance "down"), merged. From the status samples that say so,
+    and, for periods too short for the samples, the controller's own word:
+    from an instance's requests being held or failed for want of a live
+    worker to its next "resumed"."""
     periods = [(a["t_s"], b["t_s"]) for a, b in zip(samples, samples[1:])
-               if not a["every_stage_live"]]
+               if not a["every_stage_live"] or "down" in a["phases"]]
     for k, e in enumerate(events):
-        if e["kind"] == "requests_failed" and "no live worker" in e["detail"]:
+        if e["kind"] in ("requests_held", "requests_failed") and "no live worker" in e["detail"]:
             end = next((f["t_s"] for f in events[k:] if f["kind"] == "resumed"
                         and f["instance"] == e["instance"]), e["t_s"])
             periods.append((e["t_s"], end))
-    return periods
+    merged = []
+    for a, b in sorted(periods):
+        if merged and a <= merged[-1][1] + COVER_SLACK_S:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], b))
+        else:
+            merged.append((a, b))
+    return merged
 
 
-def _during(periods, t: float) -> bool:
-    return any(a - COVER_SLACK_S <= t <= b + COVER_SLACK_S for a, b in periods)
+def _during(periods, t: float, wait_s: float = 0.0) -> bool:
+    """t falls in an outage that had lasted wait_s by then."""
+    return any(a - COVER_SLACK_S <= t <= b + COVER_SLACK_S
+               and t - a >= wait_s - STATUS_SLACK_S - COVER_SLACK_S for a, b in periods)
 
 
 def first_difference(got: list[int], want: list[int]) -> int | None:
@@ -99,16 +109,19 @@ def outputs(records, expected: dict, near_tie: float) -> dict:
 EXCUSES = ("a worker failure left no instance to finish it", "no pipeline instance is serving")
 
 
-def failures(records, periods) -> dict:
+def failures(records, periods, outage_timeout_s: float) -> dict:
+    """Requests wait out an outage for outage_timeout_s: a failure before
+    that is unexcused."""
     failed = [r for r in records if not r.ok]
     unexcused = [r for r in failed if not any(e in r.error for e in EXCUSES)
-                 or not _during(periods, r.end_s)]
+                 or not _during(periods, r.end_s, outage_timeout_s)]
     detail = f"e.g. {unexcused[0].error[:160]!r} at {unexcused[0].end_s:.1f} s" if unexcused else ""
     return _check(not unexcused, dict(failed=len(failed), unexcused=len(unexcused)), detail)
 
 
-def no_503(records, periods) -> dict:
-    refused = [r for r in records if r.status == 503 and not _during(periods, r.end_s)]
+def no_503(records, periods, outage_timeout_s: float) -> dict:
+    refused = [r for r in records if r.status == 503
+               and not _during(periods, r.end_s, outage_timeout_s)]
     return _check(not refused, len(refused),
                   f"first at {refused[0].end_s:.1f} s" if refused else "")
 

@@ -45,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recovery-target", type=float, default=5.0, help="seconds from the last "
                    "fault to every instance serving")
     p.add_argument("--hang-timeout", type=float, default=1.0)
+    p.add_argument("--outage-timeout", type=float, default=30.0,
+                   help="how long requests wait while a stage has no live worker (0: they "
+                        "fail at once)")
     p.add_argument("--dtype", default="float32", choices=sorted(NEAR_TIE),
                    help="of the deployment and of the reference (float32: a random-weight "
                         "checkpoint in 16 bits has exact ties everywhere)")
@@ -63,6 +66,8 @@ def parse(argv) -> argparse.Namespace:
         parser.error("--kinds: kill, hang or both")
     if min(args.instances, args.pp, args.clients) < 1 or args.instances * args.pp < 2:
         parser.error("need --instances, --pp and --clients >= 1, and two workers at least")
+    if not args.outage_timeout >= 0:
+        parser.error("need --outage-timeout >= 0")
     if not (args.duration > 0 and 0 < args.fault_every <= args.duration / 2):
         parser.error("need --duration > 0 and 0 < --fault-every <= --duration / 2")
     if args.model and not (Path(args.model) / "config.json").is_file():
@@ -81,7 +86,7 @@ def main(argv: list[str] | None = None) -> dict:
     load = Load(args.clients, args.think, args.prompt_len, args.output_len,
                 ModelConfig.from_pretrained(model).vocab_size, seed=args.seed)
     serve_args = ["--hang-timeout", str(args.hang_timeout), "--dtype", args.dtype,
-                  *args.serve_arg]
+                  "--outage-timeout", str(args.outage_timeout), *args.serve_arg]
     print(f"starting kevlarflow serve {model} ({args.instances} x {args.pp}); its log: "
           f"{out / 'server.log'}", flush=True)
     server = Server(model, args.instances, args.pp, serve_args, out / "server.log")
@@ -225,8 +230,8 @@ def _result(args, model, load, run, stopped, expected) -> dict:
     periods = checks.uncovered(samples, run["events"])
     result_checks = {
         "outputs": checks.outputs(records, expected, NEAR_TIE[args.dtype]),
-        "failures": checks.failures(records, periods),
-        "no_503": checks.no_503(records, periods),
+        "failures": checks.failures(records, periods, args.outage_timeout),
+        "no_503": checks.no_503(records, periods, args.outage_timeout),
         "recovered": checks.recovered(samples, run["faults"], run["events"],
                                       args.recovery_target),
         "end_state": checks.end_state(run["final"], run["health"]),
@@ -239,7 +244,8 @@ def _result(args, model, load, run, stopped, expected) -> dict:
                   pp=args.pp, duration_s=args.duration, fault_every_s=args.fault_every,
                   kinds=args.kinds, clients=args.clients, think_s=args.think,
                   prompt_len=load.prompt_len, output_len=load.output_len, seed=args.seed,
-                  hang_timeout_s=args.hang_timeout, dtype=args.dtype,
+                  hang_timeout_s=args.hang_timeout, outage_timeout_s=args.outage_timeout,
+                  dtype=args.dtype,
                   serve_args=args.serve_arg,
                   recovery_target_s=args.recovery_target, cpu_count=os.cpu_count())
     result = dict(

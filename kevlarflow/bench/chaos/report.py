@@ -8,7 +8,7 @@ PHASE_COLOURS = {"serving": "tab:green", "catching_up": "yellowgreen", "draining
                  "building": "tab:orange", "paused": "tab:purple", "down": "tab:red",
                  "restarting": "tab:red", "loading": "lightgray"}
 EVENT_MARKS = {"rerouted": ("tab:blue", "v"), "rejoined": ("tab:green", "^"),
-               "requests_failed": ("tab:red", "x")}
+               "requests_held": ("tab:orange", "o"), "requests_failed": ("tab:red", "x")}
 
 
 def summary(result: dict) -> str:

@@ -1,0 +1,49 @@
+"""The chaos run's failure invariants, on recorded runs made up here: a
+request may fail only once an outage (a stage with no live or ready worker)
+has lasted the deployment's outage timeout, and only with the server's
+clear error."""
+from kevlarflow.bench.chaos import checks
+from kevlarflow.bench.chaos.clients import RequestRecord
+
+ENGINE_FAILED = "the request failed in the engine (a worker failure left no instance to finish it)"
+REFUSED = "no pipeline instance is serving; retry once a replacement worker has joined"
+
+
+def sample(t, live=True, phases=("serving", "serving")):
+    return dict(t_s=t, every_stage_live=live, phases=list(phases))
+
+
+def failed(end_s, error=ENGINE_FAILED, status=200):
+    return RequestRecord(client=0, prompt=[16], max_tokens=4, start_s=0.0, end_s=end_s,
+                         status=status, error=error)
+
+
+def test_outages_come_from_samples_and_events_merged():
+    samples = [sample(t / 4) for t in range(40)]
+    for k in range(8, 16):  # 2.0 to 4.0 s: no live worker for a stage
+        samples[k] = sample(k / 4, live=False)
+    for k in range(16, 24):  # then its replacement loads: live, not ready
+        samples[k] = sample(k / 4, phases=("down", "down"))
+    events = [dict(kind="requests_held", t_s=1.9, instance=0, detail="3 requests: no live "
+                   "worker for stage 1; they wait"),
+              dict(kind="resumed", t_s=6.1, instance=0, detail="")]
+    assert checks.uncovered(samples, events) == [(1.9, 6.1)]
+
+
+def test_a_failure_is_excused_only_once_the_outage_outlasted_the_timeout():
+    periods = [(10.0, 50.0)]
+    early, late = failed(12.0), failed(41.0)
+    assert not checks.failures([early], periods, 30.0)["ok"]
+    assert checks.failures([late], periods, 30.0)["ok"]
+    assert checks.failures([early], periods, 0.0)["ok"]  # requests fail at once then
+    assert not checks.failures([failed(55.0)], periods, 0.0)["ok"]  # after the outage
+    # Never a timeout, nor another error, even late in an outage.
+    assert not checks.failures([failed(41.0, error="no answer within 120 s")], periods, 30.0)["ok"]
+
+
+def test_a_503_is_excused_only_once_the_outage_outlasted_the_timeout():
+    periods = [(10.0, 50.0)]
+    refused = [failed(20.0, error=REFUSED, status=503)]
+    assert checks.no_503(refused, periods, 30.0)["value"] == 1
+    assert checks.no_503(refused, periods, 5.0)["ok"]
+    assert checks.failures(refused, periods, 5.0)["ok"]
