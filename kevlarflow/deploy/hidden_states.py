@@ -50,9 +50,17 @@ class HiddenStates:
         op = self.groups.manager().isend(group, payload, dst, generation=generation)
         self.pending.append((step, group, generation, op, payload))
 
-    def drop(self, group: str) -> None:
-        """Sends still on their way on group: nobody waits for them."""
-        self.pending = deque(p for p in self.pending if p[1] != group)
+    def drop_stale(self) -> None:
+        """Sends on a generation that is no longer its group's current one
+        (aborted, replaced, left): nobody waits for them, and each one kept
+        would keep that generation's connections open (a send holds its
+        Gloo context) until later sends pushed it out, which never happens
+        on a borrowed worker given back, nor on any worker once the load
+        stops."""
+        if any(self.groups.generation(group) != generation
+               for _, group, generation, _, _ in self.pending):
+            self.pending = deque(p for p in self.pending
+                                 if self.groups.generation(p[1]) == p[2])
 
     def drain(self) -> None:
         while self.pending:

@@ -185,7 +185,7 @@ class Worker:
         if is_link(group) and self.replication is not None:
             self.replication.leave(group)  # a link's threads stop before it is rebuilt
         if self.groups.build(group, members, m["generation"], m["backend"]):
-            self.hidden.drop(group)
+            self.hidden.drop_stale()
 
     def build_pipeline(self, m: dict) -> None:
         """From the heartbeat thread: start connecting a pipeline now, while
@@ -215,12 +215,16 @@ class Worker:
                           generation=build.generation)
 
     def _finish_builds(self) -> None:
-        """The builds that ended are current now; a link starts replicating."""
+        """The builds that ended are current now; a link starts replicating.
+        (On the main thread at every poll: also where sends on generations
+        aborted from the heartbeat thread meanwhile are let go.)"""
         for build in self.groups.collect():
             if is_link(build.group):
                 if build.error is None:
                     self._replication().joined(build.group, build.members, build.generation)
                 self._report_build(self.endpoint, build)
+        if self.hidden is not None:
+            self.hidden.drop_stale()
 
     def _leave_group(self, group: str) -> None:
         """Stop using group for good; for a replication link, also wait until
@@ -228,7 +232,7 @@ class Worker:
         if self.replication is not None:
             self.replication.leave(group)
         self.groups.stop(group, "left")
-        self.hidden.drop(group)
+        self.hidden.drop_stale()
 
     def _replication(self) -> WorkerReplication:
         if self.replication is None:

@@ -5,6 +5,7 @@ baseline), and the hard cases end in clear errors, never hangs."""
 import random
 import time
 
+import psutil
 import pytest
 
 from kevlarflow import LLM
@@ -123,6 +124,40 @@ def test_borrowed_worker_fails_too(expected):
         assert all(streams.output(s).finish_reason == "length" for s in seqs)
         streams.until(lambda: all_home(engine), "both replacements")
         assert [o.token_ids for o in llm.generate(prompts[:3], params[:3])] == expected[:3]
+
+
+def _connections_between(a: int, b: int) -> int:
+    """TCP connections from process a to process b, established."""
+    ports = {c.laddr.port for c in psutil.Process(b).net_connections("tcp")}
+    return sum(1 for c in psutil.Process(a).net_connections("tcp")
+               if c.status == psutil.CONN_ESTABLISHED and c.raddr and c.raddr.port in ports)
+
+
+def test_a_pipeline_given_back_leaves_no_connection_open():
+    """Instance 0 borrows w1.1, a middle stage (it sends hidden states on),
+    its requests all finish there, then it moves back to its replacement
+    with nothing left to run. Sends on the given-up generation must not keep
+    its connections open (each held its Gloo context) on the worker given
+    back, which is told only to abort, nor on w0.0, which builds anew:
+    nothing links w0.0 and w1.1 once every slot is home."""
+    prompts, params = workload()
+    with LLM(tiny_model(), num_instances=2, pp_size=3, replacement_delay_s=3.0, **ARGS) as llm:
+        engine = llm.engine
+        streams = Streams(engine)
+        engine.inject_fault(0, 1, "kill")
+        streams.until(lambda: engine.events.of("resumed"), "the reroute")
+        assert engine.instances[0].workers == ["w0.0", "w1.1", "w0.2"], timeline(engine)
+        seqs = streams.add(prompts[:4], params[:4])
+        streams.until(lambda: all(s.is_finished for s in seqs), "the requests, on w1.1")
+        assert not engine.events.of("replacement_loaded"), "the requests outlasted the borrowing"
+        streams.until(lambda: all_home(engine), "the move back")
+        procs = engine.launcher.procs
+        w00, w11 = procs[(0, 0)].pid, procs[(1, 1)].pid
+        deadline = time.monotonic() + 10  # retired groups are torn down in the background
+        while (linked := _connections_between(w00, w11) + _connections_between(w11, w00)):
+            assert time.monotonic() < deadline, f"{linked} connections left\n{timeline(engine)}"
+            streams.step()
+            time.sleep(0.1)
 
 
 def test_five_failures_in_a_row_under_load(expected):
