@@ -51,6 +51,22 @@ def _owner(query_start_loc_ptr, num_seqs, index, TILE: tl.constexpr):
     return seq, index - first
 
 
+@triton.jit
+def _dot(a, b, IEEE: tl.constexpr, ROWWISE: tl.constexpr):
+    """a @ b, accumulated in fp32. ROWWISE (the CPU interpreter) forms the
+    fp32 products and sums them along K, each row by itself: the
+    interpreter's tl.dot is the host BLAS's matmul, which can round a row
+    differently by its place in the matrix (OpenBLAS's Haswell sgemm does,
+    its AVX-512 one does not), where a GPU's MMA does not. Bit-for-bit
+    tests of batch invariance run on the CPU through this path."""
+    if ROWWISE:
+        return tl.sum(a.to(tl.float32)[:, :, None] * b.to(tl.float32)[None, :, :], axis=1)
+    elif IEEE:
+        return tl.dot(a, b, input_precision="ieee")
+    else:
+        return tl.dot(a, b)
+
+
 @triton.jit(do_not_specialize=_COUNTS)
 def partial_kernel(
     query_ptr, key_cache_ptr, value_cache_ptr,
@@ -72,7 +88,7 @@ def partial_kernel(
     PARTITION: tl.constexpr,  # keys per partition, a multiple of BLOCK_N
     SLIDING_WINDOW: tl.constexpr,  # 0: unlimited
     DOT_IEEE: tl.constexpr,  # fp32 inputs: exact fp32 dots (no tf32 rounding)
-    DOT_UPCAST: tl.constexpr,  # interpreter: fp16/bf16 dot operands cast to fp32
+    DOT_ROWWISE: tl.constexpr,  # the CPU interpreter: see _dot
 ):
     seq, q_tile = _owner(query_start_loc_ptr, num_seqs, tl.program_id(0), BLOCK_Q)
     kv_head = tl.program_id(1)
@@ -119,8 +135,6 @@ def partial_kernel(
     # The softmax scale is applied to the fp32 scores instead of to q, which
     # would round scale * q back to bf16.
     q = tl.load(query_ptr + q_offsets, mask=q_mask, other=0.0)
-    if DOT_UPCAST:
-        q = q.to(tl.float32)
 
     running_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
     running_sum = tl.zeros([BLOCK_M], tl.float32)
@@ -153,13 +167,7 @@ def partial_kernel(
         k_offsets = (block_ids[:, None] * stride_kb + slots[:, None] * stride_ks
                      + kv_head_offset * stride_kh + dims[None, :])
         k = tl.load(key_cache_ptr + k_offsets, mask=kv_mask, other=0.0)
-        if DOT_UPCAST:
-            k = k.to(tl.float32)
-        if DOT_IEEE:
-            scores = tl.dot(q, tl.trans(k), input_precision="ieee")  # [BLOCK_M, BLOCK_N]
-        else:
-            scores = tl.dot(q, tl.trans(k))
-        scores = scores * scale_log2
+        scores = _dot(q, tl.trans(k), DOT_IEEE, DOT_ROWWISE) * scale_log2  # [BLOCK_M, BLOCK_N]
 
         allowed = row_valid[:, None] & k_valid[None, :] & (k_pos[None, :] <= q_pos[:, None])
         if SLIDING_WINDOW > 0:
@@ -181,14 +189,7 @@ def partial_kernel(
         v = tl.load(value_cache_ptr + v_offsets, mask=kv_mask, other=0.0)
         # The probabilities meet V in V's dtype, as in flash attention: a
         # tensor-core dot for fp16/bf16, fp32 accumulation either way.
-        probs_v = probs.to(v.dtype)
-        if DOT_UPCAST:
-            probs_v = probs_v.to(tl.float32)
-            v = v.to(tl.float32)
-        if DOT_IEEE:
-            acc = acc * correction[:, None] + tl.dot(probs_v, v, input_precision="ieee")
-        else:
-            acc = acc * correction[:, None] + tl.dot(probs_v, v)
+        acc = acc * correction[:, None] + _dot(probs.to(v.dtype), v, DOT_IEEE, DOT_ROWWISE)
         running_max = new_max
 
     # Rows with no key in this partition store m = -inf, l = 0, acc = 0;

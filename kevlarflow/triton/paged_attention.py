@@ -190,9 +190,9 @@ def paged_attention_triton(
     cdiv(block_tables.shape[1] * block_size, partition_size) x num_tokens x
     num_heads x (head_dim + 2) floats.
 
-    Under the Triton CPU interpreter, fp16/bf16 dot operands are cast to fp32
-    (the interpreter's dot cannot take bf16), after the same roundings the
-    GPU path makes.
+    Under the Triton CPU interpreter, the dots are fp32 products summed per
+    row (attention_kernels._dot says why), after the same roundings of their
+    operands (fp16/bf16 probabilities) that the GPU path makes.
     """
     _validate(query, key_cache, value_cache, block_tables, seq_lens, query_start_loc, out)
     if max_query_len is None:
@@ -232,7 +232,7 @@ def paged_attention_triton(
         BLOCK_SIZE=block_size,
         BLOCK_N=config["BLOCK_N"],
         DOT_IEEE=query.dtype == torch.float32,
-        DOT_UPCAST=_INTERPRETED and query.dtype != torch.float32,
+        DOT_ROWWISE=_INTERPRETED,
         HEAD_DIM=head_dim, GROUP=group, GROUP_PAD=config["GROUP_PAD"], BLOCK_Q=block_q,
         BLOCK_D=config["BLOCK_D"], PARTITION=partition_size, SLIDING_WINDOW=int(sliding_window),
         num_warps=config["num_warps"],
