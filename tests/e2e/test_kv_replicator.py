@@ -48,23 +48,26 @@ def test_blocks_arrive_bit_identical(dtype):
 
 
 def test_only_the_rows_written_travel_and_resubmitted_rows_coalesce():
-    # A prefill writes rows 0 and 1 of source block 3 (backup block 5); decode
-    # steps then write rows 2 and 3 of it, and rows 0 and 1 of block 9 (backup
-    # block 2). The backup receives once all are queued: block 5's entry is
-    # the union of its rows, sent once.
-    steps = [(1, [3], [5], [0], [2]),
-             (2, [3], [5], [2], [3]),
-             (3, [3, 9], [5, 2], [3, 0], [4, 1]),
-             (4, [9], [2], [1], [2])]
+    # Step 1 writes row 0 of block 0 and goes at once. Behind it, a prefill
+    # writes rows 0 and 1 of source block 3 (backup block 5); decode steps
+    # then write rows 2 and 3 of it, and rows 0 and 1 of block 9 (backup
+    # block 2), all before the next transfer: block 5's entry is the union of
+    # its rows, sent once.
+    steps = [(1, [0], [0], [0], [1]),
+             (2, [3], [5], [0], [2]),
+             (3, [3], [5], [2], [3]),
+             (4, [3, 9], [5, 2], [3, 0], [4, 1]),
+             (5, [9], [2], [1], [2])]
     with Workers(2, sc.copies_rows, steps=steps) as w:
         out = w.collect(w.members)
     src, dst = out[SOURCE], out[BACKUP]
-    assert src["accepted"] == [True] * 4 and dst["acked"] == [1, 2, 3, 4]
-    sent = {(5, r): (3, r) for r in range(4)} | {(2, r): (9, r) for r in range(2)}
+    assert src["accepted"] == [True] * 5 and dst["acked"] == [1, 2, 3, 4, 5]
+    sent = {(0, 0): (0, 0)} | {(5, r): (3, r) for r in range(4)} | {(2, r): (9, r) for r in range(2)}
     sc.check_rows_arrived(src["rows"], dst["rows"], sent)
     stats = src["stats"]
-    assert (stats["blocks_submitted"], stats["blocks_coalesced"], stats["blocks_sent"]) == (5, 3, 2)
-    assert stats["bytes_sent"] == dst["stats"]["bytes_received"] == 6 * src["row_bytes"]
+    assert (stats["blocks_submitted"], stats["blocks_coalesced"], stats["blocks_sent"]) == (6, 3, 3)
+    assert stats["transfers"] == 2
+    assert stats["bytes_sent"] == dst["stats"]["bytes_received"] == 7 * src["row_bytes"]
 
 
 def test_resubmitted_blocks_coalesce():

@@ -114,22 +114,26 @@ def copies_blocks(mgr, store, me, members, dtype, steps):
 
 
 def copies_rows(mgr, store, me, members, steps):
-    """steps: [(step, src ids, dst ids, first rows, end rows)], all submitted
-    before the backup starts receiving, so that they coalesce."""
+    """steps: [(step, src ids, dst ids, first rows, end rows)]. The first goes
+    at once, as a link's first transfer does; the others are submitted while
+    the rest of a 30 s interval holds the next transfer back, so that they
+    coalesce whatever the threads' timing, and a flush then sends them."""
     source, backup = members
     if me == source:
         caches = make_caches(seed=4321)
-        rep = _link(mgr, members, caches)
+        mgr.build(GROUP, members, deadline_s=BUILD_DEADLINE_S)
+        rep = _comm.KVReplicator(mgr._core, caches, 1 << 20, QUIET_KEEPALIVE_S, 30.0)
         rep.start(GROUP, backup)
-        accepted = [rep.submit(src, dst, step, begin, end)
-                    for step, src, dst, begin, end in steps]
-        store.set("submitted", "1")
+        first, *rest = steps
+        accepted = [rep.submit(*first[1:3], first[0], *first[3:])]
+        _wait_until(lambda: rep.stats()["pending_blocks"] == 0, "the first transfer taken")
+        accepted += [rep.submit(src, dst, step, begin, end) for step, src, dst, begin, end in rest]
+        rep.flush()
         stats = _finish_source(rep, store)
         return dict(rows=rows_bytes(caches), accepted=accepted, stats=stats,
                     row_bytes=rep.row_bytes)
     caches = make_caches()
     rep = _link(mgr, members, caches)
-    store.wait(["submitted"])
     acked = _receive_until(rep, source, len(steps))
     _finish_backup(rep, store)
     return dict(rows=rows_bytes(caches), acked=acked, stats=rep.stats())
