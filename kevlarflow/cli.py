@@ -184,6 +184,9 @@ def _add_serve(subparsers) -> None:
                         help="what workers prove to join (default: $KEVLARFLOW_JOIN_TOKEN, else "
                              "a new random one handed to the workers it starts)")
     parser.add_argument("--max-body-bytes", type=int, default=1 << 20)
+    parser.add_argument("--shutdown-grace", type=float, default=10.0, metavar="S",
+                        help="on SIGTERM or Ctrl-C, how long open requests may go on; then "
+                             "they end with an error (a stream: an error event, then [DONE])")
     parser.add_argument("--log-level", default="info")
 
     def run(args):
@@ -191,11 +194,15 @@ def _add_serve(subparsers) -> None:
 
         if args.instances < 1 or args.pp < 1:
             parser.error("--instances and --pp must be >= 1")
+        if not 0 <= args.shutdown_grace < float("inf"):
+            parser.error(f"--shutdown-grace must be a number of seconds >= 0, got "
+                         f"{args.shutdown_grace}")
         import uvicorn
 
         from kevlarflow.engine.async_engine import AsyncEngine
         from kevlarflow.engine.llm_engine import EngineConfig
         from kevlarflow.server import build_app
+        from kevlarflow.server.shutdown import GracefulServer
 
         logging.basicConfig(level=args.log_level.upper(),
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -224,13 +231,19 @@ def _add_serve(subparsers) -> None:
         app = build_app(engine, args.served_model_name or args.model, api_key=api_key,
                         enable_fault_injection=args.enable_fault_injection,
                         max_body_bytes=args.max_body_bytes)
-        # uvicorn turns SIGTERM/SIGINT into a graceful shutdown; the app's
+        # SIGTERM/SIGINT: a graceful shutdown (server/shutdown.py); the app's
         # lifespan then stops the engine and reaps a deployment's workers.
+        server = GracefulServer(uvicorn.Config(app, host=args.host, port=args.port,
+                                               log_level=args.log_level),
+                                engine, args.shutdown_grace)
         try:
-            uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
-                        timeout_graceful_shutdown=10)
+            server.run()
+        except KeyboardInterrupt:
+            pass
         finally:
             engine.shutdown()  # again if the lifespan did: it is idempotent
+        if not server.started:  # e.g. the port is taken: uvicorn logged why
+            return 3
         return 0
 
     parser.set_defaults(run=run)

@@ -44,6 +44,7 @@ class AsyncEngine:
         self._ids = itertools.count()
         self._error: BaseException | None = None
         self._stopping = False
+        self._stop_reason = "the engine was shut down"
         self._thread = threading.Thread(target=self._loop, name="kevlarflow-engine", daemon=True)
         self._thread.start()
 
@@ -80,10 +81,17 @@ class AsyncEngine:
         """The engine loop runs: not shut down, and no step has raised."""
         return self._thread.is_alive() and self._error is None and not self._stopping
 
-    def shutdown(self) -> None:
+    def stop(self, reason: str = "the engine was shut down") -> None:
+        """Stop stepping, after the step under way: every open request ends
+        with EngineDeadError(reason). Returns at once; shutdown() also waits
+        for the loop and stops a deployment's workers."""
         with self._wake:
-            self._stopping = True
+            if not self._stopping:
+                self._stopping, self._stop_reason = True, reason
             self._wake.notify()
+
+    def shutdown(self) -> None:
+        self.stop()
         self._thread.join(timeout=30)
         stop_workers = getattr(self.engine, "shutdown", None)
         if stop_workers:
@@ -128,7 +136,7 @@ class AsyncEngine:
             log.exception("the engine loop stopped")
             self._error = error
         finally:
-            reason = self._error or EngineDeadError("the engine was shut down")
+            reason = self._error or EngineDeadError(self._stop_reason)
             for request_id in list(self._listeners):
                 self._deliver(request_id, EngineDeadError(str(reason)))
 

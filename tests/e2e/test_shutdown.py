@@ -5,11 +5,14 @@ middle of a recovery: real processes, real signals.
   started by hand (`kevlarflow worker --controller ...`, as on another host)
   all exit within 2 s.
 - `kevlarflow serve` gets SIGTERM while a worker hang is being recovered
-  from, with a request streaming: it stops within its grace period, with no
-  traceback, and leaves no process behind.
+  from, with a request streaming past the grace: it stops within the grace
+  period, the stream ends with an error event and [DONE], there is no
+  traceback, and no process is left behind.
 - SIGTERM with a request open lets it finish, then reaps the workers; with
   a worker stopped (SIGSTOP, not yet declared hung) it still exits and
-  reaps the stopped one too."""
+  reaps the stopped one too.
+- A grace or an outage timeout that is not a number of seconds >= 0 is a
+  usage error."""
 import json
 import os
 import signal
@@ -20,6 +23,7 @@ import time
 
 import httpx
 import psutil
+import pytest
 
 from helpers.models import tiny_model
 
@@ -119,15 +123,18 @@ def test_every_worker_exits_within_2_s_of_its_controller_being_killed():
 def test_sigterm_in_the_middle_of_a_recovery_stops_cleanly():
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
-    serve = _serve(port, "--instances", "2", "--pp", "2", "--enable-fault-injection")
+    serve = _serve(port, "--instances", "2", "--pp", "2", "--enable-fault-injection",
+                   "--shutdown-grace", "2")
     streamed = {}
 
     def stream():
+        # Longer than the grace: it is still open when the grace ends.
         body = {"prompt": [20, 21, 22], "max_tokens": 5000, "stream": True, "ignore_eos": True,
                 "temperature": 0}
         try:
             with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as r:
-                streamed["lines"] = sum(1 for _ in r.iter_lines())
+                streamed["data"] = [line[len("data: "):] for line in r.iter_lines()
+                                    if line.startswith("data: ")]
         except httpx.HTTPError as error:
             streamed["error"] = repr(error)
 
@@ -147,6 +154,11 @@ def test_sigterm_in_the_middle_of_a_recovery_stops_cleanly():
         client.join(timeout=30)
         assert took < 15, f"stopping took {took:.1f} s"
         assert not client.is_alive() and streamed, "the streaming client was left hanging"
+        # Its stream ended as a stream does, not cut off: an error, then [DONE].
+        assert "data" in streamed, streamed
+        assert streamed["data"][-1] == "[DONE]", streamed["data"][-3:]
+        error = json.loads(streamed["data"][-2])["error"]
+        assert "shutting down" in error["message"] and error["code"] == "engine_dead", error
         _all_gone(workers, start)
     finally:
         if serve.poll() is None:
@@ -244,3 +256,13 @@ def _all_gone(pids, since: float) -> None:
 
 def _alive(pids) -> list[int]:
     return [pid for pid in pids if not _gone(pid)]
+
+
+@pytest.mark.parametrize("option,message", [
+    (["--shutdown-grace", "-1"], "--shutdown-grace must be a number of seconds >= 0, got -1.0"),
+    (["--shutdown-grace", "nan"], "--shutdown-grace must be a number of seconds >= 0, got nan"),
+    (["--instances", "2", "--outage-timeout", "-1"], "outage_timeout_s must be a finite number")])
+def test_serve_refuses_bad_times_with_a_usage_error(option, message):
+    proc = subprocess.run([sys.executable, "-m", "kevlarflow", "serve", tiny_model(), *option],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and f"error: {message}" in proc.stderr, proc.stderr
