@@ -27,29 +27,32 @@ def find_nvcc() -> str | None:
     return str(fallback) if fallback.exists() else None
 
 
-@pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize(
     "source", CUDA_SOURCES, ids=[str(p.relative_to(REPO)) for p in CUDA_SOURCES]
 )
-def test_cuda_source_compiles(source: Path, arch: str, tmp_path: Path) -> None:
+def test_cuda_source_compiles(source: Path, tmp_path: Path) -> None:
+    """Every architecture in one nvcc call: the host side is compiled once,
+    and the architectures' device code in parallel (--threads 0: a thread
+    per core), half the time of a call per architecture on two cores."""
     nvcc = find_nvcc()
     if nvcc is None:
         pytest.skip("nvcc not found on PATH or in /usr/local/cuda/bin")
-    compute = arch.replace("sm_", "compute_")
+    gencodes = [f"-gencode=arch={arch.replace('sm_', 'compute_')},code={arch}" for arch in ARCHS]
     cmd = [
         nvcc,
         "-std=c++17",
         "-O2",
-        f"-gencode=arch={compute},code={arch}",
+        *gencodes,
+        "--threads", "0",
         "-I", str(REPO / "csrc" / "kernels"),
         "-Werror", "all-warnings",
         "-Xcompiler=-Wall,-Wextra",
         "-c", str(source),
-        "-o", str(tmp_path / f"{source.stem}.{arch}.o"),
+        "-o", str(tmp_path / f"{source.stem}.o"),
     ]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, (
-        f"nvcc failed for {source.relative_to(REPO)} ({arch}):\n"
+        f"nvcc failed for {source.relative_to(REPO)} ({', '.join(ARCHS)}):\n"
         f"{' '.join(cmd)}\n{result.stdout}{result.stderr}"
     )
 
