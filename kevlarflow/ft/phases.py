@@ -72,4 +72,7 @@ class InstanceRecovery:
     # drain covers those admitted meanwhile: with requests arriving all the
     # time, waiting for every one's first copy would never end).
     catching: set = field(default_factory=set)
+    # DOWN: the tokens of KV each held request lost; counted as recomputed
+    # once a worker joins, for those still there (not if they fail instead).
+    lost: dict = field(default_factory=dict)
     reason: str = ""                 # why it entered the phase

@@ -269,6 +269,9 @@ class Recovery:
             if self.phase(inst) is not Phase.DOWN:  # else it keeps its deadline
                 self._down(inst, f"no live worker for stage {missing}")
             return
+        self.stats.tokens_recomputed += sum(n for seq, n in st.lost.items()
+                                            if seq in inst.sequences)
+        st.lost = {}
         if route == inst.home and inst.workers != inst.home:
             self._rejoin(inst, f"moved back while recovering from: {reason}")
             return
@@ -290,7 +293,7 @@ class Recovery:
         KV (that stage's is gone everywhere) and wait, with new ones, for a
         worker to join, then recompute from scratch; for at most
         outage_timeout_s, after which they fail (_give_up)."""
-        self.stats.tokens_recomputed += sum(seq.num_computed_tokens for seq in inst.running())
+        self.states[inst.index].lost = {seq: seq.num_computed_tokens for seq in inst.running()}
         inst.preempt_all()
         self._enter(inst, Phase.DOWN, reason, deadline=self.config.outage_timeout_s)
         if not self.config.outage_timeout_s:
@@ -306,7 +309,7 @@ class Recovery:
         st = self.states[inst.index]
         timeout = self.config.outage_timeout_s
         self.d.fail_requests(inst, st.reason + (f" for {timeout:g} s" if timeout else ""))
-        st.deadline = None
+        st.deadline, st.lost = None, {}
         inst.accepting = False
 
     def _restart(self, inst, reason: str) -> None:
