@@ -9,18 +9,19 @@ SOURCES := $(shell find csrc kevlarflow cmake -type f -not -name '*.pyc') CMakeL
 
 .PHONY: demo test install bench bench-cpp wheel clean
 
-$(VENV)/.deps:
+$(VENV)/.deps: constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	# The CPU wheel of torch, pinned: an unpinned torch would pull a CUDA build.
-	$(PIP) install -q torch==$(TORCH_VERSION)
-	$(PIP) install -q "scikit-build-core>=0.10" "pybind11>=2.12" ninja cmake numpy \
-		"pytest>=8" "hypothesis>=6" psutil "triton>=3.0" "openai>=1.0" "httpx>=0.27"
+	$(PIP) install -q -c constraints.txt torch==$(TORCH_VERSION)
+	# Everything else at the versions of constraints.txt.
+	$(PIP) install -q -c constraints.txt "scikit-build-core>=0.10" "pybind11>=2.12" ninja cmake \
+		numpy "pytest>=8" "hypothesis>=6" psutil "triton>=3.0" "openai>=1.0" "httpx>=0.27"
 	touch $@
 
 # Built against the torch above, hence --no-build-isolation.
 $(STAMP): $(VENV)/.deps $(SOURCES)
-	$(PIP) install -q --no-build-isolation .
+	$(PIP) install -q --no-build-isolation -c constraints.txt .
 	touch $@
 
 install: $(STAMP)
