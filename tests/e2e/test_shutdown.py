@@ -124,7 +124,7 @@ def test_sigterm_in_the_middle_of_a_recovery_stops_cleanly():
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     serve = _serve(port, "--instances", "2", "--pp", "2", "--enable-fault-injection",
-                   "--shutdown-grace", "2")
+                   "--shutdown-grace", "1")
     streamed = {}
 
     def stream():
