@@ -5,9 +5,9 @@ middle of a recovery: real processes, real signals.
   started by hand (`kevlarflow worker --controller ...`, as on another host)
   all exit within 2 s.
 - `kevlarflow serve` gets SIGTERM while a worker hang is being recovered
-  from, with a request streaming past the grace: it stops within the grace
-  period, the stream ends with an error event and [DONE], there is no
-  traceback, and no process is left behind.
+  from, with requests open past the grace: it stops within the grace
+  period, the stream ends with an error event and [DONE], the other request
+  gets a 503, there is no traceback, and no process is left behind.
 - SIGTERM with a request open lets it finish, then reaps the workers; with
   a worker stopped (SIGSTOP, not yet declared hung) it still exits and
   reaps the stopped one too.
@@ -138,10 +138,21 @@ def test_sigterm_in_the_middle_of_a_recovery_stops_cleanly():
         except httpx.HTTPError as error:
             streamed["error"] = repr(error)
 
+    answered = {}
+
+    def complete():  # the same, not streamed
+        body = {"prompt": [23, 24], "max_tokens": 5000, "ignore_eos": True, "temperature": 0}
+        try:
+            r = httpx.post(url + "/v1/completions", json=body, timeout=60)
+            answered["status"], answered["body"] = r.status_code, r.json()
+        except httpx.HTTPError as error:
+            answered["error"] = repr(error)
+
     try:
         _wait_healthy(serve, url)
-        client = threading.Thread(target=stream)
+        client, other = threading.Thread(target=stream), threading.Thread(target=complete)
         client.start()
+        other.start()
         time.sleep(0.5)
         assert httpx.post(url + "/v1/fault", json={"instance": 0, "stage": 1,
                                                    "kind": "hang"}).status_code == 200
@@ -159,6 +170,9 @@ def test_sigterm_in_the_middle_of_a_recovery_stops_cleanly():
         assert streamed["data"][-1] == "[DONE]", streamed["data"][-3:]
         error = json.loads(streamed["data"][-2])["error"]
         assert "shutting down" in error["message"] and error["code"] == "engine_dead", error
+        other.join(timeout=30)
+        assert answered.get("status") == 503, answered
+        assert "shutting down" in answered["body"]["error"]["message"], answered
         _all_gone(workers, start)
     finally:
         if serve.poll() is None:
