@@ -1,7 +1,10 @@
-"""The chaos run's failure invariants, on recorded runs made up here: a
-request may fail only once an outage (a stage with no live or ready worker)
-has lasted the deployment's outage timeout, and only with the server's
-clear error."""
+"""The chaos run's invariants, on recorded runs made up here: a request may
+fail only once an outage (a stage with no live or ready worker) has lasted
+the deployment's outage timeout, and only with the server's clear error;
+recovery from the last fault ends when every instance serves, a move back
+just after it being no gap."""
+import pytest
+
 from kevlarflow.bench.chaos import checks
 from kevlarflow.bench.chaos.clients import RequestRecord
 
@@ -47,3 +50,27 @@ def test_a_503_is_excused_only_once_the_outage_outlasted_the_timeout():
     assert checks.no_503(refused, periods, 30.0)["value"] == 1
     assert checks.no_503(refused, periods, 5.0)["ok"]
     assert checks.failures(refused, periods, 5.0)["ok"]
+
+
+def test_a_move_back_after_the_last_fault_is_no_gap_in_serving():
+    """The last fault's recovery ends with the instance's "resumed"; a move
+    back to a replacement just after it resumes again, on purpose, and
+    counts as no gap (as its samples do)."""
+    from kevlarflow.bench.chaos.faults import Fault
+
+    def status(t, serving=True, moving_back=False):
+        return dict(t_s=t, serving=[serving, True], moving_back=[moving_back, False],
+                    home=[True, True], states={"w0.0": "ready"})
+    samples = ([status(t / 4) for t in range(4)] + [status(1 + t / 4, serving=False)
+                                                      for t in range(12)]
+               + [status(4 + t / 4, serving=False, moving_back=True) for t in range(4)]
+               + [status(5 + t / 4) for t in range(8)])
+    faults = [Fault(t_s=1.0, scenario="any", worker="w0.0", kind="hang", injected=True)]
+    resumed = [dict(kind="resumed", t_s=4.6, instance=0, detail="w0.0 -> w1.1"),
+               dict(kind="resumed", t_s=6.1, instance=0, detail="w0.0 -> w0.1 (moving back)")]
+    check = checks.recovered(samples, faults, resumed, 5.0)
+    assert check["ok"] and check["value"]["all_serving_s"] == pytest.approx(3.6), check
+    # Not so for a resume that ends a gap of another kind.
+    resumed[1]["detail"] = "w0.0 -> w0.1"
+    check = checks.recovered(samples, faults, resumed, 5.0)
+    assert not check["ok"] and check["value"]["all_serving_s"] == pytest.approx(5.1), check

@@ -132,7 +132,9 @@ class Recovery:
             return
         log.info("instance %d serving: %s", inst.index, " -> ".join(inst.workers))
         if st.failed_at is not None:
-            self.d.events.record("resumed", instance=inst.index, detail=" -> ".join(inst.workers))
+            moved = f" ({MOVING_BACK})" if st.reason == MOVING_BACK else ""
+            self.d.events.record("resumed", instance=inst.index,
+                                 detail=" -> ".join(inst.workers) + moved)
         self._enter(inst, Phase.SERVING, "connected")
         self._consider_rejoin(inst)
 

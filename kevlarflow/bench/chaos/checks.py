@@ -24,6 +24,8 @@ from __future__ import annotations
 import signal
 import statistics
 
+from kevlarflow.ft.recovery import MOVING_BACK
+
 COVER_SLACK_S = 0.5       # between the controller failing a request and its client seeing it
 STATUS_SLACK_S = 0.5      # how late the /status samples may see an outage begin
 THREAD_SLACK = 2
@@ -141,15 +143,16 @@ def _settled_after(samples, last: float, good) -> float | None:
 def recovered(samples, faults, events, limit_s: float) -> dict:
     """From the last fault until every instance serves again (the later of
     the last gap in the status samples and the last "resumed" event after
-    it; a planned move back to a replacement is no gap), and until every
-    slot is back on its own worker."""
+    it; a move back to a replacement is no gap, in either: its "resumed"
+    says so), and until every slot is back on its own worker."""
     injected = [f.t_s for f in faults if f.injected]
     if not injected:
         return _check(False, None, "no fault was injected")
     last = max(injected)
     serving = _settled_after(samples, last, lambda s: all(
         a or b for a, b in zip(s["serving"], s["moving_back"])))
-    resumed = [e["t_s"] - last for e in events if e["kind"] == "resumed" and e["t_s"] >= last]
+    resumed = [e["t_s"] - last for e in events if e["kind"] == "resumed" and e["t_s"] >= last
+               and not e.get("detail", "").endswith(f"({MOVING_BACK})")]
     if serving is not None and resumed:
         serving = max(serving, max(resumed))
     home = _settled_after(samples, last, lambda s: all(s["serving"]) and all(s["home"]) and all(
