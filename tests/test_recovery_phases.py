@@ -418,6 +418,19 @@ def test_both_workers_of_a_stage_lost_hold_requests_until_one_joins(d):
     assert seq.num_computed_tokens == 7 and len(seq.output_token_ids) == 2
 
 
+def test_a_worker_lost_again_as_the_outage_ends_counts_the_lost_kv_once(d):
+    seq = _lose_stage_1(d)
+    d.ready("w1.1")  # the outage ends: both rebuild on it
+    assert d.phase(0) is Phase.BUILDING and d.recovery.stats.tokens_recomputed == 6
+    d.lose("w1.1")  # and it fails before the build completes: down again
+    assert d.phase(0) is Phase.DOWN and seq in d.instances[0].sequences
+    d.ready("w0.1")
+    assert d.phase(0) is Phase.BUILDING and d.recovery.stats.tokens_recomputed == 6
+    d.connect(d.instances[0])
+    d.step(0)
+    assert seq.num_computed_tokens == 7
+
+
 def test_an_outage_longer_than_its_timeout_fails_requests_and_refuses_new_ones(d):
     seq = _lose_stage_1(d)
     d.lose("w1.0")
