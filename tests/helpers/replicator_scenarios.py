@@ -124,10 +124,11 @@ def copies_rows(mgr, store, me, members, steps):
         mgr.build(GROUP, members, deadline_s=BUILD_DEADLINE_S)
         rep = _comm.KVReplicator(mgr._core, caches, 1 << 20, QUIET_KEEPALIVE_S, 30.0)
         rep.start(GROUP, backup)
-        first, *rest = steps
-        accepted = [rep.submit(*first[1:3], first[0], *first[3:])]
-        _wait_until(lambda: rep.stats()["pending_blocks"] == 0, "the first transfer taken")
-        accepted += [rep.submit(src, dst, step, begin, end) for step, src, dst, begin, end in rest]
+        accepted = []
+        for k, (step, src, dst, begin, end) in enumerate(steps):
+            accepted.append(rep.submit(src, dst, step, begin, end))
+            if k == 0:
+                _wait_until(lambda: rep.stats()["pending_blocks"] == 0, "the first transfer taken")
         rep.flush()
         stats = _finish_source(rep, store)
         return dict(rows=rows_bytes(caches), accepted=accepted, stats=stats,
