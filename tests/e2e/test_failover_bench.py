@@ -238,10 +238,11 @@ def test_paired_overhead_is_the_mean_ratio_with_a_bootstrap_interval():
 
 # A real run --------------------------------------------------------------------------------
 
-def test_benchmark_end_to_end(tmp_path):
-    """Two modes, a real SIGKILL, both conditions, through the command line:
-    no request lost, MTTR only under failure, the table, the JSON and the plots."""
-    out = tmp_path / "results"
+@pytest.fixture(scope="module")
+def bench_run(tmp_path_factory):
+    """Two modes, a real SIGKILL, both conditions and two replacement delays,
+    through the command line: one run, read by the tests below."""
+    out = tmp_path_factory.mktemp("bench") / "results"
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     proc = subprocess.run(
         [sys.executable, "-m", "kevlarflow", "bench", "failover", "--model", tiny_model(),
@@ -254,12 +255,19 @@ def test_benchmark_end_to_end(tmp_path):
          "--kv-memory", str(1 << 20), "--modes", "kevlarflow,restart", "--out", str(out),
          # The tiny model decodes a token in milliseconds: transfers every 50 ms
          # keep the lag at a few tokens, as the default does on real models.
-         "--replication-interval", "0.05", "--rounds", "2"],
-        capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+         "--replication-interval", "0.05", "--rounds", "2", "--replacement-delay", "0,2"],
+        capture_output=True, text=True, timeout=600, env=env, cwd=out.parent)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc, out
+
+
+def test_benchmark_end_to_end(bench_run):
+    """No request lost, MTTR only under failure, the table, the JSON and the
+    plots (of the same-machine setting)."""
+    proc, out = bench_run
     assert "restart / kevlarflow under failure: MTTR" in proc.stdout
     assert "targets (kevlarflow mode)" in proc.stdout
-    doc = json.loads((out / "failover.json").read_text())
+    doc = json.loads((out / "same-machine" / "failover.json").read_text())
     assert doc["schema"] == "kevlarflow.failover/1"
     assert doc["config"]["failures"] == [dict(at_s=2.0, instance=0, stage=1, kind="kill")]
     n = doc["config"]["trace"]["requests"]
@@ -307,7 +315,55 @@ def test_benchmark_end_to_end(tmp_path):
     assert "kevlarflow replication per fault-free round" in proc.stdout
     assert len(doc["timelines"]) == 5
     for name in doc["timelines"]:
-        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert (out / "same-machine" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_each_replacement_delay_is_a_setting_of_its_own(bench_run):
+    """--replacement-delay 0,2: a failure trace and runs per setting, in a
+    folder each, sharing the fault-free rounds; every new process for the
+    failed slot waits out the delay, in both modes."""
+    proc, out = bench_run
+    same, new = (json.loads((out / name / "failover.json").read_text())
+                 for name in ("same-machine", "new-node-2s"))
+    assert same["config"]["setting"] == "same-machine" and same["config"]["replacement_delay_s"] == 0
+    assert new["config"]["setting"] == "new-node-2s" and new["config"]["replacement_delay_s"] == 2
+    assert same["metrics"]["restart"]["fault_free"] == new["metrics"]["restart"]["fault_free"]
+    assert same["runs"]["kevlarflow"]["fault_free"] == new["runs"]["kevlarflow"]["fault_free"]
+    assert same["runs"]["kevlarflow"]["failure"] != new["runs"]["kevlarflow"]["failure"]
+    for mode in ("kevlarflow", "restart"):
+        events = new["runs"][mode]["failure"][0]["events"]
+        detected = next(e["t_s"] for e in events if e["kind"] == "detected")
+        started = [e["t_s"] for e in events if e["kind"] == "replacement_started"]
+        assert started and min(started) - detected >= 2.0, (mode, events)
+        assert new["metrics"][mode]["failure"]["requests_failed"]["max"] == 0
+    # The delay holds restart's instance down; KevlarFlow serves through it.
+    assert new["metrics"]["restart"]["failure"]["mttr_s"]["median"] > 2.0
+    assert new["metrics"]["kevlarflow"]["failure"]["mttr_s"]["median"] < 2.0
+    assert set(new["targets"]) >= {"p99_ttft_vs_restart", "avg_latency_vs_restart"}
+    assert "recovery_overhead" in same["targets"] and "recovery_overhead" not in new["targets"]
+    assert "new-node-2s:" in proc.stdout and "same-machine:" in proc.stdout
+    assert len(new["timelines"]) == 5
+    for name in new["timelines"]:
+        assert (out / "new-node-2s" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_failure_trace_runs_on_past_its_last_failure():
+    """Without --duration, a failure trace lasts 2 replacement delays, and at
+    least 10 s, past its last failure (never less than the fault-free one);
+    --duration fixes every trace's length."""
+    from kevlarflow.bench.failover.cli import failure_trace_s, parse, trace_length
+
+    args = parse(["--model", tiny_model(), "--rate", "4", "--requests", "8"])
+    base = trace_length(args, 4.0)
+    assert base == 6.0  # 8 requests at 4/s, but at least 6 s
+    failures = [Failure(1.0, 0, 1, "kill"), Failure(3.0, 1, 0, "hang")]
+    assert failure_trace_s(args, base, failures[:1], 0.0) == 11.0
+    assert failure_trace_s(args, base, failures[:1], 2.0) == 11.0
+    assert failure_trace_s(args, base, failures[:1], 30.0) == 61.0
+    assert failure_trace_s(args, base, failures, 6.0) == 15.0
+    assert failure_trace_s(args, 20.0, failures[:1], 0.0) == 20.0
+    fixed = parse(["--model", tiny_model(), "--rate", "4", "--duration", "4"])
+    assert failure_trace_s(fixed, trace_length(fixed, 4.0), failures, 30.0) == 4.0
 
 
 def test_benchmark_measures_capacity_and_loads_to_a_fraction_of_it(tmp_path):
@@ -350,39 +406,6 @@ def test_demo_is_the_benchmark_and_takes_its_options(tmp_path):
     assert not (tmp_path / "demo-results").exists()
     # The demo's own options stay unless overridden: instances on CPUs of their own.
     assert doc["config"]["instance_cpus"] is not None
-
-
-def test_each_replacement_delay_is_a_setting_of_its_own(tmp_path):
-    """--replacement-delay 0,2: a failure trace and runs per setting, in a
-    folder each, sharing the fault-free rounds; every new process for the
-    failed slot waits out the delay, in both modes."""
-    out = tmp_path / "results"
-    proc = subprocess.run(
-        [sys.executable, "-m", "kevlarflow", "bench", "failover", "--model", tiny_model(),
-         "--rate", "4", "--requests", "8", "--fail", "1:0:1:kill", "--chunk", "32",
-         "--kv-memory", str(1 << 20), "--modes", "kevlarflow,restart", "--rounds", "1",
-         "--replacement-delay", "0,2", "--replication-interval", "0.05", "--out", str(out)],
-        capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    same, new = (json.loads((out / name / "failover.json").read_text())
-                 for name in ("same-machine", "new-node-2s"))
-    assert same["config"]["setting"] == "same-machine" and same["config"]["replacement_delay_s"] == 0
-    assert new["config"]["setting"] == "new-node-2s" and new["config"]["replacement_delay_s"] == 2
-    # A failure trace lasts 2 delays, and at least 10 s, past its failure.
-    assert same["config"]["trace"]["duration_s"] >= 11 and new["config"]["trace"]["duration_s"] >= 11
-    assert same["metrics"]["restart"]["fault_free"] == new["metrics"]["restart"]["fault_free"]
-    for mode in ("kevlarflow", "restart"):
-        events = new["runs"][mode]["failure"][0]["events"]
-        detected = next(e["t_s"] for e in events if e["kind"] == "detected")
-        started = [e["t_s"] for e in events if e["kind"] == "replacement_started"]
-        assert started and min(started) - detected >= 2.0, (mode, events)
-        assert new["metrics"][mode]["failure"]["requests_failed"]["max"] == 0
-    # The delay holds restart's instance down; KevlarFlow serves through it.
-    assert new["metrics"]["restart"]["failure"]["mttr_s"]["median"] > 2.0
-    assert new["metrics"]["kevlarflow"]["failure"]["mttr_s"]["median"] < 2.0
-    assert set(new["targets"]) >= {"p99_ttft_vs_restart", "avg_latency_vs_restart"}
-    assert "recovery_overhead" in same["targets"] and "recovery_overhead" not in new["targets"]
-    assert "new-node-2s:" in proc.stdout and "same-machine:" in proc.stdout
 
 
 def _refused(argv: list[str], capsys) -> str:

@@ -152,6 +152,15 @@ def failures_for(args, base_s: float) -> list[Failure]:
     return args.fail
 
 
+def failure_trace_s(args, base_s: float, failures: list[Failure], delay: float) -> float:
+    """Seconds of arrivals of a failure trace: --duration, or on past the last
+    failure for TAIL_DELAYS replacement delays and at least MIN_TAIL_S."""
+    if args.duration:
+        return args.duration
+    last = max(f.at_s for f in failures)
+    return max(base_s, last + TAIL_DELAYS * delay, last + MIN_TAIL_S)
+
+
 def make_trace(args, rate: float, duration_s: float, vocab: int, tokenizer, seed: int):
     try:
         if args.sharegpt:
@@ -252,10 +261,7 @@ def main(argv: list[str] | None = None) -> dict:
         name = "fault-free" if delay is None else setting_name(delay)
         out = Path(args.out) / name if len(delays) > 1 else Path(args.out)
         setting = replace(deployment, replacement_delay_s=delay or 0.0)
-        duration = base_s
-        if delay is not None and not args.duration:
-            last = max(f.at_s for f in failures)
-            duration = max(base_s, last + TAIL_DELAYS * delay, last + MIN_TAIL_S)
+        duration = base_s if delay is None else failure_trace_s(args, base_s, failures, delay)
         trace, duration = trace_holding(args, rate, duration, vocab, tokenizer, args.seed)
         runs = {mode: [] for mode in args.modes}
         if delay is not None:
