@@ -370,7 +370,8 @@ def test_benchmark_measures_capacity_and_loads_to_a_fraction_of_it(tmp_path):
     out = tmp_path / "results"
     proc = subprocess.run(
         [sys.executable, "-m", "kevlarflow", "bench", "failover", "--model", tiny_model(),
-         "--duration", "3", "--load", "0.5", "--capacity-requests", "6", "--chunk", "32",
+         "--duration", "3", "--load", "0.5", "--capacity-requests", "6",
+         "--capacity-seconds", "1", "--chunk", "32",
          "--kv-memory", str(1 << 20), "--modes", "kevlarflow", "--conditions", "fault_free",
          "--rounds", "1", "--out", str(out)],
         capture_output=True, text=True, timeout=300, cwd=tmp_path)
@@ -428,7 +429,8 @@ def test_benchmark_refuses_bad_options(tmp_path, monkeypatch, capsys):
                 ["--preset", "huge"], ["--duration", "0"], ["--sharegpt", "missing.json"],
                 ["--replication-interval", "-1"], ["--replacement-delay", "-2"],
                 ["--replacement-delay", "0,0"], ["--replacement-delay", "x"], ["--rounds", "0"],
-                ["--requests", "0"]):
+                ["--requests", "0"], ["--capacity-seconds", "0"],
+                ["--capacity-seconds", "nan"]):
         err = _refused(["bench", "failover", "--model", tiny_model(), *bad], capsys)
         assert "error:" in err, bad
     err = _refused(["bench", "failover", "--model", str(tmp_path)], capsys)

@@ -15,7 +15,7 @@ from kevlarflow.bench.failover.runner import (MODES, Deployment, Failure, capaci
 from kevlarflow.bench.trace import sharegpt_file, sharegpt_like
 
 CONDITIONS = ("failure", "fault_free")
-CAPACITY_WARMUP, CAPACITY_MIN_S = 8, 5.0
+CAPACITY_WARMUP = 8
 CAPACITY_IN_FLIGHT = (32, 64, 128, 256)  # tried in turn while the rate still grows
 MIN_DURATION_S = 6.0
 # A failure trace runs on past its last failure for this many replacement
@@ -59,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--capacity-requests", type=int, default=32,
                    help="the fewest completions each level of the capacity measurement is "
                         f"timed over, after {CAPACITY_WARMUP} to settle (default 32)")
+    p.add_argument("--capacity-seconds", type=float, default=5.0, metavar="S",
+                   help="the least seconds each level of the capacity measurement is timed "
+                        "over (default 5)")
     p.add_argument("--requests", type=int, default=40,
                    help="the fewest requests of a trace: without --duration, its length is "
                         "scaled from the rate to hold them (default 40)")
@@ -125,6 +128,8 @@ def parse(argv) -> argparse.Namespace:
     if (args.rate is not None and args.rate <= 0) or not 0 < args.load <= 4 or \
             (args.duration is not None and args.duration <= 0):
         parser.error("--rate and --duration must be positive, --load in (0, 4]")
+    if not args.capacity_seconds > 0:
+        parser.error("--capacity-seconds must be positive")
     if not 0 <= args.replication_interval <= 10:
         parser.error("--replication-interval must be in [0, 10] s")
     for f in args.fail or []:
@@ -203,7 +208,7 @@ def measure_capacity(args, deployment: Deployment, vocab: int, tokenizer) -> dic
     # Saturated only where requests queue: past what the instances run at once.
     queued = 2 * args.instances * EngineConfig.max_num_seqs
     measured = capacity(deployment, probe_requests(args, vocab, tokenizer), CAPACITY_WARMUP,
-                        args.capacity_requests, CAPACITY_MIN_S, CAPACITY_IN_FLIGHT,
+                        args.capacity_requests, args.capacity_seconds, CAPACITY_IN_FLIGHT,
                         queued_from=queued)
     levels = ", ".join(f"{level['tokens_per_s']:.0f} at {level['in_flight']}"
                        for level in measured["levels"])
