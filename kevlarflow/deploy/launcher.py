@@ -70,29 +70,38 @@ class LocalLauncher:
         """The slot's process is stopped (SIGSTOP, job control): it sends no
         heartbeat before it registers, so only this tells such a hang."""
         proc = self.procs.get(slot)
-        if proc is None or proc.poll() is not None:
-            return False
-        try:
-            with open(f"/proc/{proc.pid}/stat") as f:
-                return f.read().rsplit(")", 1)[1].split()[0] in ("T", "t")
-        except (OSError, IndexError):  # another OS: the registration deadline applies
-            return False
+        return proc is not None and _is_stopped(proc)
 
     def exited(self) -> dict[tuple[int, int], int]:
         """Slots whose process has exited, with its exit code."""
         return {slot: p.returncode for slot, p in self.procs.items() if p.poll() is not None}
 
     def stop(self, grace_s: float = 5.0) -> None:
-        """Wait up to grace_s for workers told to shut down, then kill the rest."""
+        """Wait up to grace_s for workers told to shut down, then kill the
+        rest; a stopped one (SIGSTOP) cannot exit meanwhile: it is killed at once."""
         deadline = time.monotonic() + grace_s
-        for proc in self.procs.values():
-            try:
-                proc.wait(timeout=max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                pass
+        running = list(self.procs.values())
+        while running and time.monotonic() < deadline:
+            for proc in running:
+                if _is_stopped(proc):
+                    proc.kill()
+            running = [p for p in running if p.poll() is None]
+            if running:
+                time.sleep(0.01)
         for proc in self.procs.values():
             if proc.poll() is None:
                 proc.kill()
             proc.wait()
         self.procs.clear()
         self.exit_fds()  # closes them all
+
+
+def _is_stopped(proc: subprocess.Popen) -> bool:
+    """The process runs but is stopped (SIGSTOP, job control)."""
+    if proc.poll() is not None:
+        return False
+    try:
+        with open(f"/proc/{proc.pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("T", "t")
+    except (OSError, IndexError):  # another OS: only the deadline applies
+        return False

@@ -2,6 +2,7 @@
 logged, and both ends keep working: a real worker process against a control
 socket of the test's own, and a real deployment against a raw socket."""
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -128,6 +129,30 @@ def test_a_wait_for_messages_wakes_when_a_worker_process_exits():
         assert launcher.exited() == {(0, 0): -9} and launcher.exit_fds() == []
     finally:
         launcher.stop(grace_s=0)
+        endpoint.close()
+
+
+def test_stopping_kills_a_stopped_worker_without_waiting_out_the_grace():
+    """A worker stopped by SIGSTOP cannot exit however long it is given:
+    stop() kills it at once instead of waiting out the grace."""
+    from kevlarflow.deploy.launcher import LocalLauncher
+
+    endpoint = ControllerEndpoint(KEYS)
+    launcher = LocalLauncher(f"127.0.0.1:{endpoint.port}", TOKEN)
+    proc = launcher.spawn(0, 0)
+    try:
+        os.kill(proc.pid, signal.SIGSTOP)
+        deadline = time.monotonic() + 30
+        while not launcher.stopped((0, 0)):
+            assert time.monotonic() < deadline, "the worker never showed as stopped"
+            time.sleep(0.01)
+        start = time.monotonic()
+        launcher.stop(grace_s=120)
+        assert time.monotonic() - start < 60, "stop() waited out the grace"
+        assert proc.returncode == -signal.SIGKILL
+    finally:
+        if proc.poll() is None:
+            proc.kill()
         endpoint.close()
 
 
