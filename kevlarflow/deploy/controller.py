@@ -54,8 +54,6 @@ class Controller(RequestFrontend):
     poll_interval_s = 0.05  # how often an idle caller should still step (health, recovery)
 
     def __init__(self, model: str, config: DeploymentConfig | None = None, tokenizer=None):
-        from transformers import AutoTokenizer
-
         self.config = config = config or DeploymentConfig()
         config.validate()
         self.model = os.path.abspath(model)
@@ -71,8 +69,6 @@ class Controller(RequestFrontend):
                             cfg.max_position_embeddings)
         sizes = StagePools.of(config, cfg)
         self.stage_blocks = sizes.live_blocks
-        super().__init__(tokenizer or AutoTokenizer.from_pretrained(model), cfg.vocab_size,
-                         cfg.eos_token_ids, max_model_len, min(self.stage_blocks) * config.block_size)
 
         self.slot_devices = config.slot_devices()
         note = sharing_note(self.slot_devices)
@@ -127,6 +123,14 @@ class Controller(RequestFrontend):
                          "%s` and the join token in $%s%s", len(self.workers.records),
                          self.address, TOKEN_ENV,
                          "" if config.join_token else f" (this one: {token})")
+            # While the workers start (import torch, load their stages): the
+            # import of transformers alone takes seconds.
+            if tokenizer is None:
+                from transformers import AutoTokenizer
+
+                tokenizer = AutoTokenizer.from_pretrained(model)
+            super().__init__(tokenizer, cfg.vocab_size, cfg.eos_token_ids, max_model_len,
+                             min(self.stage_blocks) * config.block_size)
             self._wait_until_serving(config.start_timeout_s)
             self.membership.started = True
         except BaseException:
