@@ -332,12 +332,17 @@ class Controller(RequestFrontend):
             return
         self._closed = True
         endpoint = getattr(self, "endpoint", None)
+        told = set()
         if endpoint is not None:
             for record in self.workers:
                 if record.peer is not None:
                     endpoint.send(record.peer, "shutdown")
+                    told.add((record.instance, record.stage))
         if getattr(self, "launcher", None):
-            self.launcher.stop()
+            # A process that has not registered (a replacement still
+            # starting) holds nothing yet, and would wait for a controller
+            # that is going away: it is killed at once.
+            self.launcher.stop(told)
         if endpoint is not None:
             endpoint.close()
         self.store = None

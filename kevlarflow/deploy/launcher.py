@@ -76,10 +76,14 @@ class LocalLauncher:
         """Slots whose process has exited, with its exit code."""
         return {slot: p.returncode for slot, p in self.procs.items() if p.poll() is not None}
 
-    def stop(self, grace_s: float = 5.0) -> None:
-        """Wait up to grace_s for workers told to shut down, then kill the
-        rest; a stopped one (SIGSTOP) cannot exit meanwhile: it is killed at once."""
+    def stop(self, told: set[tuple[int, int]], grace_s: float = 5.0) -> None:
+        """Wait up to grace_s for the workers of the slots told to shut down,
+        then kill the rest. The others, and a stopped one (SIGSTOP), which
+        cannot exit meanwhile, are killed at once."""
         deadline = time.monotonic() + grace_s
+        for slot, proc in self.procs.items():
+            if slot not in told and proc.poll() is None:
+                proc.kill()
         running = list(self.procs.values())
         while running and time.monotonic() < deadline:
             for proc in running:

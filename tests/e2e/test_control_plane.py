@@ -128,32 +128,55 @@ def test_a_wait_for_messages_wakes_when_a_worker_process_exits():
         assert time.monotonic() - start < 10, "the wait did not end when the process exited"
         assert launcher.exited() == {(0, 0): -9} and launcher.exit_fds() == []
     finally:
-        launcher.stop(grace_s=0)
+        launcher.stop(set(), grace_s=0)
         endpoint.close()
 
 
-def test_stopping_kills_a_stopped_worker_without_waiting_out_the_grace():
-    """A worker stopped by SIGSTOP cannot exit however long it is given:
-    stop() kills it at once instead of waiting out the grace."""
+@pytest.mark.parametrize("case", ["stopped", "not told"])
+def test_stopping_kills_at_once_a_worker_that_cannot_exit_in_the_grace(case):
+    """Workers told to shut down get the grace to exit; a worker stopped by
+    SIGSTOP cannot exit however long it is given, and one never told (a
+    replacement still starting, not yet registered) would wait for a
+    controller that is going away: stop() kills those at once."""
     from kevlarflow.deploy.launcher import LocalLauncher
 
     endpoint = ControllerEndpoint(KEYS)
     launcher = LocalLauncher(f"127.0.0.1:{endpoint.port}", TOKEN)
     proc = launcher.spawn(0, 0)
     try:
-        os.kill(proc.pid, signal.SIGSTOP)
-        deadline = time.monotonic() + 30
-        while not launcher.stopped((0, 0)):
-            assert time.monotonic() < deadline, "the worker never showed as stopped"
-            time.sleep(0.01)
+        if case == "stopped":
+            os.kill(proc.pid, signal.SIGSTOP)
+            deadline = time.monotonic() + 30
+            while not launcher.stopped((0, 0)):
+                assert time.monotonic() < deadline, "the worker never showed as stopped"
+                time.sleep(0.01)
         start = time.monotonic()
-        launcher.stop(grace_s=120)
+        launcher.stop({(0, 0)} if case == "stopped" else set(), grace_s=120)
         assert time.monotonic() - start < 60, "stop() waited out the grace"
         assert proc.returncode == -signal.SIGKILL
     finally:
         if proc.poll() is None:
             proc.kill()
         endpoint.close()
+
+
+def test_a_shutdown_lets_registered_workers_exit_and_kills_a_starting_replacement():
+    """The workers that registered are told to shut down and exit by
+    themselves (status 0); a replacement still starting is killed."""
+    with LLM(tiny_model(), num_instances=2, pp_size=1, block_size=4,
+             kv_cache_memory=1 << 20) as llm:
+        engine = llm.engine
+        home = dict(engine.launcher.procs)
+        engine.inject_fault(0, 0, "kill")
+        deadline = time.monotonic() + 30
+        while not engine.events.of("replacement_started"):
+            assert time.monotonic() < deadline, "no replacement started"
+            engine.step(timeout_s=0.05)
+        replacement = engine.launcher.procs[(0, 0)]
+        assert replacement is not home[(0, 0)] and not engine.workers["w0.0"].peer
+    assert home[(0, 0)].returncode == -signal.SIGKILL  # the fault
+    assert home[(1, 0)].returncode == 0
+    assert replacement.returncode == -signal.SIGKILL
 
 
 def test_deployment_rejects_garbage_and_keeps_serving(caplog):
