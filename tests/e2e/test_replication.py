@@ -103,7 +103,11 @@ def test_a_full_replica_pool_keeps_some_requests_replicas(expected):
                     and s.params.max_tokens - len(s.output_token_ids) > 8]
         streams.until(lambda: any(link.watermark(s) > 0 for s in running())
                       and any(link.records[s].dropped for s in running()), "both kinds")
+        victim = engine.launcher.procs[(0, 1)]
         engine.inject_fault(0, 1, "kill")
+        # Gone before the next step: a step planned while the process still
+        # died could drop the replicas of a request that outgrew the pool.
+        victim.wait(timeout=30)
         moves = _moves_at_reroute(streams)
         streams.finish()
         assert streams.tokens(seqs) == expected
