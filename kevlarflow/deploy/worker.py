@@ -300,7 +300,7 @@ def main(controller: str, keys: JoinKeys, instance: int | None, stage: int | Non
     worker = Worker(controller, keys, instance, stage, threads, parent_pid, device=device)
     worker.run()  # closes everything the worker holds before it returns
     # The interpreter's own teardown (torch's modules and native state) would
-    # add ~0.5 s of CPU per worker to every shutdown and restart, on cores that
+    # add ~0.5 s of CPU per worker to every shutdown, on cores that
     # the deployment's other workers share: nothing is left for it to close.
     logging.shutdown()
     sys.stdout.flush()
