@@ -81,15 +81,12 @@ class LocalLauncher:
         then kill the rest. The others, and a stopped one (SIGSTOP), which
         cannot exit meanwhile, are killed at once."""
         deadline = time.monotonic() + grace_s
-        for slot, proc in self.procs.items():
-            if slot not in told and proc.poll() is None:
-                proc.kill()
-        running = list(self.procs.values())
+        running = dict(self.procs)
         while running and time.monotonic() < deadline:
-            for proc in running:
-                if _is_stopped(proc):
+            for slot, proc in running.items():
+                if slot not in told or _is_stopped(proc):
                     proc.kill()
-            running = [p for p in running if p.poll() is None]
+            running = {slot: p for slot, p in running.items() if p.poll() is None}
             if running:
                 time.sleep(0.01)
         for proc in self.procs.values():
