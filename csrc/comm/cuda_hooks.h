@@ -7,7 +7,7 @@
 namespace kevlarflow::comm {
 
 struct CudaHooks {
-  void (*set_device)(int device);
+  int (*exchange_device)(int device);  // makes device current; returns the one it replaced
   void* (*current_stream)(int device);  // a cudaStream_t
   void* (*record_event)(void* stream);  // a new cudaEvent_t recorded on it
   int (*query_event)(void* event);      // 1 done, 0 not yet, -1 CUDA error

@@ -8,7 +8,9 @@
 namespace kevlarflow::comm {
 namespace {
 
-void set_device(int device) { c10::cuda::set_device(static_cast<c10::DeviceIndex>(device)); }
+int exchange_device(int device) {
+  return c10::cuda::ExchangeDevice(static_cast<c10::DeviceIndex>(device));
+}
 
 void* current_stream(int device) {
   return c10::cuda::getCurrentCUDAStream(static_cast<c10::DeviceIndex>(device)).stream();
@@ -37,9 +39,10 @@ int query_event(void* event) {
 void destroy_event(void* event) { cudaEventDestroy(static_cast<cudaEvent_t>(event)); }
 
 void* create_stream(int device) {
-  set_device(device);
+  int previous = exchange_device(device);
   cudaStream_t stream = nullptr;
-  if (cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking) != cudaSuccess) return nullptr;
+  if (cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking) != cudaSuccess) stream = nullptr;
+  exchange_device(previous);
   return stream;
 }
 
@@ -60,8 +63,8 @@ bool order_after(void* stream, void* earlier) {
   return ok;
 }
 
-const CudaHooks kHooks{set_device,    current_stream, record_event, query_event,
-                       destroy_event, create_stream,  destroy_stream, order_after};
+const CudaHooks kHooks{exchange_device, current_stream, record_event,   query_event,
+                       destroy_event,   create_stream,  destroy_stream, order_after};
 
 }  // namespace
 

@@ -12,6 +12,7 @@ namespace {
 
 using nccl_backend::Clock;
 using nccl_backend::CommState;
+using nccl_backend::DeviceGuard;
 using nccl_backend::hooks;
 using nccl_backend::kind_of;
 using nccl_backend::NcclWork;
@@ -90,7 +91,7 @@ class NcclTransport final : public Transport {
   template <typename Call>
   std::unique_ptr<Work> issue(const at::Tensor& t, Call&& call) {
     if (state_->aborted) throw TransportError(ErrorKind::kAborted, "the communicator was aborted");
-    hooks().set_device(state_->device);
+    DeviceGuard guard(state_->device);
     void* stream = state_->stream;
     if (!stream) throw TransportError(ErrorKind::kError, "no CUDA stream for the communicator");
     // The op starts after what the compute stream has queued so far: the
@@ -133,7 +134,7 @@ std::shared_ptr<Transport> NcclTransport::shrink(const std::vector<int>& exclude
   const nccl::Lib& lib = state_->lib;
   // Excluding nobody is no shrink (NCCL rejects an empty list): connect anew.
   if (!lib.CommShrink || state_->aborted || excluded.empty()) return nullptr;
-  hooks().set_device(state_->device);
+  DeviceGuard guard(state_->device);
   std::vector<int> ranks(excluded);
   nccl::Config config = nccl::nonblocking_config();
   nccl::Comm next = nullptr;
@@ -158,14 +159,14 @@ std::string nccl_unique_id() {
 
 std::shared_ptr<Transport> make_nccl_transport(const std::string& unique_id, int rank, int size,
                                                int device, Millis timeout) {
-  const CudaHooks& h = hooks();
+  hooks();  // says so first when built without CUDA
   const nccl::Lib& lib = nccl::lib();
   nccl::UniqueId id;
   if (unique_id.size() != sizeof(id.internal))
     throw std::invalid_argument("an ncclUniqueId has 128 bytes, got " +
                                 std::to_string(unique_id.size()));
   std::memcpy(id.internal, unique_id.data(), sizeof(id.internal));
-  h.set_device(device);
+  DeviceGuard guard(device);
   nccl::Config config = nccl::nonblocking_config();
   nccl::Comm comm = nullptr;
   nccl::Result r = lib.CommInitRankConfig(&comm, size, id, rank, &config);

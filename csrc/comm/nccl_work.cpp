@@ -47,7 +47,7 @@ void NcclWork::wait(Millis timeout) {
   auto deadline = Clock::now() + timeout;
   nccl::Result failure = nccl::kSuccess;
   // The event must belong to the stream's device, whichever thread waits.
-  hooks().set_device(state_->device);
+  DeviceGuard guard(state_->device);
   // First the enqueue itself (a non-blocking call may still be in
   // progress), then the kernel, through an event recorded behind it.
   bool done = poll_until(

@@ -25,6 +25,21 @@ using Clock = std::chrono::steady_clock;
 // The CUDA calls; throws when kevlarflow was built without CUDA.
 const CudaHooks& hooks();
 
+// Makes a communicator's device current on this thread for the guard's
+// scope and gives the thread its own device back after: a link is called from
+// threads (the forward pass, the replicator's sender) whose current device
+// belongs to their other GPU work.
+class DeviceGuard {
+ public:
+  explicit DeviceGuard(int device) : previous_(hooks().exchange_device(device)) {}
+  ~DeviceGuard() { hooks().exchange_device(previous_); }
+  DeviceGuard(const DeviceGuard&) = delete;
+  DeviceGuard& operator=(const DeviceGuard&) = delete;
+
+ private:
+  int previous_;
+};
+
 // The error kind of an NCCL result.
 ErrorKind kind_of(nccl::Result r);
 
@@ -60,7 +75,7 @@ struct CommState {
     // Tensors kept for unfinished ops are freed (members, after this) only
     // once the aborted ops have left the stream.
     if (stream) {
-      hooks().set_device(device);
+      DeviceGuard guard(device);
       hooks().destroy_stream(stream);
     }
   }
@@ -84,7 +99,7 @@ struct CommState {
     aborted = true;
     std::lock_guard<std::mutex> lock(mu);
     if (!comm) return;
-    hooks().set_device(device);
+    DeviceGuard guard(device);
     lib.CommAbort(comm);
     comm = nullptr;
   }

@@ -231,7 +231,16 @@ def nccl_on_own_gpus(mgr: CommManager, store, me, members, leaver):
     mgr.allreduce("pipe", x)
     c = torch.ones(2)
     mgr.allreduce("ctl", c)
-    out = dict(pipe=x.cpu().tolist(), ctl=c.tolist(),
+    # Called from a thread whose current device is another GPU, the link
+    # works on its own device and leaves the thread's as it was.
+    torch.cuda.set_device((index + 1) % len(members))
+    ones = torch.ones(3, device=f"cuda:{index}")
+    mgr.allreduce("pipe", ones)
+    torch.cuda.synchronize(index)
+    device_kept = torch.cuda.current_device() == (index + 1) % len(members)
+    torch.cuda.set_device(index)
+    out = dict(pipe=x.cpu().tolist(), ctl=c.tolist(), ones=ones.cpu().tolist(),
+               device_kept=device_kept,
                backends=[mgr.backend_of("pipe"), mgr.backend_of("ctl")])
     if me == leaver:
         return out
