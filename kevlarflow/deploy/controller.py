@@ -46,6 +46,15 @@ log = logging.getLogger("kevlarflow.controller")
 __all__ = ["DeploymentConfig", "DeploymentError", "Controller"]
 
 
+def _model_config(model: str, config: DeploymentConfig) -> ModelConfig:
+    cfg = ModelConfig.from_pretrained(model)
+    if config.dtype:
+        cfg.dtype = DTYPES[config.dtype]
+    if config.pp_size > cfg.num_layers:
+        raise ValueError(f"pp_size {config.pp_size} exceeds the model's {cfg.num_layers} layers")
+    return cfg
+
+
 class DeploymentError(RuntimeError):
     """The deployment could not start, or lost what it needs to serve."""
 
@@ -57,19 +66,26 @@ class Controller(RequestFrontend):
         self.config = config = config or DeploymentConfig()
         config.validate()
         self.model = os.path.abspath(model)
-        cfg = ModelConfig.from_pretrained(model)
-        if config.dtype:
-            cfg.dtype = DTYPES[config.dtype]
-        if config.pp_size > cfg.num_layers:
-            raise ValueError(f"pp_size {config.pp_size} exceeds the model's {cfg.num_layers} layers")
-        self.model_config = cfg
+        self.model_config = cfg = _model_config(model, config)
         # What workers must have loaded too (as JSON decodes it, to compare).
         self.checkpoint = json.loads(fingerprint.encode(fingerprint.fingerprint(model)))
-        max_model_len = min(config.max_model_len or cfg.max_position_embeddings,
-                            cfg.max_position_embeddings)
+        self._closed = False
+        self.launcher = None
+        self.membership = None
+        self._plan_slots(config, cfg)
+        self.recovery = Recovery(self)
+        try:
+            token = self._open_control_plane(config)
+            self._start(model, cfg, token, tokenizer)
+        except BaseException:
+            self.shutdown()
+            raise
+
+    def _plan_slots(self, config: DeploymentConfig, cfg: ModelConfig) -> None:
+        """The workers' slots and their devices, a KV pool per slot, the
+        replication ring over them, and the pipeline instances."""
         sizes = StagePools.of(config, cfg)
         self.stage_blocks = sizes.live_blocks
-
         self.slot_devices = config.slot_devices()
         note = sharing_note(self.slot_devices)
         if note:
@@ -94,48 +110,50 @@ class Controller(RequestFrontend):
         self.owner: dict[Sequence, PipelineInstance] = {}
         self._steps = itertools.count()
         self._undelivered: list[RequestOutput] = []  # ended outside a result (failures)
-        self._closed = False
-        self.launcher = None
-        self.membership = None
-        self.recovery = Recovery(self)
 
+    def _open_control_plane(self, config: DeploymentConfig) -> str:
+        """The rendezvous store, the control socket, the launcher (when this
+        controller spawns its workers) and membership. Returns the join token:
+        the configured one, or a new one that only the workers this controller
+        spawns are given."""
         self.hosted_store = HostedStore(config.host, config.store_port, config.start_timeout_s)
         self.store = self.hosted_store.store
-        # The token that lets workers in: the configured one, or a new one
-        # that only the workers this controller spawns are given.
         token = config.join_token or new_token()
         self.endpoint = ControllerEndpoint(JoinKeys(token), config.host, config.port)
         self.address = f"{config.host}:{self.endpoint.port}"
         log.info("controller on %s, rendezvous store on port %d", self.address,
                  self.hosted_store.port)
-        if config.spawn_workers:  # else None, as set above
+        if config.spawn_workers:  # else None, as set before
             self.launcher = LocalLauncher(self._local_address(), token, config.worker_threads,
                                           config.instance_cpus)
         self.membership = Membership(self)
         # Recovery's view of the workers' processes is membership's.
         self.discard, self.spawn = self.membership.discard, self.membership.spawn
-        try:
-            if self.launcher:
-                for name in self.workers.names():
-                    self.spawn(name)
-            else:
-                log.info("waiting for %d workers: start each with `kevlarflow worker --controller "
-                         "%s` and the join token in $%s%s", len(self.workers.records),
-                         self.address, TOKEN_ENV,
-                         "" if config.join_token else f" (this one: {token})")
-            # While the workers start (import torch, load their stages): the
-            # import of transformers alone takes seconds.
-            if tokenizer is None:
-                from transformers import AutoTokenizer
+        return token
 
-                tokenizer = AutoTokenizer.from_pretrained(model)
-            super().__init__(tokenizer, cfg.vocab_size, cfg.eos_token_ids, max_model_len,
-                             min(self.stage_blocks) * config.block_size)
-            self._wait_until_serving(config.start_timeout_s)
-            self.membership.started = True
-        except BaseException:
-            self.shutdown()
-            raise
+    def _start(self, model: str, cfg: ModelConfig, token: str, tokenizer) -> None:
+        """Spawns the workers (or says how to start them), loads the tokenizer
+        meanwhile, and waits until every instance serves."""
+        config = self.config
+        if self.launcher:
+            for name in self.workers.names():
+                self.spawn(name)
+        else:
+            log.info("waiting for %d workers: start each with `kevlarflow worker --controller "
+                     "%s` and the join token in $%s%s", len(self.workers.records),
+                     self.address, TOKEN_ENV, "" if config.join_token else f" (this one: {token})")
+        # While the workers start (import torch, load their stages): the
+        # import of transformers alone takes seconds.
+        if tokenizer is None:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(model)
+        max_model_len = min(config.max_model_len or cfg.max_position_embeddings,
+                            cfg.max_position_embeddings)
+        super().__init__(tokenizer, cfg.vocab_size, cfg.eos_token_ids, max_model_len,
+                         min(self.stage_blocks) * config.block_size)
+        self._wait_until_serving(config.start_timeout_s)
+        self.membership.started = True
 
     def _new_pool(self, worker: str) -> BlockManager:
         stage = self.workers[worker].stage
