@@ -50,11 +50,15 @@ class ControllerEndpoint:
         self.sock = self._ctx.socket(zmq.ROUTER)
         _configure(self.sock)
         keys.serve_as_controller(self.sock)
-        if port:
-            self.sock.bind(f"tcp://{host}:{port}")
-            self.port = port
-        else:
-            self.port = self.sock.bind_to_random_port(f"tcp://{host}")
+        try:
+            if port:
+                self.sock.bind(f"tcp://{host}:{port}")
+                self.port = port
+            else:
+                self.port = self.sock.bind_to_random_port(f"tcp://{host}")
+        except zmq.ZMQError as error:
+            self.close()
+            raise OSError(f"the control socket cannot listen on {host}:{port}: {error}") from error
         self.host = host
 
     def send(self, peer: bytes, type_: str, **fields) -> bool:

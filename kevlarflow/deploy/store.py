@@ -19,7 +19,12 @@ class HostedStore:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self._listener = socket.socket(family, socket.SOCK_STREAM)
         self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._listener.bind((host or "0.0.0.0", port))
+        try:
+            self._listener.bind((host or "0.0.0.0", port))
+        except OSError as error:
+            self._listener.close()
+            raise OSError(f"the rendezvous store cannot listen on {host}:{port}: "
+                          f"{error.strerror or error}") from error
         self._listener.listen(512)
         self.port = self._listener.getsockname()[1]
         self._server = dist.TCPStore(host, self.port, is_master=True, wait_for_workers=False,

@@ -3,6 +3,7 @@ logged, and both ends keep working: a real worker process against a control
 socket of the test's own, and a real deployment against a raw socket."""
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -177,6 +178,40 @@ def test_a_shutdown_lets_registered_workers_exit_and_kills_a_starting_replacemen
     assert home[(0, 0)].returncode == -signal.SIGKILL  # the fault
     assert home[(1, 0)].returncode == 0
     assert replacement.returncode == -signal.SIGKILL
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_busy_port_is_a_clear_error_and_leaves_nothing_open():
+    """A control or store port some other process holds: an error naming
+    it, and whatever the controller had opened already (the store, the
+    join gate's thread) is closed again."""
+    from kevlarflow.deploy.controller import Controller, DeploymentConfig
+
+    model = tiny_model()
+    threads = set(threading.enumerate())
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        store_port = _free_port()
+        for held in ({"store_port": port},
+                     {"port": port, "store_port": store_port}):
+            config = DeploymentConfig(host="127.0.0.1", num_instances=1, pp_size=1, **held)
+            with pytest.raises(OSError, match=f"cannot listen on 127.0.0.1:{port}: .*in use"):
+                Controller(model, config)
+    # The store that did start (on store_port) has stopped listening.
+    with socket.socket() as again:
+        again.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        again.bind(("127.0.0.1", store_port))
+    deadline = time.monotonic() + 5
+    while set(threading.enumerate()) - threads:
+        assert time.monotonic() < deadline, f"left running: {set(threading.enumerate()) - threads}"
+        time.sleep(0.05)
 
 
 def test_deployment_rejects_garbage_and_keeps_serving(caplog):
