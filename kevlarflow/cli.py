@@ -226,7 +226,13 @@ def _add_serve(subparsers) -> None:
             config.validate()
         except ValueError as error:
             parser.error(str(error))
-        engine = AsyncEngine(args.model, config)
+        from kevlarflow.deploy.controller import DeploymentError
+        try:
+            engine = AsyncEngine(args.model, config)
+        except (ValueError, OSError, DeploymentError) as error:
+            # Not a checkpoint, one that does not fit, workers that never
+            # came up: one line, not a traceback.
+            parser.exit(2, f"{parser.prog}: error: {error}\n")
         api_key = args.api_key if args.api_key is not None else os.environ.get("KEVLARFLOW_API_KEY")
         app = build_app(engine, args.served_model_name or args.model, api_key=api_key,
                         enable_fault_injection=args.enable_fault_injection,

@@ -280,3 +280,13 @@ def test_serve_refuses_bad_times_with_a_usage_error(option, message):
     proc = subprocess.run([sys.executable, "-m", "kevlarflow", "serve", tiny_model(), *option],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and f"error: {message}" in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("option", [[], ["--instances", "2"]], ids=["in-process", "deployment"])
+def test_serve_says_in_one_line_why_it_cannot_start(option, tmp_path):
+    """A folder that is not a checkpoint: the reason and status 2, no traceback."""
+    proc = subprocess.run([sys.executable, "-m", "kevlarflow", "serve", str(tmp_path), *option],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert f"error: {tmp_path} is not a model folder: config.json is missing" in proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
