@@ -519,12 +519,8 @@ def test_with_three_instances_the_borrowed_worker_replicates_to_the_replacement(
                                     "w0.0": "w1.0", "w1.0": "w2.0", "w2.0": "w0.0"}
 
 
-def test_two_instances_borrowing_one_worker_move_back_one_through_its_replicas():
-    """Instances 0 and 2 both run on w1.1. Instance 0's replacement joins
-    first and catches up through w1.1's replicas; instance 2's, joining
-    meanwhile, does not take that link away (a worker has one backup): it
-    moves back recomputing, and says why."""
-    d = Deployment(num_instances=3)
+def _two_borrowing_w1_1(d):
+    """Instances 0 and 2 lose their stage-1 workers and both run on w1.1."""
     d.start()
     inst0, inst2 = d.instances[0], d.instances[2]
     seqs = [d.add(0), d.add(2)]
@@ -535,6 +531,31 @@ def test_two_instances_borrowing_one_worker_move_back_one_through_its_replicas()
     d.connect(inst2)
     assert inst0.workers == ["w0.0", "w1.1"] and inst2.workers == ["w2.0", "w1.1"]
     d.step(0), d.step(2)
+    return inst0, inst2, seqs
+
+
+def _move_back(d, i):
+    """Instance i catches up, drains and rejoins its own workers; their
+    communicator comes up."""
+    inst = d.instances[i]
+    d.links_up()
+    d.step(i)
+    d.recovery.tick()
+    assert d.phase(i) is Phase.DRAINING
+    d.recovery.tick()
+    assert d.phase(i) is Phase.BUILDING and inst.workers == inst.home
+    assert d.events.of("rejoined")[-1].detail.endswith("recompute 0"), d.events.of("rejoined")
+    d.connect(inst)
+
+
+def test_two_instances_borrowing_one_worker_both_move_back_through_its_replicas():
+    """Instances 0 and 2 both run on w1.1. Instance 0's replacement joins
+    first and catches up through w1.1's replicas; instance 2's, joining
+    meanwhile, does not take that link away (a worker has one backup): it
+    goes on serving on w1.1, and once instance 0 is back, w1.1 replicates to
+    it and it moves back in turn, neither recomputing a token."""
+    d = Deployment(num_instances=3)
+    inst0, inst2, seqs = _two_borrowing_w1_1(d)
     d.ready("w0.1")
     d.links_up()
     assert d.phase(0) is Phase.CATCHING_UP and d.replication.ring()["w1.1"] == "w0.1"
@@ -542,14 +563,40 @@ def test_two_instances_borrowing_one_worker_move_back_one_through_its_replicas()
     d.links_up()
     assert d.replication.ring()["w1.1"] == "w0.1"
     assert d.phase(0) is Phase.CATCHING_UP
-    assert d.phase(2) is Phase.BUILDING and inst2.workers == inst2.home
-    assert d.events.of("rejoined")[-1].detail.endswith("no replication link to its own worker")
-    d.step(0)
+    assert d.phase(2) is Phase.SERVING and inst2.workers == ["w2.0", "w1.1"]
+    d.step(2)  # it serves while it waits
     d.recovery.tick()
-    d.recovery.tick()
-    assert d.phase(0) is Phase.BUILDING and inst0.workers == inst0.home
-    assert d.events.of("rejoined")[-1].detail.endswith("recompute 0")
+    assert d.phase(2) is Phase.SERVING and d.replication.ring()["w1.1"] == "w0.1"
+    _move_back(d, 0)
     assert seqs[0].num_computed_tokens == 8
+    d.recovery.tick()  # instance 0 is back: w1.1 replicates to instance 2's own worker
+    assert d.replication.ring()["w1.1"] == "w2.1" and d.phase(2) is Phase.CATCHING_UP
+    _move_back(d, 2)
+    assert seqs[1].num_computed_tokens == 9
+    assert not d.events.of("requests_failed") and len(d.events.of("rejoined")) == 2
+
+
+def test_an_instance_not_yet_moving_back_does_not_keep_the_lender_s_backup():
+    """Instance 0's stage-1 replacement is ready but its stage-0 one is not,
+    so it cannot move back yet: instance 2, whose replacement is ready, takes
+    w1.1's replicas and moves back first; instance 0 follows through them."""
+    d = Deployment(num_instances=3)
+    inst0, inst2, _ = _two_borrowing_w1_1(d)
+    d.lose("w0.0")  # instance 0 reroutes to w1.0 at stage 0
+    d.connect(inst0)
+    assert inst0.workers == ["w1.0", "w1.1"]
+    d.ready("w0.1")
+    d.links_up()
+    assert d.phase(0) is Phase.SERVING and d.replication.ring()["w1.1"] == "w0.1"
+    d.ready("w2.1")
+    assert d.replication.ring()["w1.1"] == "w2.1" and d.phase(2) is Phase.CATCHING_UP
+    d.ready("w0.0")  # instance 0 could move back now, but w1.1 replicates to instance 2's
+    assert d.phase(0) is Phase.SERVING
+    _move_back(d, 2)
+    d.recovery.tick()
+    assert d.replication.ring()["w1.1"] == "w0.1" and d.phase(0) is Phase.CATCHING_UP
+    _move_back(d, 0)
+    assert not d.events.of("requests_failed") and len(d.events.of("rejoined")) == 2
 
 
 def test_a_drain_has_the_last_replicas_sent_once_its_steps_are_back(d):

@@ -18,21 +18,32 @@ class MoveBack:
     def __init__(self, replication, config):
         self.replication, self.config = replication, config
 
-    def prepare(self, instances, record) -> None:
+    def prepare(self, instances, record, moving_back) -> None:
         """The worker of record is ready while its instance borrows another
         at its stage: that one replicates to it from now on, so that the
-        instance's KV is there when it moves back. Unless the lender already
-        replicates to the worker of another instance that borrows it and
-        moves back through it: a worker has one backup."""
+        instance's KV is there when it moves back. Unless the lender's
+        replicas go to the own worker of another instance that is moving
+        back through them (moving_back(instance): it catches up or drains):
+        a worker has one backup, and that instance keeps it until it is back."""
+        inst = instances[record.instance]
         s = record.stage
-        lender = instances[record.instance].workers[s]
-        if lender == record.name:
+        if inst.workers[s] == record.name or self._taken(instances, inst, s, moving_back):
             return
+        self.replication.place_after(record.name, inst.workers[s])
+
+    def waits_for_lender(self, instances, inst, moving_back) -> bool:
+        """A worker inst borrows replicates to another instance moving back
+        through it: inst moves back after that one, through the same worker's
+        replicas, rather than now with none of its KV at its own worker."""
+        return any(self._taken(instances, inst, s, moving_back)
+                   for s, (own, now) in enumerate(zip(inst.home, inst.workers)) if own != now)
+
+    def _taken(self, instances, inst, s, moving_back) -> bool:
+        lender = inst.workers[s]
         backup = self.replication.ring().get(lender)
-        if backup != record.name and any(o.home[s] == backup and o.workers[s] == lender
-                                         for o in instances):
-            return
-        self.replication.place_after(record.name, lender)
+        return backup != inst.home[s] and any(
+            other is not inst and other.home[s] == backup and other.workers[s] == lender
+            and moving_back(other) for other in instances)
 
     def copy_time(self, inst) -> float:
         """A bound on copying inst's KV at its borrowed stages to its own

@@ -69,7 +69,7 @@ class Recovery:
         if self.replacements.ready(name):
             self.d.events.record("replacement_loaded", worker=name,
                                  instance=self.d.workers[name].instance)
-        self.move_back.prepare(self.d.instances, self.d.workers[name])
+        self.move_back.prepare(self.d.instances, self.d.workers[name], self._moving_back)
         self.d.replication.reform()
         for inst in self.d.instances:
             phase = self.phase(inst)
@@ -191,6 +191,8 @@ class Recovery:
                     self.move_back.flush(inst)
             elif st.phase is Phase.DRAINING:
                 self._after_drain(inst, late)
+            elif st.phase is Phase.SERVING:
+                self._retry_move_back(inst)
 
     def awaits_first_step(self, inst) -> bool:
         """inst serves again after a failure and has not completed a step yet:
@@ -338,12 +340,32 @@ class Recovery:
         if inst.workers == inst.home or not all(self.d.workers.ready(w) for w in inst.home):
             return
         if not self.move_back.can_catch_up(inst):
+            if self.move_back.waits_for_lender(self.d.instances, inst, self._moving_back):
+                log.info("instance %d moves back once another instance has moved back through "
+                         "the worker both borrow", inst.index)
+                return
             self._rejoin(inst, "no replication link to its own worker")
             return
         replacement = next(own for own, now in zip(inst.home, inst.workers) if own != now)
         self._enter(inst, Phase.CATCHING_UP, f"{replacement} is ready",
                     deadline=self.move_back.copy_time(inst))
         self.states[inst.index].rejoining = replacement
+
+    def _retry_move_back(self, inst) -> None:
+        """inst waited for another instance to move back through a worker
+        both borrow: once that one is back, the worker replicates to inst's
+        own, and inst moves back in turn."""
+        if inst.workers == inst.home or not all(self.d.workers.ready(w) for w in inst.home) \
+                or self.move_back.can_catch_up(inst) \
+                or self.move_back.waits_for_lender(self.d.instances, inst, self._moving_back):
+            return
+        for own in inst.home:
+            self.move_back.prepare(self.d.instances, self.d.workers[own], self._moving_back)
+        self.d.replication.reform()
+        self._consider_rejoin(inst)
+
+    def _moving_back(self, inst) -> bool:
+        return self.phase(inst) in (Phase.CATCHING_UP, Phase.DRAINING)
 
     def _after_drain(self, inst, late: bool) -> None:
         decision = self.move_back.after_drain(inst, late)
