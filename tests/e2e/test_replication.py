@@ -3,6 +3,7 @@ their backup while they serve, and after a failure the borrowed worker
 resumes them from those replicas, recomputing only the tokens past each
 request's watermark. Outputs stay those of a failure-free run."""
 import os
+import re
 import signal
 import time
 
@@ -240,6 +241,40 @@ def test_requests_move_back_without_losing_their_kv(expected, instances, pp):
             computed, kept = moved_at_failure.get(seq.request_id, (0, 0))
             assert recomputed(seq) == computed - kept, \
                 f"{seq.request_id}: {recomputed(seq)} != {computed} - {kept}\n{timeline(engine)}"
+        with LLM(tiny_model(), **{k: v for k, v in ARGS.items() if k != "hang_timeout_s"}) as ref:
+            want = [o.token_ids for o in ref.generate(prompts, params)]
+        assert streams.tokens(seqs) == want
+
+
+def test_two_instances_that_borrowed_one_worker_both_move_back_keeping_their_kv():
+    """Three instances of one stage; w0.0 and w2.0 are killed at once, so
+    instances 0 and 2 both borrow w1.0, which has one backup. Their
+    replacements load together: one moves back through w1.0's replicas while
+    the other serves on, then the other does, and neither runs a token again
+    for its move."""
+    prompts, params = workload()
+    for p in params:
+        p.max_tokens = 120  # still running when the replacements join (see above)
+    prompts, params = prompts[:6], params[:6]
+    with LLM(tiny_model(), num_instances=3, pp_size=1,
+             **dict(ARGS, replication_interval_s=0)) as llm:
+        engine = llm.engine
+        streams = Streams(engine)
+        seqs = _start(streams, prompts, params)
+        assert all(engine.instances[i].running() for i in (0, 2)), timeline(engine)
+        engine.inject_fault(0, 0, "kill")
+        engine.inject_fault(2, 0, "kill")
+        streams.until(lambda: all(engine.instances[i].workers == ["w1.0"] for i in (0, 2))
+                      and all(i.serving for i in engine.instances), "both on w1.0")
+        time.sleep(3)  # both replacements register while nothing steps
+        streams.until(lambda: len(engine.events.of("rejoined")) == 2, "both rejoins")
+        rejoins = engine.events.of("rejoined")
+        assert {e.instance for e in rejoins} == {0, 2}, timeline(engine)
+        # Each moved requests that had KV, and kept all of it.
+        for e in rejoins:
+            move = re.fullmatch(r"(\d+) requests keep (\d+) tokens of KV, recompute 0", e.detail)
+            assert move and int(move[1]) > 0 and int(move[2]) > 0, timeline(engine)
+        streams.finish()
         with LLM(tiny_model(), **{k: v for k, v in ARGS.items() if k != "hang_timeout_s"}) as ref:
             want = [o.token_ids for o in ref.generate(prompts, params)]
         assert streams.tokens(seqs) == want
