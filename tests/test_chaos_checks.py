@@ -74,3 +74,28 @@ def test_a_move_back_after_the_last_fault_is_no_gap_in_serving():
     resumed[1]["detail"] = "w0.0 -> w0.1"
     check = checks.recovered(samples, faults, resumed, 5.0)
     assert not check["ok"] and check["value"]["all_serving_s"] == pytest.approx(5.1), check
+
+
+def test_the_wait_for_a_replacement_to_load_is_not_recovery_s_time():
+    """The last fault leaves a stage with no ready worker: nothing serves
+    until its replacement loads (3.5 s here), and the target bounds what
+    recovery takes after that, not the load. Past the target, it fails."""
+    from kevlarflow.bench.chaos.faults import Fault
+
+    def status(t, serving, ready):
+        return dict(t_s=t, serving=[serving, True], moving_back=[False, False],
+                    home=[True, True], states={"w0.0": "ready"}, every_stage_ready=ready)
+
+    def run(resumed_at):
+        samples = [status(t / 4, serving=not 1 <= t / 4 < resumed_at, ready=not 2 <= t / 4 < 5.5)
+                   for t in range(80)]
+        resumed = [dict(kind="resumed", t_s=resumed_at, instance=0, detail="w0.0 -> w0.1")]
+        return checks.recovered(samples, faults, resumed, 5.0)
+
+    faults = [Fault(t_s=1.0, scenario="any", worker="w0.1", kind="hang", injected=True)]
+    check = run(resumed_at=7.5)
+    assert check["ok"], check
+    assert check["value"]["all_serving_s"] == pytest.approx(6.5)
+    assert check["value"]["no_ready_worker_s"] == pytest.approx(4.5)
+    check = run(resumed_at=11.5)  # 6 s after the replacement loaded
+    assert not check["ok"] and check["value"]["all_serving_s"] == pytest.approx(10.5), check

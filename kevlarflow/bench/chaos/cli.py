@@ -43,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--output-len", type=int, default=24)
     p.add_argument("--recovery-target", type=float, default=5.0, help="seconds from the last "
-                   "fault to every instance serving")
+                   "fault to every instance serving, less any time some stage had no ready "
+                   "worker (a replacement loading)")
     p.add_argument("--hang-timeout", type=float, default=1.0)
     p.add_argument("--outage-timeout", type=float, default=30.0,
                    help="how long requests wait while a stage has no live worker (0: they "

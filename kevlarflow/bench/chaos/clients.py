@@ -121,6 +121,8 @@ def _digest(status: dict) -> dict:
     stages = status["pp_size"]
     covered = all(any(w["live"] and w["stage"] == s for w in workers.values())
                   for s in range(stages))
+    ready = all(any(w["state"] == "ready" and w["stage"] == s for w in workers.values())
+                for s in range(stages))
     return dict(
         phases=[i["phase"] for i in status["instances"]],
         serving=[i["serving"] for i in status["instances"]],
@@ -132,6 +134,7 @@ def _digest(status: dict) -> dict:
         borrowed=[w for i in status["instances"] for w in i["borrowed"]],
         states={name: w["state"] for name, w in workers.items()},
         every_stage_live=covered,
+        every_stage_ready=ready,
         blocks_used=sum(w["blocks_used"] for w in workers.values()),
         replica_blocks_used=status["replication"]["replica_blocks_used"],
         requests=sum(i["requests"] for i in status["instances"]),
