@@ -73,6 +73,8 @@ class Worker:
         self.refused = False  # by the controller: it never let this worker in
         self.read_ahead = ReadAhead(self.endpoint, POLL_MS, self._finish_builds)
         self.merged_steps = 0
+        log.info("registering with the controller at %s (it has %g s to answer)", controller,
+                 connect_timeout_s)
         self.endpoint.send("register", pid=os.getpid(), host=socket.gethostname(),
                            instance=instance, stage=stage)
         self.heartbeat = Heartbeat(self, self.connect, parent_pid)
