@@ -1,7 +1,8 @@
 """Bursts of faults against recovery's state machine, in-process (see
 helpers/recovery_deployment.py): hypothesis draws sequences of worker
 failures, replacements that die before they register or join, builds and
-replication links that come up, steps (some left in flight across the
+replication links that come up or fail, communicator errors in a step,
+steps (some left in flight across the
 faults, then answered if still awaited), and time passing, on 2 x 2, 3 x 2
 and 4 x 1 deployments. After every action the deployment is consistent; once the
 faults stop and every replacement joins, every instance is back on its own
@@ -15,7 +16,8 @@ from helpers.recovery_deployment import Deployment
 from kevlarflow.deploy.workers import WorkerState
 from kevlarflow.ft.phases import Phase
 
-KINDS = ("lose", "die", "join", "connect", "links", "step", "send", "answer", "tick")
+KINDS = ("lose", "die", "join", "connect", "links", "step", "send", "answer", "tick",
+         "build_fails", "link_fails", "comm_error")
 ACTIONS = st.lists(st.tuples(st.sampled_from(KINDS), st.integers(0, 5)), min_size=1, max_size=40)
 ON_WORKERS = (Phase.SERVING, Phase.CATCHING_UP, Phase.DRAINING)
 
@@ -61,6 +63,19 @@ def apply(d, kind: str, k: int) -> None:
             d.dispatch(k % len(d.instances))
     elif kind == "answer":
         _answer(d)
+    elif kind == "build_fails":  # a member reports its build of the pipeline failed
+        inst = d.instances[k % len(d.instances)]
+        d.recovery.group_failed(inst, inst.generation, inst.workers[k % len(inst.workers)],
+                                "connection reset")
+    elif kind == "link_fails":
+        links = sorted(d.replication.links.values(), key=lambda link: link.source)
+        if links:
+            link = links[k % len(links)]
+            d.replication.link_failed(link.group, link.generation)
+    elif kind == "comm_error":  # a step's send or receive failed, no worker known dead
+        inst = d.instances[k % len(d.instances)]
+        if inst.in_flight:
+            d.recovery.comm_error(inst, inst.workers[-1], "peer closed the connection")
     else:
         d.clock.now += 0.25 * (k + 1)
         d.recovery.tick()
