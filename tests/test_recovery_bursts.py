@@ -4,7 +4,8 @@ failures, replacements that die before they register or join, builds and
 replication links that come up or fail, communicator errors in a step,
 steps (some left in flight across the faults, then answered if still
 awaited), and time passing, on 2 x 2, 3 x 2 and 4 x 1 deployments, under
-KevlarFlow's recovery and the restart baseline. After every action the
+KevlarFlow's recovery and the restart baseline, with replacements that start
+at once or after a delay. After every action the
 deployment is consistent; once the faults stop and every replacement joins,
 every instance is back on its own workers, serving, with all its requests,
 none of which failed."""
@@ -114,12 +115,12 @@ def settle(d, rounds: int = 80) -> None:
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.sampled_from([(2, 2), (3, 2), (4, 1)]), st.sampled_from(["kevlarflow", "restart"]),
-       ACTIONS)
-def test_after_any_burst_of_faults_every_instance_gets_home_with_its_requests(topology, recovery,
-                                                                             actions):
+       st.sampled_from([0.0, 3.0]), ACTIONS)
+def test_after_any_burst_of_faults_every_instance_gets_home_with_its_requests(
+        topology, recovery, replacement_delay_s, actions):
     instances, stages = topology
     d = Deployment(num_instances=instances, pp_size=stages, recovery=recovery,
-                   outage_timeout_s=1e6)
+                   replacement_delay_s=replacement_delay_s, outage_timeout_s=1e6)
     d.start()
     requests = [d.add(i % instances) for i in range(2 * instances)]
     for i in range(instances):
