@@ -5,10 +5,9 @@ replication links that come up or fail, communicator errors in a step,
 steps (some left in flight across the faults, then answered if still
 awaited), and time passing, on 2 x 2, 3 x 2 and 4 x 1 deployments, under
 KevlarFlow's recovery and the restart baseline, with replacements that start
-at once or after a delay. After every action the
-deployment is consistent; once the faults stop and every replacement joins,
-every instance is back on its own workers, serving, with all its requests,
-none of which failed."""
+at once or after a delay. After every action the deployment is consistent;
+once the faults stop and every replacement joins, every instance is back on
+its own workers, serving, with all its requests, none of which failed."""
 from __future__ import annotations
 
 from hypothesis import HealthCheck, given, settings
