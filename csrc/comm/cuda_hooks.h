@@ -8,6 +8,8 @@ namespace kevlarflow::comm {
 
 struct CudaHooks {
   int (*exchange_device)(int device);  // makes device current; returns the one it replaced
+  void (*restore_device)(int device);  // gives a thread its device back, creating no CUDA
+                                       // context on it if it has none
   void* (*current_stream)(int device);  // a cudaStream_t
   void* (*record_event)(void* stream);  // a new cudaEvent_t recorded on it
   int (*query_event)(void* event);      // 1 done, 0 not yet, -1 CUDA error

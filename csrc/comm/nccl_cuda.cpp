@@ -12,6 +12,13 @@ int exchange_device(int device) {
   return c10::cuda::ExchangeDevice(static_cast<c10::DeviceIndex>(device));
 }
 
+// As torch's CUDAGuard restores: a thread that never used its (default)
+// device gets it back without a primary context made on it, which would take
+// memory on a GPU this process does not use.
+void restore_device(int device) {
+  (void)c10::cuda::MaybeSetDevice(static_cast<c10::DeviceIndex>(device));
+}
+
 void* current_stream(int device) {
   return c10::cuda::getCurrentCUDAStream(static_cast<c10::DeviceIndex>(device)).stream();
 }
@@ -42,7 +49,7 @@ void* create_stream(int device) {
   int previous = exchange_device(device);
   cudaStream_t stream = nullptr;
   if (cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking) != cudaSuccess) stream = nullptr;
-  exchange_device(previous);
+  restore_device(previous);
   return stream;
 }
 
@@ -63,8 +70,9 @@ bool order_after(void* stream, void* earlier) {
   return ok;
 }
 
-const CudaHooks kHooks{exchange_device, current_stream, record_event,   query_event,
-                       destroy_event,   create_stream,  destroy_stream, order_after};
+const CudaHooks kHooks{exchange_device, restore_device, current_stream, record_event,
+                       query_event,     destroy_event,  create_stream,  destroy_stream,
+                       order_after};
 
 }  // namespace
 

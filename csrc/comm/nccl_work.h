@@ -32,7 +32,7 @@ const CudaHooks& hooks();
 class DeviceGuard {
  public:
   explicit DeviceGuard(int device) : previous_(hooks().exchange_device(device)) {}
-  ~DeviceGuard() { hooks().exchange_device(previous_); }
+  ~DeviceGuard() { hooks().restore_device(previous_); }
   DeviceGuard(const DeviceGuard&) = delete;
   DeviceGuard& operator=(const DeviceGuard&) = delete;
 

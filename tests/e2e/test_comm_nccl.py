@@ -107,6 +107,7 @@ def test_nccl_and_gloo_groups_side_by_side_then_a_shrink():
     for me in w.members:
         assert out[me]["pipe"] == [total] * 8 and out[me]["ctl"] == [float(n)] * 2
         assert out[me]["ones"] == [float(n)] * 3 and out[me]["device_kept"]
+        assert out[me]["no_new_context"]
         assert out[me]["backends"] == ["nccl", "gloo"]
     survivors = w.members[:-1]
     for me in survivors:

@@ -232,15 +232,19 @@ def nccl_on_own_gpus(mgr: CommManager, store, me, members, leaver):
     c = torch.ones(2)
     mgr.allreduce("ctl", c)
     # Called from a thread whose current device is another GPU, the link
-    # works on its own device and leaves the thread's as it was.
-    torch.cuda.set_device((index + 1) % len(members))
+    # works on its own device and leaves the thread's as it was, without
+    # making a CUDA context on that other GPU.
+    other = (index + 1) % len(members)
+    torch.cuda.set_device(other)  # (torch may defer making its context)
+    other_had_context = torch._C._cuda_hasPrimaryContext(other)
     ones = torch.ones(3, device=f"cuda:{index}")
     mgr.allreduce("pipe", ones)
     torch.cuda.synchronize(index)
-    device_kept = torch.cuda.current_device() == (index + 1) % len(members)
+    device_kept = torch.cuda.current_device() == other
+    no_new_context = torch._C._cuda_hasPrimaryContext(other) == other_had_context
     torch.cuda.set_device(index)
     out = dict(pipe=x.cpu().tolist(), ctl=c.tolist(), ones=ones.cpu().tolist(),
-               device_kept=device_kept,
+               device_kept=device_kept, no_new_context=no_new_context,
                backends=[mgr.backend_of("pipe"), mgr.backend_of("ctl")])
     if me == leaver:
         return out
