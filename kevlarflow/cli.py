@@ -211,9 +211,13 @@ def _add_serve(subparsers) -> None:
                       max_num_batched_tokens=args.max_num_batched_tokens,
                       max_model_len=args.max_model_len, device=args.device,
                       enforce_eager=args.enforce_eager)
+        # What an engine that cannot start raises: not a checkpoint, one that
+        # does not fit, a port taken, workers that never came up.
+        start_errors: tuple[type[Exception], ...] = (ValueError, OSError)
         if args.instances * args.pp > 1:
-            from kevlarflow.deploy.controller import DeploymentConfig
+            from kevlarflow.deploy.controller import DeploymentConfig, DeploymentError
             from kevlarflow.deploy.join import TOKEN_ENV
+            start_errors += (DeploymentError,)
             config = DeploymentConfig(num_instances=args.instances, pp_size=args.pp,
                                       hang_timeout_s=args.hang_timeout, recovery=args.recovery,
                                       replacement_delay_s=args.replacement_delay,
@@ -226,12 +230,9 @@ def _add_serve(subparsers) -> None:
             config.validate()
         except ValueError as error:
             parser.error(str(error))
-        from kevlarflow.deploy.controller import DeploymentError
         try:
             engine = AsyncEngine(args.model, config)
-        except (ValueError, OSError, DeploymentError) as error:
-            # Not a checkpoint, one that does not fit, workers that never
-            # came up: one line, not a traceback.
+        except start_errors as error:  # one line, not a traceback
             parser.exit(2, f"{parser.prog}: error: {error}\n")
         api_key = args.api_key if args.api_key is not None else os.environ.get("KEVLARFLOW_API_KEY")
         app = build_app(engine, args.served_model_name or args.model, api_key=api_key,

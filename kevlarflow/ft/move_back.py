@@ -27,7 +27,8 @@ class MoveBack:
         a worker has one backup, and that instance keeps it until it is back."""
         inst = instances[record.instance]
         s = record.stage
-        if inst.workers[s] == record.name or self._taken(instances, inst, s, moving_back):
+        if inst.workers[s] == record.name or \
+                self._taken(instances, inst, s, moving_back, self.replication.ring()):
             return
         self.replication.place_after(record.name, inst.workers[s])
 
@@ -35,12 +36,14 @@ class MoveBack:
         """A worker inst borrows replicates to another instance moving back
         through it: inst moves back after that one, through the same worker's
         replicas, rather than now with none of its KV at its own worker."""
-        return any(self._taken(instances, inst, s, moving_back)
+        ring = self.replication.ring()
+        return any(self._taken(instances, inst, s, moving_back, ring)
                    for s, (own, now) in enumerate(zip(inst.home, inst.workers)) if own != now)
 
-    def _taken(self, instances, inst, s, moving_back) -> bool:
+    @staticmethod
+    def _taken(instances, inst, s, moving_back, ring) -> bool:
         lender = inst.workers[s]
-        backup = self.replication.ring().get(lender)
+        backup = ring.get(lender)
         return backup != inst.home[s] and any(
             other is not inst and other.home[s] == backup and other.workers[s] == lender
             and moving_back(other) for other in instances)

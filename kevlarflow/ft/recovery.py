@@ -335,9 +335,13 @@ class Recovery:
 
     # Moving back to a replacement ----------------------------------------------------
 
+    def _can_move_back(self, inst) -> bool:
+        """inst runs on a borrowed worker and its own are all ready."""
+        return inst.workers != inst.home and all(self.d.workers.ready(w) for w in inst.home)
+
     def _consider_rejoin(self, inst) -> None:
         """inst serves on a borrowed worker and its own are all ready again."""
-        if inst.workers == inst.home or not all(self.d.workers.ready(w) for w in inst.home):
+        if not self._can_move_back(inst):
             return
         if not self.move_back.can_catch_up(inst):
             if self.move_back.waits_for_lender(self.d.instances, inst, self._moving_back):
@@ -355,8 +359,7 @@ class Recovery:
         """inst waited for another instance to move back through a worker
         both borrow: once that one is back, the worker replicates to inst's
         own, and inst moves back in turn."""
-        if inst.workers == inst.home or not all(self.d.workers.ready(w) for w in inst.home) \
-                or self.move_back.can_catch_up(inst) \
+        if not self._can_move_back(inst) or self.move_back.can_catch_up(inst) \
                 or self.move_back.waits_for_lender(self.d.instances, inst, self._moving_back):
             return
         for own in inst.home:

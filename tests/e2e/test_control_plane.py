@@ -18,6 +18,7 @@ from kevlarflow import LLM, SamplingParams  # noqa: E402
 from kevlarflow.deploy.control import ControllerEndpoint
 from kevlarflow.deploy.join import TOKEN_ENV, JoinKeys
 from helpers.models import tiny_model
+from helpers.net import free_port
 
 TOKEN = "a-join-token-of-the-tests"
 KEYS = JoinKeys(TOKEN)
@@ -180,12 +181,6 @@ def test_a_shutdown_lets_registered_workers_exit_and_kills_a_starting_replacemen
     assert replacement.returncode == -signal.SIGKILL
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_a_busy_port_is_a_clear_error_and_leaves_nothing_open():
     """A control or store port some other process holds: an error naming
     it, and whatever the controller had opened already (the store, the
@@ -198,7 +193,7 @@ def test_a_busy_port_is_a_clear_error_and_leaves_nothing_open():
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        store_port = _free_port()
+        store_port = free_port()
         for held in ({"store_port": port},
                      {"port": port, "store_port": store_port}):
             config = DeploymentConfig(host="127.0.0.1", num_instances=1, pp_size=1, **held)

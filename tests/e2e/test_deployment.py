@@ -11,6 +11,7 @@ from kevlarflow import LLM, SamplingParams
 from helpers import models
 from helpers.failover import all_home
 from helpers.models import tiny_model
+from helpers.net import free_port
 
 PROMPTS = models.PROMPTS + [
     "one more prompt that is long enough to be split into several prefill chunks " * 3]
@@ -53,13 +54,10 @@ def test_greedy_outputs_match_one_process(expected, num_instances, pp_size):
 def test_external_workers_register_with_a_controller(expected):
     """What a second host does: `kevlarflow worker --controller HOST:PORT`,
     started before or after the controller, takes any free slot."""
-    import socket
     import subprocess
     import sys
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     token = "this-deployments-join-token"
     cmd = [sys.executable, "-m", "kevlarflow", "worker", "--controller", f"127.0.0.1:{port}"]
     env = dict(os.environ, KEVLARFLOW_JOIN_TOKEN=token)

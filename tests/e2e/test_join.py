@@ -27,6 +27,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 zmq = pytest.importorskip("zmq")  # a dependency of the package; absent on bare GPU images
 
 from helpers.models import tiny_model  # noqa: E402
+from helpers.net import free_port  # noqa: E402
 from kevlarflow import LLM, SamplingParams  # noqa: E402
 from kevlarflow.deploy import protocol  # noqa: E402
 from kevlarflow.deploy.control import ControllerEndpoint  # noqa: E402
@@ -35,12 +36,6 @@ from kevlarflow.model.make_model import make_model  # noqa: E402
 
 TOKEN = "the-deployment-join-token"
 GREEDY = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(address: str, token: str | None) -> subprocess.Popen:
@@ -90,7 +85,7 @@ def _reap(thread: threading.Thread) -> None:
 
 def test_workers_without_the_token_are_refused_and_one_with_it_serves(caplog):
     caplog.set_level(logging.WARNING, logger="kevlarflow")
-    port = _free_port()
+    port = free_port()
     address = f"127.0.0.1:{port}"
     started, thread = _start_controller(tiny_model(), port)
     try:
@@ -120,7 +115,7 @@ def test_a_worker_that_loaded_another_checkpoint_is_refused(tmp_path, caplog):
     model, other = tmp_path / "model", tmp_path / "other"
     shutil.copytree(tiny_model(), model)
     make_model(other, preset="tiny", flavour="llama", seed=1)
-    port = _free_port()
+    port = free_port()
     started, thread = _start_controller(str(model), port)
     try:
         _wait_listening(port)

@@ -1,7 +1,6 @@
 """The OpenAI-compatible server, live: uvicorn on a loopback port in a thread,
 talked to with the openai client and raw httpx requests."""
 import json
-import socket
 import threading
 import time
 
@@ -19,6 +18,7 @@ from kevlarflow.engine.llm_engine import EngineConfig
 from kevlarflow.deploy.router import NoInstanceServing
 from kevlarflow.server import build_app
 from helpers.models import tiny_model
+from helpers.net import free_port
 
 KEY = "sk-test"
 MAX_MODEL_LEN = 64
@@ -26,9 +26,7 @@ MAX_MODEL_LEN = 64
 
 class LiveServer:
     def __init__(self, app):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port,
                                                     log_level="warning"))
@@ -563,9 +561,7 @@ def test_cli_serves_and_stops_on_sigterm():
     import subprocess
     import sys
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "kevlarflow", "serve", tiny_model(),
                              "--port", str(port), "--max-model-len", "64",
                              "--kv-cache-memory", str(1 << 22), "--served-model-name", "tiny",

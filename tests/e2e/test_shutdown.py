@@ -26,6 +26,7 @@ import psutil
 import pytest
 
 from helpers.models import tiny_model
+from helpers.net import free_port
 
 ENGINE_ARGS = ["--block-size", "4", "--kv-cache-memory", str(1 << 20),
                "--max-num-batched-tokens", "32"]
@@ -40,14 +41,6 @@ llm = LLM(sys.argv[1], num_instances=1, pp_size=2, spawn_workers=False, port=int
 print("serving", flush=True)
 time.sleep(600)
 """
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _serve(port: int, *extra: str) -> subprocess.Popen:
@@ -88,9 +81,9 @@ def _exit_times(pids: list[int], since: float, limit_s: float) -> dict[int, floa
 
 
 def test_every_worker_exits_within_2_s_of_its_controller_being_killed():
-    port = _free_port()
+    port = free_port()
     serve = _serve(port, "--instances", "2", "--pp", "1")
-    ctl_port = _free_port()
+    ctl_port = free_port()
     token = "a-token-for-the-hand-started-workers"
     controller = subprocess.Popen([sys.executable, "-c", CONTROLLER, tiny_model(), str(ctl_port),
                                    token], stdout=subprocess.PIPE, text=True)
@@ -121,7 +114,7 @@ def test_every_worker_exits_within_2_s_of_its_controller_being_killed():
 
 
 def test_sigterm_in_the_middle_of_a_recovery_stops_cleanly():
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     serve = _serve(port, "--instances", "2", "--pp", "2", "--enable-fault-injection",
                    "--shutdown-grace", "1")
@@ -191,7 +184,7 @@ def _workers_of(serve) -> dict[str, int]:
 
 
 def test_sigterm_lets_an_open_request_finish_then_reaps_the_workers():
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     serve = _serve(port, "--instances", "2", "--log-level", "info")
     got, first = {}, threading.Event()
@@ -230,7 +223,7 @@ def test_sigterm_lets_an_open_request_finish_then_reaps_the_workers():
 
 
 def test_sigterm_with_a_stopped_worker_still_exits_and_reaps_it():
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     # A long hang timeout: the stopped worker is not declared hung meanwhile.
     serve = _serve(port, "--instances", "2", "--pp", "2", "--hang-timeout", "60")

@@ -116,13 +116,13 @@ async def poll_status(session, url: str, t0: float, stop: asyncio.Event,
             pass
 
 
+def _every_stage_has(workers: dict, stages: int, good) -> bool:
+    return all(any(good(w) and w["stage"] == s for w in workers.values()) for s in range(stages))
+
+
 def _digest(status: dict) -> dict:
     workers = status["workers"]
     stages = status["pp_size"]
-    covered = all(any(w["live"] and w["stage"] == s for w in workers.values())
-                  for s in range(stages))
-    ready = all(any(w["state"] == "ready" and w["stage"] == s for w in workers.values())
-                for s in range(stages))
     return dict(
         phases=[i["phase"] for i in status["instances"]],
         serving=[i["serving"] for i in status["instances"]],
@@ -133,8 +133,8 @@ def _digest(status: dict) -> dict:
         home=[i["workers"] == i["home"] for i in status["instances"]],
         borrowed=[w for i in status["instances"] for w in i["borrowed"]],
         states={name: w["state"] for name, w in workers.items()},
-        every_stage_live=covered,
-        every_stage_ready=ready,
+        every_stage_live=_every_stage_has(workers, stages, lambda w: w["live"]),
+        every_stage_ready=_every_stage_has(workers, stages, lambda w: w["state"] == "ready"),
         blocks_used=sum(w["blocks_used"] for w in workers.values()),
         replica_blocks_used=status["replication"]["replica_blocks_used"],
         requests=sum(i["requests"] for i in status["instances"]),
